@@ -1,0 +1,5 @@
+"""`python -m proxy` is `teamup-proxy`."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,217 @@
+"""Wiring: `create_app` builds every piece in a cleanup context and adds the middlewares."""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from .auth import ClientDirectory
+from .cache import MemoryCacheStore, RedisCacheStore
+from .errors import error_response
+from .fallback import FallbackCacheStore, FallbackLimiter
+from .flight import RedisLease
+from .handlers import LOG, REQUEST_ID, STATE, ProxyState, healthz, purge, readyz, report
+from .metrics import METRICS, Metrics, metrics_handler
+from .ratelimit import MemoryLimiter, Rate, RedisLimiter
+from .redisconn import REDIS_ERRORS, AnyRedis, RedisLink, connect_redis
+from .service import ReportService
+from .settings import Settings
+from .upstream import REPORT_PATH, UpstreamClient, UpstreamGuard
+
+__all__ = ["SETTINGS", "create_app"]
+
+SETTINGS = web.AppKey("settings", Settings)
+KEY_PREFIX = "teamup-proxy:"
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$")
+_ROUTES = {
+    REPORT_PATH: "report",
+    REPORT_PATH.replace("/v2/", "/v2//", 1): "report",
+    "/admin/cache": "admin",
+    "/healthz": "health",
+    "/readyz": "health",
+    "/metrics": "metrics",
+}
+
+log = logging.getLogger("teamup_proxy")
+access_log = logging.getLogger("teamup_proxy.access")
+
+
+@web.middleware
+async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Request id, JSON errors for 404/405/500, one access-log line and the request metrics."""
+    started = time.perf_counter()
+    incoming = request.headers.get("X-Request-ID", "")
+    request_id = incoming if _REQUEST_ID.match(incoming) else uuid.uuid4().hex
+    request[REQUEST_ID] = request_id
+    fields: dict[str, object] = {}
+    request[LOG] = fields
+    response: web.StreamResponse
+    try:
+        response = await handler(request)
+    except web.HTTPMethodNotAllowed as exc:
+        response = error_response(
+            405,
+            "method_not_allowed",
+            f'Method "{request.method}" not allowed.',
+            headers={"Allow": ", ".join(sorted(exc.allowed_methods))},
+        )
+    except web.HTTPNotFound:
+        response = error_response(404, "not_found", "Not found.")
+    except web.HTTPException as exc:
+        response = error_response(exc.status, "http_error", exc.reason)
+    except Exception:
+        log.exception("unhandled error", extra={"request_id": request_id})
+        response = error_response(500, "internal_error", "The proxy failed to answer.")
+    response.headers["X-Request-ID"] = request_id
+    elapsed = time.perf_counter() - started
+    route = _ROUTES.get(request.path, "other")
+    metrics = request.app[METRICS]
+    cache = str(fields.get("cache", "none"))
+    metrics.requests.labels(route, str(response.status), cache).inc()
+    metrics.request_seconds.labels(route).observe(elapsed)
+    if route != "health" and route != "metrics":
+        access_log.info(
+            "request",
+            extra={
+                "request_id": request_id,
+                "client": fields.get("client"),
+                "method": request.method,
+                "path": request.path,
+                "key": fields.get("key"),
+                "cache": fields.get("cache"),
+                "upstream_status": fields.get("upstream_status"),
+                "upstream_ms": fields.get("upstream_ms"),
+                "total_ms": round(elapsed * 1000, 2),
+                "status": response.status,
+            },
+        )
+    return response
+
+
+def create_app(
+    settings: Settings,
+    *,
+    redis_client: AnyRedis | None = None,
+    upstream: UpstreamClient | None = None,
+    clock: Callable[[], float] = time.time,
+    metrics: Metrics | None = None,
+) -> web.Application:
+    """The proxy as an aiohttp app; Redis, stores and the upstream pool open in `cleanup_ctx`.
+
+    `redis_client` overrides `PROXY_REDIS_URL` (tests pass fakeredis); `clock` is the wall
+    clock used for freshness, so tests move time instead of sleeping.
+    """
+    app = web.Application(middlewares=[observe], client_max_size=64 * 1024)
+    app[SETTINGS] = settings
+    app[METRICS] = metrics or Metrics()
+
+    async def resources(app: web.Application) -> AsyncIterator[None]:
+        m = app[METRICS]
+        client = redis_client
+        if client is None and settings.redis_url is not None:
+            client = connect_redis(
+                settings.redis_url,
+                timeout=settings.redis_timeout,
+                max_connections=settings.redis_max_connections,
+            )
+
+        memory = MemoryCacheStore(settings.cache_memory_entries, clock=clock)
+
+        def on_change(up: bool) -> None:
+            m.redis_fallback.set(0 if up else 1)
+            if up:  # what was cached meanwhile may have missed a purge: Redis is the truth again
+                memory.clear_now()
+
+        link = RedisLink(
+            client,
+            retry_interval=settings.redis_retry_interval,
+            on_change=on_change,
+            on_error=lambda op: m.redis_errors.labels(op).inc(),
+        )
+        store = FallbackCacheStore(
+            link, RedisCacheStore(client, KEY_PREFIX) if client is not None else None, memory
+        )
+        replicas = settings.replicas_hint if client is not None else 1
+
+        def share(rate: Rate) -> Rate:
+            return Rate(max(1, rate.limit // replicas), rate.period)
+
+        redis_limiter = RedisLimiter(client, KEY_PREFIX + "rl:") if client is not None else None
+        limiter = FallbackLimiter(link, redis_limiter, MemoryLimiter())
+        budget_limiter = FallbackLimiter(link, redis_limiter, MemoryLimiter(), share)
+        guard = UpstreamGuard(
+            link,
+            budget_limiter,
+            settings.upstream_rate_limit,
+            KEY_PREFIX,
+            default_wait=settings.upstream_circuit_default,
+            clock=clock,
+        )
+        l1 = (
+            MemoryCacheStore(4096, clock=clock)
+            if settings.cache_l1_ttl > 0 and client is not None
+            else None
+        )
+        leases = RedisLease(
+            link,
+            KEY_PREFIX,
+            lease_ms=settings.flight_lease_ms,
+            wait_timeout=settings.flight_wait_timeout,
+        )
+        up = upstream or UpstreamClient(settings)
+        await up.start()
+        if client is not None:
+            try:
+                await client.ping()
+            except REDIS_ERRORS as exc:
+                link.failed(exc, "startup")
+        service = ReportService(
+            settings,
+            store=store,
+            l1=l1,
+            leases=leases,
+            guard=guard,
+            upstream=up,
+            limiter=limiter,
+            metrics=m,
+            clock=clock,
+        )
+        state = ProxyState(
+            settings=settings,
+            directory=ClientDirectory(settings.clients),
+            link=link,
+            store=store,
+            l1=l1,
+            limiter=limiter,
+            guard=guard,
+            service=service,
+        )
+        app[STATE] = state
+        state.ready = True
+        log.info(
+            "proxy ready",
+            extra={"event": "ready", "redis": link.status, "upstream": settings.upstream_url},
+        )
+        try:
+            yield
+        finally:
+            state.ready = False
+            await service.close()
+            await up.close()
+            if redis_client is None:
+                await link.close()
+
+    app.cleanup_ctx.append(resources)
+    for path in (REPORT_PATH, REPORT_PATH.replace("/v2/", "/v2//", 1)):
+        app.router.add_get(path, report)
+    app.router.add_delete("/admin/cache", purge)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics_handler)
+    return app

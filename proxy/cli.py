@@ -1,0 +1,241 @@
+"""`teamup-proxy serve | demo | hash-key` (also `python -m proxy`)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import multiprocessing
+import os
+import secrets
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from aiohttp import web
+
+from .auth import hash_key
+from .settings import Settings, SettingsError, load_settings
+
+__all__ = ["main"]
+
+log = logging.getLogger("teamup_proxy")
+
+
+def _install_uvloop() -> None:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency, but not on every platform
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+async def _serve_app(
+    app: web.Application, settings: Settings, host: str, port: int, *, reuse_port: bool
+) -> None:
+    """Serve until SIGTERM/SIGINT, then drain: `/readyz` 503, stop accepting, finish in-flight."""
+    from .handlers import STATE
+
+    runner = web.AppRunner(
+        app, access_log=None, shutdown_timeout=settings.shutdown_timeout, handle_signals=False
+    )
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None, backlog=2048)
+    await site.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    log.info(
+        "listening", extra={"event": "listening", "host": host, "port": port, "pid": os.getpid()}
+    )
+    await stop.wait()
+    state = app.get(STATE)
+    if state is not None:
+        state.draining = True
+    log.info("draining", extra={"event": "draining", "pid": os.getpid()})
+    if settings.drain_delay > 0:
+        await asyncio.sleep(settings.drain_delay)
+    await runner.cleanup()
+    log.info("stopped", extra={"event": "stopped", "pid": os.getpid()})
+
+
+def _run_worker(overrides: dict[str, Any], host: str, port: int, reuse_port: bool) -> None:
+    """One serving process (the whole server when --workers is 1)."""
+    from .app import create_app
+    from .logs import setup_logging
+
+    settings = load_settings(**overrides)
+    setup_logging(settings.log_level, settings.log_format)
+    _install_uvloop()
+    asyncio.run(_serve_app(create_app(settings), settings, host, port, reuse_port=reuse_port))
+
+
+def _supervise(overrides: dict[str, Any], host: str, port: int, workers: int) -> int:
+    """Run `workers` processes on one SO_REUSEPORT port; restart a crashed one; relay SIGTERM."""
+    own_metrics_dir = "PROMETHEUS_MULTIPROC_DIR" not in os.environ
+    if own_metrics_dir:
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="teamup-proxy-metrics-")
+    context = multiprocessing.get_context("spawn")
+    procs: list[multiprocessing.process.BaseProcess] = []
+
+    def spawn() -> multiprocessing.process.BaseProcess:
+        proc = context.Process(
+            target=_run_worker, args=(overrides, host, port, True), name="teamup-proxy-worker"
+        )
+        proc.start()
+        return proc
+
+    stopping = False
+
+    def on_signal(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        for proc in procs:
+            if proc.pid is not None and proc.is_alive():
+                os.kill(proc.pid, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    procs.extend(spawn() for _ in range(workers))
+    log.info("supervisor started", extra={"event": "supervisor", "workers": workers, "port": port})
+    try:
+        while not stopping:
+            time.sleep(0.2)
+            for i, proc in enumerate(procs):
+                if not proc.is_alive() and not stopping:
+                    log.warning(
+                        "worker exited; restarting",
+                        extra={"event": "worker_restart", "exitcode": proc.exitcode},
+                    )
+                    time.sleep(0.5)
+                    procs[i] = spawn()
+        for proc in procs:
+            proc.join()
+    finally:
+        if own_metrics_dir:
+            shutil.rmtree(os.environ.pop("PROMETHEUS_MULTIPROC_DIR"), ignore_errors=True)
+    failed = [p.exitcode for p in procs if p.exitcode not in (0, -signal.SIGTERM)]
+    return 1 if failed else 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """`teamup-proxy serve`: flags win over `PROXY_HOST`, `PROXY_PORT`, `PROXY_WORKERS`."""
+    overrides = {
+        name: value
+        for name, value in (("host", args.host), ("port", args.port), ("workers", args.workers))
+        if value is not None
+    }
+    settings = load_settings(**overrides)
+    from .logs import setup_logging
+
+    setup_logging(settings.log_level, settings.log_format)
+    workers = settings.workers or os.cpu_count() or 1
+    if workers == 1:
+        _run_worker(overrides, settings.host, settings.port, False)
+        return 0
+    if settings.port == 0:
+        raise SettingsError("invalid settings: PROXY_PORT: 0 (any port) needs --workers 1")
+    return _supervise(overrides, settings.host, settings.port, workers)
+
+
+async def _demo(port: int) -> None:
+    from .app import create_app
+    from .mock_upstream import create_mock_app
+
+    token = "demo-" + secrets.token_hex(12)
+    caller_key = "demo-" + secrets.token_urlsafe(18)
+    admin_key = "admin-" + secrets.token_urlsafe(18)
+    mock_runner = web.AppRunner(create_mock_app(token, latency=0.08), access_log=None)
+    await mock_runner.setup()
+    mock_site = web.TCPSite(mock_runner, "127.0.0.1", 0)
+    await mock_site.start()
+    mock_port = mock_runner.addresses[0][1]
+    settings = Settings(
+        upstream_url=f"http://127.0.0.1:{mock_port}",
+        upstream_token=token,  # type: ignore[arg-type]
+        clients={"demo": {"key_sha256": hash_key(caller_key), "rate": "600/minute"}},  # type: ignore[dict-item]
+        admin_key_sha256=hash_key(admin_key),
+        redis_url=None,
+        log_format="text",
+        _env_file=None,  # type: ignore[call-arg]
+    )
+    from .logs import setup_logging
+
+    setup_logging("INFO", "text")
+    base = f"http://127.0.0.1:{port}"
+    report = f"{base}/api/v2/reports/customer_credits/data"
+    print(
+        "teamup-proxy demo: a mock TeamUp (80 ms latency) behind the proxy, embedded store.\n"
+        f"  proxy      {base}\n"
+        f"  caller key {caller_key}\n"
+        f"  admin key  {admin_key}\n"
+        "Try (the second and third are cache hits of one question, spelled differently):\n"
+        f"  curl -si -H 'Authorization: Token {caller_key}' '{report}?format=json&limit=3'\n"
+        f"  curl -si -H 'Authorization: Token {caller_key}' "
+        f"'{report}?limit=3&format=JSON'\n"
+        f"  curl -si -H 'X-API-Key: {caller_key}' '{report}?format=json&limit=003&offset=0'\n"
+        "Ctrl-C stops it.",
+        flush=True,
+    )
+    try:
+        await _serve_app(create_app(settings), settings, "127.0.0.1", port, reuse_port=False)
+    finally:
+        await mock_runner.cleanup()
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """`teamup-proxy demo`: mock TeamUp + proxy + embedded store, ready to curl."""
+    _install_uvloop()
+    asyncio.run(_demo(args.port))
+    return 0
+
+
+def cmd_hash_key(args: argparse.Namespace) -> int:
+    """`teamup-proxy hash-key KEY` (`-` reads it from stdin): the digest PROXY_CLIENTS wants."""
+    key = sys.stdin.readline().strip() if args.key == "-" else args.key
+    if not key:
+        print("teamup-proxy: hash-key needs a non-empty KEY", file=sys.stderr)
+        return 2
+    print(hash_key(key))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line."""
+    parser = argparse.ArgumentParser(
+        prog="teamup-proxy", description="A caching reverse proxy for TeamUp's credits report."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="serve with settings from PROXY_* variables")
+    serve.add_argument("--host", help="address to bind (PROXY_HOST, default 0.0.0.0)")
+    serve.add_argument("--port", type=int, help="port (PROXY_PORT, default 8080)")
+    serve.add_argument("--workers", type=int, help="processes (PROXY_WORKERS, default: CPUs)")
+    serve.set_defaults(func=cmd_serve)
+    demo = sub.add_parser("demo", help="mock TeamUp + proxy + embedded store, for a try-out")
+    demo.add_argument("--port", type=int, default=8080, help="proxy port (default 8080)")
+    demo.set_defaults(func=cmd_demo)
+    hk = sub.add_parser("hash-key", help="print the SHA-256 of a caller key for PROXY_CLIENTS")
+    hk.add_argument("key", help="the key, or - to read it from stdin")
+    hk.set_defaults(func=cmd_hash_key)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of the `teamup-proxy` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.func(args)
+    except SettingsError as exc:
+        print(f"teamup-proxy: {exc}", file=sys.stderr)
+        code = 2
+    except KeyboardInterrupt:
+        code = 130
+    with contextlib.suppress(Exception):
+        sys.stdout.flush()
+    raise SystemExit(code)

@@ -1,0 +1,125 @@
+"""Single-flight: one fetch per key in a process (futures), and across replicas (a lease)."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from typing import Generic, TypeVar
+
+from .cache import CachedResponse, CacheStore
+from .redisconn import REDIS_ERRORS, RedisLink
+
+__all__ = ["LOCAL_TOKEN", "LocalFlight", "RedisLease"]
+
+T = TypeVar("T")
+LOCAL_TOKEN = "local"
+
+_RELEASE = """
+if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
+return 0
+"""
+
+
+class LocalFlight(Generic[T]):
+    """Concurrent calls for one key share one run of the work; its result or error goes to all.
+
+    The work runs in a task of its own, so a caller that disconnects cancels only its wait:
+    the fetch finishes, is stored, and the other waiters still get it.
+    """
+
+    def __init__(self) -> None:
+        self._running: dict[str, asyncio.Task[T]] = {}
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._running
+
+    async def run(self, key: str, work: Callable[[], Awaitable[T]]) -> tuple[T, bool]:
+        """The work's result, and whether this call joined one already running (collapsed)."""
+        task = self._running.get(key)
+        collapsed = task is not None
+        if task is None:
+            task = asyncio.ensure_future(work())
+            self._running[key] = task
+            task.add_done_callback(lambda _t: self._running.pop(key, None))
+        return await asyncio.shield(task), collapsed
+
+
+class RedisLease:
+    """A short `SET NX PX` lease per key: one replica fetches, the others poll for the entry.
+
+    Polling, not pub/sub: it works the same on a single server, Sentinel and Cluster, needs no
+    extra connection or subscription to rebuild after an outage, and costs one GET per poll
+    interval per waiting key per process (the in-process flight already collapsed the rest).
+    """
+
+    def __init__(
+        self,
+        link: RedisLink,
+        prefix: str,
+        *,
+        lease_ms: int,
+        wait_timeout: float,
+        poll_interval: float = 0.005,
+    ) -> None:
+        self.link = link
+        self.prefix = prefix
+        self.lease_ms = lease_ms
+        self.wait_timeout = wait_timeout
+        self.poll_interval = poll_interval
+        self._release = link.client.register_script(_RELEASE) if link.client is not None else None
+
+    def lease_key(self, key: str) -> str:
+        """The lease's Redis key (hash-tagged into the entry's Cluster slot)."""
+        return f"{self.prefix}l:{{{key}}}"
+
+    async def acquire(self, key: str) -> str | None:
+        """A token if this replica may fetch `key` now; None while another replica holds it."""
+        if not self.link.up:
+            return LOCAL_TOKEN
+        assert self.link.client is not None
+        token = secrets.token_hex(8)
+        try:
+            won = await self.link.client.set(self.lease_key(key), token, nx=True, px=self.lease_ms)
+        except REDIS_ERRORS as exc:
+            self.link.failed(exc, "lease")
+            return LOCAL_TOKEN
+        return token if won else None
+
+    async def release(self, key: str, token: str) -> None:
+        """Give the lease back, only if it is still ours (it may have expired and moved on)."""
+        if token == LOCAL_TOKEN or not self.link.up or self._release is None:
+            return
+        try:
+            await self._release(keys=[self.lease_key(key)], args=[token])
+        except REDIS_ERRORS as exc:
+            self.link.failed(exc, "lease")
+
+    async def wait_for_entry(
+        self, key: str, store: CacheStore, newer_than: float | None
+    ) -> CachedResponse | None:
+        """Poll until another replica stores a newer entry; None when its lease ends without one."""
+        assert self.link.client is not None
+        deadline = time.monotonic() + self.wait_timeout
+        polls = 0
+        while time.monotonic() < deadline and self.link.up:
+            await asyncio.sleep(self.poll_interval)
+            polls += 1
+            entry = await store.get(key)
+            if entry is not None and (newer_than is None or entry.stored_at > newer_than):
+                return entry
+            if polls % 4 == 0:
+                try:
+                    if not await self.link.client.exists(self.lease_key(key)):
+                        # The holder finished without storing (an error) or died: one more look,
+                        # then the caller fetches itself.
+                        entry = await store.get(key)
+                        if entry is not None and (
+                            newer_than is None or entry.stored_at > newer_than
+                        ):
+                            return entry
+                        return None
+                except REDIS_ERRORS as exc:
+                    self.link.failed(exc, "lease")
+        return None

@@ -1,0 +1,153 @@
+"""HTTP handlers: the report, admin purge and health — thin calls into the pieces behind them."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import orjson
+from aiohttp import web
+
+from .auth import ClientDirectory, presented_key
+from .cache import MemoryCacheStore
+from .errors import error_response
+from .fallback import FallbackCacheStore, FallbackLimiter
+from .query import MAX_QUERY_BYTES, QueryErrors, parse_query
+from .ratelimit import Rate, RateDecision
+from .redisconn import RedisLink
+from .service import Caller, ReportService
+from .settings import Settings
+from .upstream import UpstreamGuard
+
+__all__ = ["LOG", "REQUEST_ID", "STATE", "ProxyState", "healthz", "purge", "readyz", "report"]
+
+
+@dataclass
+class ProxyState:
+    """Everything a handler needs, built once per app in `create_app`'s cleanup context."""
+
+    settings: Settings
+    directory: ClientDirectory
+    link: RedisLink
+    store: FallbackCacheStore
+    l1: MemoryCacheStore | None
+    limiter: FallbackLimiter
+    guard: UpstreamGuard
+    service: ReportService
+    ready: bool = False
+    draining: bool = False
+
+
+STATE = web.AppKey("state", ProxyState)
+LOG = web.RequestKey("log", dict[str, object])  # access-log fields, filled by handlers
+REQUEST_ID = web.RequestKey("request_id", str)
+
+
+def ratelimit_headers(rate: Rate, decision: RateDecision) -> dict[str, str]:
+    """The IETF draft's `RateLimit-Policy` and `RateLimit` headers for a client decision."""
+    return {
+        "RateLimit-Policy": f'"client";q={rate.limit};w={math.ceil(rate.period)}',
+        "RateLimit": f'"client";r={decision.remaining};t={math.ceil(decision.reset_after)}',
+    }
+
+
+async def report(request: web.Request) -> web.StreamResponse:
+    """`GET /api/v2/reports/customer_credits/data`: authenticate, limit, validate, answer."""
+    state = request.app[STATE]
+    fields = request[LOG]
+    if len(request.rel_url.raw_query_string) > MAX_QUERY_BYTES:
+        return error_response(
+            414, "query_too_long", f"The query string is longer than {MAX_QUERY_BYTES} bytes."
+        )
+    found = state.directory.identify(presented_key(request.headers))
+    if found is None:
+        return error_response(
+            401,
+            "not_authenticated",
+            "Authentication credentials were not provided or are not valid. Send your proxy "
+            "key as 'Authorization: Token <key>', 'Authorization: Bearer <key>' or 'X-API-Key'.",
+            headers={"WWW-Authenticate": 'Token realm="teamup-proxy"'},
+        )
+    caller = Caller(*found)
+    fields["client"] = caller.name
+    state.service.metrics.client_requests.labels(caller.name).inc()
+
+    rate = caller.config.rate or state.settings.rate_limit
+    decision = await state.limiter.hit(f"client:{caller.name}", rate)
+    limit_headers = ratelimit_headers(rate, decision)
+    if not decision.allowed:
+        state.service.metrics.rejections.labels(caller.name, "client").inc()
+        fields["cache"] = "rejected"
+        return error_response(
+            429,
+            "rate_limited",
+            f"Client {caller.name!r} is over its rate of {rate}. Retry later.",
+            headers={**limit_headers, "Retry-After": decision.retry_after_header},
+        )
+
+    parsed = parse_query(request.query)
+    if isinstance(parsed, QueryErrors):
+        fields["cache"] = "rejected"
+        return web.Response(
+            status=400,
+            body=orjson.dumps(parsed.body()),
+            content_type="application/json",
+            headers=limit_headers,
+        )
+    fields["key"] = parsed.cache_key()
+    no_cache = "no-cache" in request.headers.get("Cache-Control", "").lower()
+    answer = await state.service.answer(caller, parsed, request[REQUEST_ID], no_cache=no_cache)
+    fields["cache"] = answer.cache
+    fields["upstream_status"] = answer.upstream_status
+    fields["upstream_ms"] = None if answer.upstream_ms is None else round(answer.upstream_ms, 2)
+    headers = answer.headers
+    headers.update(limit_headers)
+    headers["X-Proxy-Canonical-Query"] = parsed.canonical_string()
+    return web.Response(status=answer.status, body=answer.body, headers=headers)
+
+
+async def purge(request: web.Request) -> web.Response:
+    """`DELETE /admin/cache[?<report query>]`: drop one canonical entry, or everything."""
+    state = request.app[STATE]
+    admin_hash = state.settings.admin_key_sha256
+    if admin_hash is None:
+        return error_response(404, "not_found", "Not found. (Set PROXY_ADMIN_KEY_SHA256.)")
+    key = presented_key(request.headers)
+    if not state.directory.matches(key, admin_hash):
+        if state.directory.identify(key) is not None:
+            return error_response(403, "permission_denied", "This key may not purge the cache.")
+        return error_response(401, "not_authenticated", "The admin key is missing or wrong.")
+    request[LOG]["client"] = "admin"
+    if request.rel_url.raw_query_string:
+        parsed = parse_query(request.query)
+        if isinstance(parsed, QueryErrors):
+            return web.Response(
+                status=400, body=orjson.dumps(parsed.body()), content_type="application/json"
+            )
+        cache_key = parsed.cache_key()
+        if state.l1 is not None:
+            await state.l1.delete(cache_key)
+        removed = int(await state.store.delete(cache_key))
+        body = {"purged": removed, "canonical_query": parsed.canonical_string()}
+    else:
+        if state.l1 is not None:
+            await state.l1.clear()
+        body = {"purged": await state.store.clear()}
+    return web.Response(body=orjson.dumps(body), content_type="application/json")
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """The process is alive."""
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """200 while the process can answer (naming what is degraded); 503 while starting/draining."""
+    state = request.app.get(STATE)
+    if state is None or not state.ready or state.draining:
+        status = "draining" if state is not None and state.draining else "starting"
+        return web.json_response({"status": status}, status=503)
+    redis = state.link.status
+    circuit = "circuit-open" if state.guard.circuit_open_locally() else "ok"
+    overall = "degraded" if redis == "down" or circuit != "ok" else "ok"
+    return web.json_response({"status": overall, "checks": {"redis": redis, "upstream": circuit}})

@@ -1,0 +1,113 @@
+"""Prometheus metrics: one registry per app, aggregated across workers in multiprocess mode."""
+
+from __future__ import annotations
+
+import os
+
+from aiohttp import web
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client import multiprocess as prom_multiprocess
+
+__all__ = ["Metrics", "metrics_handler", "multiprocess_dir"]
+
+_LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+_SIZES = (1e3, 4e3, 16e3, 64e3, 256e3, 1e6, 4e6, 16e6)
+
+
+def multiprocess_dir() -> str | None:
+    """The directory prometheus-client shares between worker processes, when set."""
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+
+
+class Metrics:
+    """Every metric the proxy exports (README lists them)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "teamup_proxy_requests_total",
+            "Answered requests by route, status and cache outcome",
+            ["route", "status", "cache"],
+            registry=r,
+        )
+        self.client_requests = Counter(
+            "teamup_proxy_client_requests_total",
+            "Authenticated report requests by client",
+            ["client"],
+            registry=r,
+        )
+        self.request_seconds = Histogram(
+            "teamup_proxy_request_duration_seconds",
+            "Time to answer, by route",
+            ["route"],
+            buckets=_LATENCY,
+            registry=r,
+        )
+        self.upstream_requests = Counter(
+            "teamup_proxy_upstream_requests_total",
+            "Calls to TeamUp by status (or timeout / unreachable)",
+            ["status"],
+            registry=r,
+        )
+        self.upstream_seconds = Histogram(
+            "teamup_proxy_upstream_duration_seconds",
+            "Latency of calls to TeamUp",
+            buckets=_LATENCY,
+            registry=r,
+        )
+        self.rejections = Counter(
+            "teamup_proxy_ratelimit_rejections_total",
+            "Requests refused or served stale by a limit, by client and kind "
+            "(client, upstream_share, budget, circuit)",
+            ["client", "kind"],
+            registry=r,
+        )
+        self.budget_remaining = Gauge(
+            "teamup_proxy_upstream_budget_remaining",
+            "Units of the global upstream budget left at the last upstream call",
+            registry=r,
+            multiprocess_mode="mostrecent",
+        )
+        self.redis_errors = Counter(
+            "teamup_proxy_redis_errors_total",
+            "Redis calls that failed, by operation",
+            ["op"],
+            registry=r,
+        )
+        self.redis_fallback = Gauge(
+            "teamup_proxy_redis_fallback",
+            "1 while this process serves from in-process fallbacks because Redis is down",
+            registry=r,
+            multiprocess_mode="max",
+        )
+        self.cache_entry_bytes = Histogram(
+            "teamup_proxy_cache_entry_bytes",
+            "Size of stored cache entries (encoded, as in Redis)",
+            buckets=_SIZES,
+            registry=r,
+        )
+
+    def render(self) -> bytes:
+        """The exposition text: every worker's values in multiprocess mode, else this app's."""
+        if multiprocess_dir() is not None:
+            registry = CollectorRegistry()
+            prom_multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+            return generate_latest(registry)
+        return generate_latest(self.registry)
+
+
+METRICS = web.AppKey("metrics", Metrics)
+
+
+async def metrics_handler(request: web.Request) -> web.Response:
+    """`GET /metrics` in the Prometheus text format."""
+    body = request.app[METRICS].render()
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})

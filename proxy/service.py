@@ -1,0 +1,367 @@
+"""The report's decisions: hit, stale, collapse or fetch; budget, circuit and what to answer."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .cache import CachedResponse, CacheStore, MemoryCacheStore, is_cacheable
+from .errors import JSON, error_body
+from .fallback import FallbackLimiter
+from .flight import LocalFlight, RedisLease
+from .metrics import Metrics
+from .query import CanonicalQuery
+from .settings import ClientConfig, Settings
+from .upstream import UpstreamClient, UpstreamFailure, UpstreamGuard
+
+__all__ = ["Answer", "Caller", "Fetched", "ReportService"]
+
+log = logging.getLogger("teamup_proxy")
+CACHE_NAME = "teamup-proxy"
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """An authenticated client."""
+
+    name: str
+    config: ClientConfig
+
+
+@dataclass(slots=True)
+class Answer:
+    """What the proxy answers, plus what the access log and metrics record about it."""
+
+    status: int
+    body: bytes
+    headers: dict[str, str]
+    cache: str
+    upstream_status: int | None = None
+    upstream_ms: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Fetched:
+    """The outcome of one fetch, shared by every request collapsed onto it."""
+
+    entry: CachedResponse
+    stored: bool
+    collapsed: bool
+    upstream_status: int | None
+    upstream_ms: float | None
+
+
+def retry_after_header(seconds: float) -> str:
+    """Whole seconds, rounded up, at least 1."""
+    return str(max(1, math.ceil(seconds)))
+
+
+class ReportService:
+    """Answers a validated report query from the cache or from TeamUp, never both at once."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        store: CacheStore,
+        l1: MemoryCacheStore | None,
+        leases: RedisLease,
+        guard: UpstreamGuard,
+        upstream: UpstreamClient,
+        limiter: FallbackLimiter,
+        metrics: Metrics,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.l1 = l1
+        self.leases = leases
+        self.guard = guard
+        self.upstream = upstream
+        self.limiter = limiter
+        self.metrics = metrics
+        self.clock = clock
+        self._flight: LocalFlight[Fetched] = LocalFlight()
+        self._background: set[asyncio.Task[None]] = set()
+        self._physical_ttl = settings.cache_ttl + settings.cache_stale_ttl
+
+    async def answer(
+        self, caller: Caller, query: CanonicalQuery, request_id: str, *, no_cache: bool = False
+    ) -> Answer:
+        """The answer to one caller's query."""
+        key = query.cache_key()
+        now = self.clock()
+        bypass = no_cache and self.settings.honor_client_no_cache
+        if self.l1 is not None and not bypass:
+            entry = self.l1.get_now(key)
+            if entry is not None and entry.is_fresh(now):
+                return self._hit(entry, now)
+        stale = await self.store.get(key)
+        if stale is not None and not bypass:
+            if stale.is_fresh(now):
+                self._remember(key, stale, now)
+                return self._hit(stale, now)
+            if self.settings.cache_stale_while_revalidate:
+                self._refresh_in_background(key, query, caller, request_id, stale)
+                return self._stale(stale, now, None)
+
+        share = caller.config.upstream_rate
+        if share is not None:
+            decision = await self.limiter.hit(f"share:{caller.name}", share)
+            if not decision.allowed:
+                self.metrics.rejections.labels(caller.name, "upstream_share").inc()
+                if stale is not None:
+                    return self._stale(stale, now, "detail=upstream-share")
+                return self._error(
+                    429,
+                    "upstream_share_exceeded",
+                    f"Client {caller.name!r} has used its share of TeamUp calls; cached answers "
+                    "are still served. Retry later.",
+                    retry_after=decision.retry_after,
+                )
+
+        newer_than = now if bypass else (stale.stored_at if stale is not None else None)
+        try:
+            fetched, collapsed = await self._flight.run(
+                key, lambda: self._fetch_shared(key, query, request_id, newer_than, wait=True)
+            )
+        except UpstreamFailure as failure:
+            if failure.kind in ("budget", "circuit"):
+                self.metrics.rejections.labels(caller.name, failure.kind).inc()
+            if stale is not None:
+                reason = (
+                    f"fwd-status={failure.upstream_status}"
+                    if failure.upstream_status
+                    else f"detail={failure.kind}"
+                )
+                answer = self._stale(stale, self.clock(), reason)
+                answer.upstream_status = failure.upstream_status
+                return answer
+            return self._failure(failure)
+        return self._fetched(fetched, collapsed or fetched.collapsed, bypass)
+
+    async def close(self) -> None:
+        """Let background refreshes finish briefly, then cancel what is left."""
+        if self._background:
+            _done, pending = await asyncio.wait(self._background, timeout=2)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+
+    async def _fetch_shared(
+        self,
+        key: str,
+        query: CanonicalQuery,
+        request_id: str,
+        newer_than: float | None,
+        *,
+        wait: bool,
+    ) -> Fetched:
+        """Fetch under the cross-replica lease, or wait for the replica that holds it."""
+        token = await self.leases.acquire(key)
+        if token is None:
+            if not wait:
+                raise UpstreamFailure("refreshing_elsewhere", 503, "another replica is refreshing")
+            entry = await self.leases.wait_for_entry(key, self.store, newer_than)
+            if entry is not None:
+                self._remember(key, entry, self.clock())
+                return Fetched(entry, False, True, None, None)
+            token = await self.leases.acquire(key)
+        try:
+            return await self._fetch(key, query, request_id)
+        finally:
+            if token is not None:
+                await self.leases.release(key, token)
+
+    async def _fetch(self, key: str, query: CanonicalQuery, request_id: str) -> Fetched:
+        """One upstream call, if the circuit and the global budget allow it; stores what may be."""
+        wait = await self.guard.circuit_wait()
+        if wait > 0:
+            raise UpstreamFailure(
+                "circuit",
+                503,
+                "TeamUp asked the proxy to slow down; no calls until it allows them again",
+                retry_after=wait,
+            )
+        decision = await self.guard.take()
+        self.metrics.budget_remaining.set(decision.remaining)
+        if not decision.allowed:
+            raise UpstreamFailure(
+                "budget",
+                503,
+                "The shared TeamUp budget is spent for now; retry later",
+                retry_after=decision.retry_after,
+            )
+        fmt = query.get("format")
+        try:
+            response = await self.upstream.fetch(
+                query.upstream_query(self.settings.upstream_array_style),
+                fmt=fmt if isinstance(fmt, str) else "csv",
+                request_id=request_id,
+            )
+        except UpstreamFailure as failure:
+            self.metrics.upstream_requests.labels(failure.kind).inc()
+            if failure.elapsed is not None:
+                self.metrics.upstream_seconds.observe(failure.elapsed)
+            raise
+        self.metrics.upstream_requests.labels(str(response.status)).inc()
+        self.metrics.upstream_seconds.observe(response.elapsed)
+        upstream_ms = response.elapsed * 1000
+        if response.status == 429:
+            wait = await self.guard.open_circuit(response.retry_after)
+            raise UpstreamFailure(
+                "rate_limited",
+                503,
+                "TeamUp is rate limiting the proxy; retry later",
+                retry_after=wait,
+                upstream_status=429,
+                elapsed=response.elapsed,
+            )
+        if response.status in (401, 403):
+            log.error(
+                "TeamUp refused the proxy's credential; check PROXY_UPSTREAM_TOKEN",
+                extra={"event": "upstream_credential_refused", "upstream_status": response.status},
+            )
+            raise UpstreamFailure(
+                "credential",
+                502,
+                "TeamUp refused the proxy's credential. Operators: check PROXY_UPSTREAM_TOKEN "
+                "(and PROXY_UPSTREAM_AUTH_SCHEME).",
+                upstream_status=response.status,
+                elapsed=response.elapsed,
+            )
+        if response.status >= 500:
+            raise UpstreamFailure(
+                "upstream_error",
+                502,
+                f"TeamUp answered {response.status}",
+                upstream_status=response.status,
+                elapsed=response.elapsed,
+            )
+        now = self.clock()
+        entry = CachedResponse(
+            response.status,
+            response.headers,
+            response.body,
+            now,
+            now + self.settings.cache_ttl,
+        )
+        headers = dict(response.headers)
+        headers["Cache-Control"] = response.cache_control
+        if response.set_cookie:
+            headers["Set-Cookie"] = "1"
+        stored = self._physical_ttl > 0 and is_cacheable(
+            response.status, headers, len(response.body), self.settings.cache_max_body_bytes
+        )
+        if stored:
+            await self.store.set(key, entry, self._physical_ttl)
+            self.metrics.cache_entry_bytes.observe(len(response.body))
+            self._remember(key, entry, now)
+        return Fetched(entry, stored, False, response.status, upstream_ms)
+
+    def _refresh_in_background(
+        self,
+        key: str,
+        query: CanonicalQuery,
+        caller: Caller,
+        request_id: str,
+        stale: CachedResponse,
+    ) -> None:
+        if key in self._flight:
+            return
+        task = asyncio.ensure_future(self._refresh(key, query, caller, request_id, stale))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _refresh(
+        self,
+        key: str,
+        query: CanonicalQuery,
+        caller: Caller,
+        request_id: str,
+        stale: CachedResponse,
+    ) -> None:
+        share = caller.config.upstream_rate
+        if (
+            share is not None
+            and not (await self.limiter.hit(f"share:{caller.name}", share)).allowed
+        ):
+            return
+        try:
+            await self._flight.run(
+                key,
+                lambda: self._fetch_shared(key, query, request_id, stale.stored_at, wait=False),
+            )
+        except UpstreamFailure as failure:
+            log.info(
+                "background refresh skipped",
+                extra={"event": "refresh_failed", "reason": failure.kind},
+            )
+        except Exception:
+            log.exception("background refresh failed", extra={"event": "refresh_failed"})
+
+    def _remember(self, key: str, entry: CachedResponse, now: float) -> None:
+        if self.l1 is not None and self.settings.cache_l1_ttl > 0:
+            ttl = min(self.settings.cache_l1_ttl, entry.fresh_until - now)
+            if ttl > 0:
+                self.l1.set_now(key, entry, ttl)
+
+    @staticmethod
+    def _hit(entry: CachedResponse, now: float) -> Answer:
+        headers = dict(entry.header_map)
+        headers["Cache-Status"] = f"{CACHE_NAME}; hit; ttl={entry.ttl(now)}"
+        headers["Age"] = str(entry.age(now))
+        return Answer(entry.status, entry.body, headers, "hit")
+
+    @staticmethod
+    def _stale(entry: CachedResponse, now: float, reason: str | None) -> Answer:
+        headers = dict(entry.header_map)
+        status = f"{CACHE_NAME}; hit; fwd=stale; ttl={entry.ttl(now)}"
+        headers["Cache-Status"] = f"{status}; {reason}" if reason else status
+        headers["Age"] = str(entry.age(now))
+        return Answer(entry.status, entry.body, headers, "stale")
+
+    def _fetched(self, fetched: Fetched, collapsed: bool, bypass: bool) -> Answer:
+        entry = fetched.entry
+        parts = [CACHE_NAME, "fwd=request" if bypass else "fwd=uri-miss"]
+        if fetched.upstream_status is not None:
+            parts.append(f"fwd-status={fetched.upstream_status}")
+        if fetched.stored:
+            parts.append("stored")
+        if collapsed:
+            parts.append("collapsed")
+        headers = dict(entry.header_map)
+        headers["Cache-Status"] = "; ".join(parts)
+        headers["Age"] = str(entry.age(self.clock()))
+        outcome = "collapsed" if collapsed else ("bypass" if bypass else "miss")
+        return Answer(
+            entry.status, entry.body, headers, outcome, fetched.upstream_status, fetched.upstream_ms
+        )
+
+    def _failure(self, failure: UpstreamFailure) -> Answer:
+        code = {
+            "timeout": "upstream_timeout",
+            "unreachable": "upstream_unreachable",
+            "credential": "upstream_credential_rejected",
+            "rate_limited": "upstream_rate_limited",
+            "budget": "upstream_budget_exhausted",
+            "circuit": "upstream_rate_limited",
+            "upstream_error": "upstream_error",
+        }.get(failure.kind, "upstream_unavailable")
+        answer = self._error(failure.status, code, failure.message, failure.retry_after)
+        answer.headers["Cache-Status"] = f"{CACHE_NAME}; fwd=uri-miss; detail={failure.kind}"
+        answer.upstream_status = failure.upstream_status
+        if failure.elapsed is not None:
+            answer.upstream_ms = failure.elapsed * 1000
+        return answer
+
+    @staticmethod
+    def _error(status: int, code: str, message: str, retry_after: float | None = None) -> Answer:
+        headers = {"Content-Type": JSON}
+        if retry_after is not None:
+            headers["Retry-After"] = retry_after_header(retry_after)
+        return Answer(status, error_body(status, code, message), headers, "error")

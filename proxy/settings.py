@@ -1,0 +1,214 @@
+"""Settings: every `PROXY_*` variable, validated once at start-up."""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    SecretStr,
+    ValidationError,
+    field_validator,
+)
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from .ratelimit import Rate, parse_rate
+
+__all__ = ["ClientConfig", "Settings", "SettingsError", "load_settings"]
+
+DEFAULT_SECRETS_DIR = "/run/secrets"
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def _to_rate(value: Any) -> Any:
+    return parse_rate(value) if isinstance(value, str) else value
+
+
+RateSetting = Annotated[Rate, NoDecode, BeforeValidator(_to_rate), PlainSerializer(str)]
+
+
+def _check_sha256(value: str) -> str:
+    value = value.strip().lower()
+    if not _HEX64.match(value):
+        raise ValueError("must be 64 hex characters (see `teamup-proxy hash-key KEY`)")
+    return value
+
+
+class ClientConfig(BaseModel):
+    """One calling app: the SHA-256 of its key, and optional limits of its own."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    key_sha256: str
+    rate: RateSetting | None = None
+    upstream_rate: RateSetting | None = None
+
+    _check_key = field_validator("key_sha256")(_check_sha256)
+
+
+class Settings(BaseSettings):
+    """The proxy's configuration (environment, `.env`, or files in a secrets directory)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="PROXY_",
+        env_file=".env",
+        extra="ignore",
+        frozen=True,
+    )
+
+    upstream_url: str = "https://goteamup.com"
+    upstream_token: SecretStr
+    upstream_auth_scheme: str = "Token"
+    upstream_provider_id: str | None = None
+    upstream_request_mode: str | None = None
+    upstream_rate_limit: RateSetting = Field(default_factory=lambda: parse_rate("240/minute"))
+    upstream_timeout: float = Field(10.0, gt=0, le=300)
+    upstream_array_style: Literal["comma", "repeat"] = "comma"
+    upstream_circuit_default: float = Field(30.0, gt=0, le=3600)
+
+    redis_url: str | None = None
+    redis_timeout: float = Field(0.1, gt=0, le=10)
+    redis_max_connections: int = Field(64, ge=1, le=10_000)
+    redis_retry_interval: float = Field(1.0, gt=0, le=60)
+
+    cache_ttl: int = Field(300, ge=0)
+    cache_stale_ttl: int = Field(3600, ge=0)
+    cache_stale_while_revalidate: bool = True
+    cache_max_body_bytes: int = Field(8 * 1024 * 1024, ge=1)
+    cache_memory_entries: int = Field(1024, ge=1)
+    cache_l1_ttl: float = Field(1.0, ge=0)
+    honor_client_no_cache: bool = False
+
+    flight_lease_ms: int = Field(15_000, ge=100)
+    flight_wait_timeout: float = Field(15.0, gt=0)
+
+    clients: dict[str, ClientConfig] = Field(default_factory=dict)
+    rate_limit: RateSetting = Field(default_factory=lambda: parse_rate("120/minute"))
+    replicas_hint: int = Field(1, ge=1, le=1000)
+    admin_key_sha256: str | None = None
+
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    log_format: Literal["json", "text"] = "json"
+
+    host: str = "0.0.0.0"
+    port: int = Field(8080, ge=0, le=65535)
+    workers: int = Field(0, ge=0, le=256)
+    shutdown_timeout: float = Field(15.0, ge=0, le=600)
+    drain_delay: float = Field(0.0, ge=0, le=600)
+
+    @field_validator("upstream_url")
+    @classmethod
+    def _check_url(cls, value: str) -> str:
+        parts = urlsplit(value.strip())
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be http(s)://host[:port]")
+        if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username:
+            raise ValueError("must be scheme://host[:port] only, with no path, query or user")
+        return f"{parts.scheme}://{parts.netloc}"
+
+    @field_validator("redis_url")
+    @classmethod
+    def _check_redis_url(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        scheme = urlsplit(value.strip()).scheme
+        if scheme not in ("redis", "rediss", "unix", "redis+sentinel", "redis+cluster"):
+            raise ValueError(
+                "must start with redis://, rediss://, unix://, redis+sentinel:// or redis+cluster://"
+            )
+        return value.strip()
+
+    @field_validator("upstream_token")
+    @classmethod
+    def _check_token(cls, value: SecretStr) -> SecretStr:
+        raw = value.get_secret_value().strip()
+        if not raw or any(c in raw for c in "\r\n\0 "):
+            raise ValueError("must be a non-empty token without spaces or line breaks")
+        return SecretStr(raw)
+
+    @field_validator("upstream_auth_scheme")
+    @classmethod
+    def _check_scheme(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_-]*", value):
+            raise ValueError("must be one word, such as Token or Bearer")
+        return value
+
+    @field_validator("upstream_provider_id", "upstream_request_mode")
+    @classmethod
+    def _check_header_value(cls, value: str | None) -> str | None:
+        if value is not None and any(c in value for c in "\r\n\0"):
+            raise ValueError("must not contain line breaks")
+        return value or None
+
+    @field_validator("admin_key_sha256")
+    @classmethod
+    def _check_admin(cls, value: str | None) -> str | None:
+        return _check_sha256(value) if value else None
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_level(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
+    @field_validator("clients")
+    @classmethod
+    def _unique_keys(cls, value: dict[str, ClientConfig]) -> dict[str, ClientConfig]:
+        digests = [client.key_sha256 for client in value.values()]
+        if len(set(digests)) != len(digests):
+            raise ValueError("two clients share one key_sha256")
+        for name in value:
+            if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", name):
+                raise ValueError(f"client name {name[:64]!r} must be 1-64 of A-Z a-z 0-9 _ . -")
+        return value
+
+    @property
+    def upstream_headers(self) -> dict[str, str]:
+        """Headers the proxy adds to every upstream request (the credential included)."""
+        headers = {
+            "Authorization": f"{self.upstream_auth_scheme} {self.upstream_token.get_secret_value()}"
+        }
+        if self.upstream_provider_id:
+            headers["TeamUp-Provider-ID"] = self.upstream_provider_id
+        if self.upstream_request_mode:
+            headers["Teamup-Request-Mode"] = self.upstream_request_mode
+        return headers
+
+
+class SettingsError(Exception):
+    """Configuration that cannot start the proxy; the message is one line and secret-free."""
+
+
+def _describe(exc: ValidationError) -> str:
+    problems = []
+    for error in exc.errors(include_url=False, include_input=False):
+        loc = [str(part) for part in error["loc"]]
+        name = "PROXY_" + loc[0].upper() if loc else "settings"
+        where = ".".join(loc[1:])
+        message = error["msg"].removeprefix("Value error, ")
+        if error["type"] == "missing" and not where:
+            message = "is required"
+        problems.append(f"{name}{f' ({where})' if where else ''}: {message}")
+    return "invalid settings: " + "; ".join(problems)
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read settings from the environment, `.env` and the secrets directory, or fail in one line."""
+    secrets_dir = os.environ.get("PROXY_SECRETS_DIR", DEFAULT_SECRETS_DIR)
+    kwargs: dict[str, Any] = dict(overrides)
+    if os.path.isdir(secrets_dir):
+        kwargs["_secrets_dir"] = secrets_dir
+    try:
+        return Settings(**kwargs)
+    except ValidationError as exc:
+        raise SettingsError(_describe(exc)) from None
+    except ValueError as exc:  # a JSON decoding error in a complex value, say
+        field = re.search(r'field "(\w+)"', str(exc))
+        name = f"PROXY_{field.group(1).upper()}" if field else "a setting"
+        raise SettingsError(f"invalid settings: {name}: is not valid JSON") from None

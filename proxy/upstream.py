@@ -1,0 +1,246 @@
+"""The TeamUp client: credential, header allowlists, timeouts, the shared budget and the circuit."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import aiohttp
+
+from .fallback import FallbackLimiter
+from .ratelimit import Rate, RateDecision
+from .redisconn import REDIS_ERRORS, RedisLink
+from .settings import Settings
+
+__all__ = [
+    "PASS_RESPONSE_HEADERS",
+    "REPORT_PATH",
+    "UpstreamClient",
+    "UpstreamFailure",
+    "UpstreamGuard",
+    "UpstreamResponse",
+]
+
+REPORT_PATH = "/api/v2/reports/customer_credits/data"
+# Response headers that describe the body; everything else (Set-Cookie, hop-by-hop, Server,
+# upstream rate-limit and caching headers) stays behind the proxy.
+PASS_RESPONSE_HEADERS = (
+    "Content-Type",
+    "Content-Disposition",
+    "Content-Language",
+    "ETag",
+    "Last-Modified",
+)
+_ACCEPT = {"json": "application/json", "csv": "text/csv"}
+
+log = logging.getLogger("teamup_proxy")
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamResponse:
+    """What TeamUp answered, reduced to what the proxy may pass on or store."""
+
+    status: int
+    headers: tuple[tuple[str, str], ...]
+    body: bytes
+    elapsed: float
+    cache_control: str
+    set_cookie: bool
+    retry_after: float | None
+
+
+class UpstreamFailure(Exception):
+    """TeamUp could not give an answer the caller may see; `status` is what the proxy answers."""
+
+    def __init__(
+        self,
+        kind: str,
+        status: int,
+        message: str,
+        *,
+        retry_after: float | None = None,
+        upstream_status: int | None = None,
+        elapsed: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.status = status
+        self.message = message
+        self.retry_after = retry_after
+        self.upstream_status = upstream_status
+        self.elapsed = elapsed
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Seconds from a `Retry-After` given in seconds (HTTP dates are rare here and ignored)."""
+    if value is None:
+        return None
+    try:
+        seconds = float(value.strip())
+    except ValueError:
+        return None
+    return seconds if math.isfinite(seconds) and seconds >= 0 else None
+
+
+class UpstreamClient:
+    """One pooled `aiohttp.ClientSession` to TeamUp, with the credential added to every call."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.base_url = settings.upstream_url
+        self._headers = settings.upstream_headers
+        self._timeout = aiohttp.ClientTimeout(
+            total=settings.upstream_timeout, connect=min(3.0, settings.upstream_timeout)
+        )
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        """Open the pool and warm one connection, so the first burst does not pay the handshake."""
+        connector = aiohttp.TCPConnector(limit=100, keepalive_timeout=30, ttl_dns_cache=300)
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            timeout=self._timeout,
+            auto_decompress=True,
+            cookie_jar=aiohttp.DummyCookieJar(),
+            raise_for_status=False,
+        )
+        try:
+            async with self._session.head(
+                self.base_url + "/", timeout=aiohttp.ClientTimeout(total=2), allow_redirects=False
+            ) as response:
+                await response.read()
+        except (aiohttp.ClientError, TimeoutError):
+            pass
+
+    async def close(self) -> None:
+        """Close the pool."""
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def fetch(self, query_string: str, *, fmt: str, request_id: str) -> UpstreamResponse:
+        """GET the report; connection failures are retried once, nothing else is."""
+        if self._session is None:
+            raise RuntimeError("UpstreamClient.start() was not awaited")
+        url = f"{self.base_url}{REPORT_PATH}" + (f"?{query_string}" if query_string else "")
+        headers = {**self._headers, "Accept": _ACCEPT.get(fmt, "text/csv")}
+        headers["X-Request-ID"] = request_id
+        started = time.perf_counter()
+        for attempt in (1, 2):
+            try:
+                async with self._session.get(
+                    url, headers=headers, allow_redirects=False
+                ) as response:
+                    body = await response.read()
+                    return UpstreamResponse(
+                        status=response.status,
+                        headers=tuple(
+                            (name, response.headers[name])
+                            for name in PASS_RESPONSE_HEADERS
+                            if name in response.headers
+                        ),
+                        body=body,
+                        elapsed=time.perf_counter() - started,
+                        cache_control=response.headers.get("Cache-Control", ""),
+                        set_cookie="Set-Cookie" in response.headers,
+                        retry_after=parse_retry_after(response.headers.get("Retry-After")),
+                    )
+            except TimeoutError:
+                raise UpstreamFailure(
+                    "timeout",
+                    504,
+                    "TeamUp did not answer in time",
+                    elapsed=time.perf_counter() - started,
+                ) from None
+            except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
+                retryable = isinstance(
+                    exc, aiohttp.ClientConnectorError | aiohttp.ServerDisconnectedError
+                )
+                if attempt == 1 and retryable:
+                    continue
+                raise UpstreamFailure(
+                    "unreachable",
+                    502,
+                    "TeamUp could not be reached",
+                    elapsed=time.perf_counter() - started,
+                ) from None
+            except aiohttp.ClientError:
+                raise UpstreamFailure(
+                    "unreachable",
+                    502,
+                    "TeamUp gave an answer the proxy could not read",
+                    elapsed=time.perf_counter() - started,
+                ) from None
+        raise AssertionError("unreachable")  # pragma: no cover
+
+
+class UpstreamGuard:
+    """The company-wide budget on the credential, and the circuit opened by an upstream 429."""
+
+    BUDGET_KEY = "upstream"
+
+    def __init__(
+        self,
+        link: RedisLink,
+        limiter: FallbackLimiter,
+        rate: Rate,
+        prefix: str,
+        *,
+        default_wait: float,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.link = link
+        self.limiter = limiter
+        self.rate = rate
+        self.circuit_key = f"{prefix}circuit"
+        self.default_wait = default_wait
+        self._clock = clock
+        self._open_until = 0.0
+
+    async def circuit_wait(self) -> float:
+        """Seconds the circuit stays open (0 when closed), as every replica sees it."""
+        local = self._open_until - self._clock()
+        if local > 0:
+            return local
+        if not self.link.up:
+            return 0.0
+        assert self.link.client is not None
+        try:
+            pttl = await self.link.client.pttl(self.circuit_key)
+        except REDIS_ERRORS as exc:
+            self.link.failed(exc, "circuit")
+            return 0.0
+        if pttl > 0:
+            self._open_until = self._clock() + pttl / 1000
+            return pttl / 1000
+        return 0.0
+
+    async def open_circuit(self, retry_after: float | None) -> float:
+        """Stop every replica calling TeamUp for its `Retry-After` (or the default wait)."""
+        wait = retry_after if retry_after and retry_after > 0 else self.default_wait
+        self._open_until = max(self._open_until, self._clock() + wait)
+        log.warning(
+            "TeamUp answered 429; circuit open",
+            extra={"event": "circuit_open", "wait_s": round(wait, 3)},
+        )
+        if self.link.up:
+            assert self.link.client is not None
+            try:
+                await self.link.client.set(self.circuit_key, "1", px=max(1, int(wait * 1000)))
+            except REDIS_ERRORS as exc:
+                self.link.failed(exc, "circuit")
+        return wait
+
+    async def take(self) -> RateDecision:
+        """Spend one unit of the global budget, if one is left."""
+        return await self.limiter.hit(self.BUDGET_KEY, self.rate)
+
+    async def remaining(self) -> int:
+        """Units of the global budget left right now."""
+        return (await self.limiter.peek(self.BUDGET_KEY, self.rate)).remaining
+
+    def circuit_open_locally(self) -> bool:
+        """Whether this process knows the circuit is open (for `/readyz`, without a round trip)."""
+        return self._open_until > self._clock()
