@@ -121,7 +121,7 @@ class UpstreamClient:
             self._session = None
 
     async def fetch(self, query_string: str, *, fmt: str, request_id: str) -> UpstreamResponse:
-        """GET the report; connection failures are retried once, nothing else is."""
+        """GET the report; a failed connect is retried once, nothing else is."""
         if self._session is None:
             raise RuntimeError("UpstreamClient.start() was not awaited")
         url = f"{self.base_url}{REPORT_PATH}" + (f"?{query_string}" if query_string else "")
@@ -155,10 +155,9 @@ class UpstreamClient:
                     elapsed=time.perf_counter() - started,
                 ) from None
             except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
-                retryable = isinstance(
-                    exc, aiohttp.ClientConnectorError | aiohttp.ServerDisconnectedError
-                )
-                if attempt == 1 and retryable:
+                # Only a failed connect is retried: then nothing reached TeamUp. (aiohttp itself
+                # retries once when a reused keep-alive connection turns out closed.)
+                if attempt == 1 and isinstance(exc, aiohttp.ClientConnectorError):
                     continue
                 raise UpstreamFailure(
                     "unreachable",
