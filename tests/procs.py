@@ -1,0 +1,93 @@
+"""Real `teamup-proxy serve` processes for tests that need more than one replica or worker."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from typing import Any
+
+from proxy.auth import hash_key
+from tests.e2e import ADMIN_KEY, KEY, OTHER_KEY, TOKEN
+from tests.support import free_port, wait_for_port
+
+__all__ = ["ProxyProcess", "proxy_env"]
+
+
+def proxy_env(**values: Any) -> dict[str, str]:
+    """This environment without PROXY_* variables, plus `values` as PROXY_<NAME>."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PROXY_")}
+    env["PROXY_SECRETS_DIR"] = "/nonexistent"
+    for name, value in values.items():
+        env[name if name.startswith("PROXY_") else f"PROXY_{name.upper()}"] = str(value)
+    return env
+
+
+class ProxyProcess:
+    """`python -m proxy serve` on a free port, with the test clients and the mock as upstream."""
+
+    def __init__(self, upstream_url: str, *, workers: int = 1, **settings: Any) -> None:
+        self.port = free_port()
+        self.workers = workers
+        values: dict[str, Any] = {
+            "upstream_url": upstream_url,
+            "upstream_token": TOKEN,
+            "clients": (
+                f'{{"billing": {{"key_sha256": "{hash_key(KEY)}", "rate": "10000/minute"}},'
+                f' "crm": {{"key_sha256": "{hash_key(OTHER_KEY)}", "rate": "10000/minute"}}}}'
+            ),
+            "admin_key_sha256": hash_key(ADMIN_KEY),
+            "upstream_rate_limit": "10000/minute",
+            "log_format": "json",
+            "redis_retry_interval": 0.2,
+        }
+        values.update(settings)
+        self.env = proxy_env(**values)
+        self.process: asyncio.subprocess.Process | None = None
+        self.stderr = b""
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def start(self) -> ProxyProcess:
+        self.process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "proxy",
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--workers",
+            str(self.workers),
+            env=self.env,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+            start_new_session=True,
+        )
+        await asyncio.to_thread(wait_for_port, self.port, 30)
+        return self
+
+    async def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        """Signal the process and wait; returns its exit code (stderr kept in `self.stderr`)."""
+        assert self.process is not None
+        if self.process.returncode is None:
+            if sig == signal.SIGKILL:  # the whole group: a supervisor's workers too
+                os.killpg(self.process.pid, signal.SIGKILL)
+            else:
+                self.process.send_signal(sig)
+        _out, err = await asyncio.wait_for(self.process.communicate(), timeout)
+        self.stderr += err or b""
+        code = self.process.returncode
+        assert code is not None
+        return code
+
+    async def __aenter__(self) -> ProxyProcess:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self.process is not None and self.process.returncode is None:
+            await self.stop(signal.SIGKILL if exc[0] is not None else signal.SIGTERM)
