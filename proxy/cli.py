@@ -81,6 +81,9 @@ def _supervise(overrides: dict[str, Any], host: str, port: int, workers: int) ->
     own_metrics_dir = "PROMETHEUS_MULTIPROC_DIR" not in os.environ
     if own_metrics_dir:
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="teamup-proxy-metrics-")
+    # Imported only now: prometheus-client picks its multiprocess mode at import time.
+    from prometheus_client import multiprocess as prom_multiprocess
+
     context = multiprocessing.get_context("spawn")
     procs: list[multiprocessing.process.BaseProcess] = []
 
@@ -109,6 +112,8 @@ def _supervise(overrides: dict[str, Any], host: str, port: int, workers: int) ->
             time.sleep(0.2)
             for i, proc in enumerate(procs):
                 if not proc.is_alive() and not stopping:
+                    if proc.pid is not None:  # its live gauges no longer count
+                        prom_multiprocess.mark_process_dead(proc.pid)
                     log.warning(
                         "worker exited; restarting",
                         extra={"event": "worker_restart", "exitcode": proc.exitcode},
