@@ -113,7 +113,7 @@ def _supervise(overrides: dict[str, Any], host: str, port: int, workers: int) ->
             for i, proc in enumerate(procs):
                 if not proc.is_alive() and not stopping:
                     if proc.pid is not None:  # its live gauges no longer count
-                        prom_multiprocess.mark_process_dead(proc.pid)
+                        prom_multiprocess.mark_process_dead(proc.pid)  # type: ignore[no-untyped-call]
                     log.warning(
                         "worker exited; restarting",
                         extra={"event": "worker_restart", "exitcode": proc.exitcode},
