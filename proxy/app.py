@@ -18,6 +18,7 @@ from .fallback import FallbackCacheStore, FallbackLimiter
 from .flight import RedisLease
 from .handlers import LOG, REQUEST_ID, STATE, ProxyState, healthz, purge, readyz, report
 from .metrics import METRICS, Metrics, metrics_handler
+from .openapi import openapi_handler
 from .ratelimit import MemoryLimiter, Rate, RedisLimiter
 from .redisconn import REDIS_ERRORS, AnyRedis, RedisLink, connect_redis
 from .service import ReportService
@@ -36,6 +37,7 @@ _ROUTES = {
     "/healthz": "health",
     "/readyz": "health",
     "/metrics": "metrics",
+    "/openapi.json": "docs",
 }
 
 log = logging.getLogger("teamup_proxy")
@@ -75,7 +77,7 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
     cache = str(fields.get("cache", "none"))
     metrics.requests.labels(route, str(response.status), cache).inc()
     metrics.request_seconds.labels(route).observe(elapsed)
-    if route != "health" and route != "metrics":
+    if route not in ("health", "metrics", "docs"):
         access_log.info(
             "request",
             extra={
@@ -214,4 +216,5 @@ def create_app(
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_handler)
+    app.router.add_get("/openapi.json", openapi_handler)
     return app
