@@ -73,10 +73,9 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
     response.headers["X-Request-ID"] = request_id
     elapsed = time.perf_counter() - started
     route = _ROUTES.get(request.path, "other")
-    metrics = request.app[METRICS]
-    cache = str(fields.get("cache", "none"))
-    metrics.requests.labels(route, str(response.status), cache).inc()
-    metrics.request_seconds.labels(route).observe(elapsed)
+    request.app[METRICS].count_request(
+        route, response.status, str(fields.get("cache", "none")), elapsed
+    )
     if route not in ("health", "metrics", "docs"):
         access_log.info(
             "request",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import orjson
 from aiohttp import web
@@ -12,7 +12,7 @@ from .auth import ClientDirectory, presented_key
 from .cache import MemoryCacheStore
 from .errors import error_response
 from .fallback import FallbackCacheStore, FallbackLimiter
-from .query import MAX_QUERY_BYTES, QueryErrors, parse_query
+from .query import MAX_QUERY_BYTES, CanonicalQuery, QueryErrors, parse_query
 from .ratelimit import Rate, RateDecision
 from .redisconn import RedisLink
 from .service import Caller, ReportService
@@ -20,6 +20,27 @@ from .settings import Settings
 from .upstream import UpstreamGuard
 
 __all__ = ["LOG", "REQUEST_ID", "STATE", "ProxyState", "healthz", "purge", "readyz", "report"]
+
+
+class ParsedQueries:
+    """Recently parsed raw query strings: hot questions tend to arrive spelled the same way."""
+
+    def __init__(self, size: int = 4096) -> None:
+        self.size = size
+        self._data: dict[str, tuple[CanonicalQuery | QueryErrors, str]] = {}
+
+    def parse(self, request: web.Request) -> tuple[CanonicalQuery | QueryErrors, str]:
+        """The request's query parsed, and its canonical string ("" for errors)."""
+        raw = request.rel_url.raw_query_string
+        found = self._data.get(raw)
+        if found is None:
+            parsed = parse_query(request.query)
+            canonical = "" if isinstance(parsed, QueryErrors) else parsed.canonical_string()
+            found = (parsed, canonical)
+            if len(self._data) >= self.size:
+                self._data.clear()
+            self._data[raw] = found
+        return found
 
 
 @dataclass
@@ -34,6 +55,7 @@ class ProxyState:
     limiter: FallbackLimiter
     guard: UpstreamGuard
     service: ReportService
+    queries: ParsedQueries = field(default_factory=ParsedQueries)
     ready: bool = False
     draining: bool = False
 
@@ -85,7 +107,7 @@ async def report(request: web.Request) -> web.StreamResponse:
             headers={**limit_headers, "Retry-After": decision.retry_after_header},
         )
 
-    parsed = parse_query(request.query)
+    parsed, canonical = state.queries.parse(request)
     if isinstance(parsed, QueryErrors):
         fields["cache"] = "rejected"
         return web.Response(
@@ -102,7 +124,7 @@ async def report(request: web.Request) -> web.StreamResponse:
     fields["upstream_ms"] = None if answer.upstream_ms is None else round(answer.upstream_ms, 2)
     headers = answer.headers
     headers.update(limit_headers)
-    headers["X-Proxy-Canonical-Query"] = parsed.canonical_string()
+    headers["X-Proxy-Canonical-Query"] = canonical
     return web.Response(status=answer.status, body=answer.body, headers=headers)
 
 

@@ -31,6 +31,7 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        self._request_children: dict[tuple[str, int, str], tuple[Counter, Histogram]] = {}
         r = self.registry
         self.requests = Counter(
             "teamup_proxy_requests_total",
@@ -94,6 +95,19 @@ class Metrics:
             buckets=_SIZES,
             registry=r,
         )
+
+    def count_request(self, route: str, status: int, cache: str, seconds: float) -> None:
+        """Count one answer (labelled children are cached: `labels()` is slow on a hot path)."""
+        key = (route, status, cache)
+        children = self._request_children.get(key)
+        if children is None:
+            children = (
+                self.requests.labels(route, str(status), cache),
+                self.request_seconds.labels(route),
+            )
+            self._request_children[key] = children
+        children[0].inc()
+        children[1].observe(seconds)
 
     def render(self) -> bytes:
         """The exposition text: every worker's values in multiprocess mode, else this app's."""
