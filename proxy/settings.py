@@ -77,6 +77,7 @@ class Settings(BaseSettings):
     redis_timeout: float = Field(0.1, gt=0, le=10)
     redis_max_connections: int = Field(64, ge=1, le=10_000)
     redis_retry_interval: float = Field(1.0, gt=0, le=60)
+    redis_autopipeline: bool = True
 
     cache_ttl: int = Field(300, ge=0)
     cache_stale_ttl: int = Field(3600, ge=0)

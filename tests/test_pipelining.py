@@ -1,0 +1,61 @@
+"""Auto-pipelining: concurrent commands share one round trip and still get their own answers."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
+
+from proxy.pipelining import AutoPipelineRedis
+from proxy.ratelimit import RedisLimiter, parse_rate
+from tests.support import RedisServer
+
+
+async def test_concurrent_gets_answer_each_caller(redis_client: aioredis.Redis) -> None:
+    for i in range(50):
+        await redis_client.set(f"k{i}", f"v{i}")
+    pipelined = AutoPipelineRedis(redis_client)
+    values = await asyncio.gather(*(pipelined.get(f"k{i}") for i in range(60)))
+    assert values == [f"v{i}".encode() for i in range(50)] + [None] * 10
+
+
+async def test_limiter_through_the_pipeline_stays_exact(redis_client: aioredis.Redis) -> None:
+    limiter = RedisLimiter(AutoPipelineRedis(redis_client), "rl:")  # type: ignore[arg-type]
+    rate = parse_rate("10/minute")
+    decisions = await asyncio.gather(*(limiter.hit("c", rate) for _ in range(100)))
+    assert sum(d.allowed for d in decisions) == 10
+
+
+async def test_a_flushed_script_is_loaded_again(redis_client: aioredis.Redis) -> None:
+    limiter = RedisLimiter(AutoPipelineRedis(redis_client), "rl:")  # type: ignore[arg-type]
+    rate = parse_rate("5/minute")
+    assert (await limiter.hit("c", rate)).allowed
+    await redis_client.script_flush()
+    assert (await limiter.hit("c", rate)).remaining == 3
+
+
+async def test_a_command_error_reaches_only_its_caller(redis_client: aioredis.Redis) -> None:
+    await redis_client.set("ok", "1")
+    pipelined = AutoPipelineRedis(redis_client)
+    results = await asyncio.gather(
+        pipelined.get("ok"),
+        pipelined.evalsha("0" * 40, 0),
+        pipelined.get("ok"),
+        return_exceptions=True,
+    )
+    assert results[0] == b"1" and results[2] == b"1"
+    assert isinstance(results[1], ResponseError)
+
+
+async def test_a_dead_server_fails_every_caller_fast(own_redis: RedisServer) -> None:
+    client = aioredis.Redis(port=own_redis.port, socket_timeout=0.2, socket_connect_timeout=0.2)
+    pipelined = AutoPipelineRedis(client)
+    assert await pipelined.get("x") is None
+    own_redis.stop()
+    results = await asyncio.gather(*(pipelined.get("x") for _ in range(5)), return_exceptions=True)
+    assert all(isinstance(r, Exception) for r in results)
+    with pytest.raises(Exception):  # noqa: B017 - any redis/OS error is the point
+        await pipelined.get("x")
+    await pipelined.aclose()
