@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
@@ -35,6 +36,8 @@ PASS_RESPONSE_HEADERS = (
     "Last-Modified",
 )
 _ACCEPT = {"json": "application/json", "csv": "text/csv"}
+# Connections opened at start-up: a cold pool made the first burst of misses pay the handshakes.
+_WARM_CONNECTIONS = 4
 
 log = logging.getLogger("teamup_proxy")
 
@@ -97,7 +100,7 @@ class UpstreamClient:
         self._session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
-        """Open the pool and warm one connection, so the first burst does not pay the handshake."""
+        """Open the pool and warm a few connections, so the first misses skip the handshake."""
         connector = aiohttp.TCPConnector(limit=100, keepalive_timeout=30, ttl_dns_cache=300)
         self._session = aiohttp.ClientSession(
             connector=connector,
@@ -106,6 +109,11 @@ class UpstreamClient:
             cookie_jar=aiohttp.DummyCookieJar(),
             raise_for_status=False,
         )
+        await asyncio.gather(*(self._warm() for _ in range(_WARM_CONNECTIONS)))
+
+    async def _warm(self) -> None:
+        """One `HEAD /` (not the report: it costs no budget) to leave a kept-alive connection."""
+        assert self._session is not None
         try:
             async with self._session.head(
                 self.base_url + "/", timeout=aiohttp.ClientTimeout(total=2), allow_redirects=False
@@ -125,7 +133,11 @@ class UpstreamClient:
         if self._session is None:
             raise RuntimeError("UpstreamClient.start() was not awaited")
         url = f"{self.base_url}{REPORT_PATH}" + (f"?{query_string}" if query_string else "")
-        headers = {**self._headers, "Accept": _ACCEPT.get(fmt, "text/csv")}
+        headers = {
+            **self._headers,
+            "Accept": _ACCEPT.get(fmt, "text/csv"),
+            "User-Agent": "teamup-proxy",
+        }
         headers["X-Request-ID"] = request_id
         started = time.perf_counter()
         for attempt in (1, 2):
