@@ -25,7 +25,10 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy --strict
 
-check: lint test
+deploy-lint: $(STAMP)
+	VENV=$(VENV) scripts/lint-deploy
+
+check: lint test deploy-lint
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

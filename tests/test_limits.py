@@ -6,6 +6,7 @@ import asyncio
 import re
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import aiohttp
 import pytest
@@ -179,7 +180,7 @@ async def test_limits_and_circuit_hold_across_two_processes(
     mock_server: TestServer, mock_state: MockState, redis_url: str
 ) -> None:
     upstream = str(mock_server.make_url("")).rstrip("/")
-    settings = {
+    settings: dict[str, Any] = {
         "redis_url": redis_url,
         "clients": f'{{"billing": {{"key_sha256": "{hash_key(KEY)}", "rate": "10/minute"}}}}',
     }
