@@ -22,6 +22,8 @@ __all__ = ["Answer", "Caller", "Fetched", "ReportService"]
 
 log = logging.getLogger("teamup_proxy")
 CACHE_NAME = "teamup-proxy"
+# Seconds before a key whose background refresh failed is refreshed again.
+REFRESH_BACKOFF = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +89,7 @@ class ReportService:
         self.clock = clock
         self._flight: LocalFlight[Fetched] = LocalFlight()
         self._background: set[asyncio.Task[None]] = set()
+        self._refresh_after: dict[str, float] = {}
         self._physical_ttl = settings.cache_ttl + settings.cache_stale_ttl
 
     async def answer(
@@ -101,6 +104,9 @@ class ReportService:
             if entry is not None and entry.is_fresh(now):
                 return self._hit(entry, now)
         stale = await self.store.get(key)
+        if stale is not None and now >= stale.fresh_until + self.settings.cache_stale_ttl:
+            # Past its stale window by our clock; Redis expiry runs on Redis's own clock.
+            stale = None
         if stale is not None and not bypass:
             if stale.is_fresh(now):
                 self._remember(key, stale, now)
@@ -271,7 +277,7 @@ class ReportService:
         request_id: str,
         stale: CachedResponse,
     ) -> None:
-        if key in self._flight:
+        if key in self._flight or self._refresh_after.get(key, 0.0) > self.clock():
             return
         task = asyncio.ensure_future(self._refresh(key, query, caller, request_id, stale))
         self._background.add(task)
@@ -297,6 +303,12 @@ class ReportService:
                 lambda: self._fetch_shared(key, query, request_id, stale.stored_at, wait=False),
             )
         except UpstreamFailure as failure:
+            if failure.kind != "refreshing_elsewhere":
+                # While TeamUp fails, stale answers must not each cost a refresh attempt.
+                wait = max(REFRESH_BACKOFF, failure.retry_after or 0.0)
+                if len(self._refresh_after) > 10_000:
+                    self._refresh_after.clear()
+                self._refresh_after[key] = self.clock() + wait
             log.info(
                 "background refresh skipped",
                 extra={"event": "refresh_failed", "reason": failure.kind},

@@ -1,0 +1,201 @@
+"""Replicas as real processes on one Redis: collapsed misses, a crashed lease holder, restarts."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from pathlib import Path
+
+import aiohttp
+import orjson
+import pytest
+import redis
+from aiohttp.test_utils import TestServer
+
+from proxy.app import KEY_PREFIX
+from proxy.auth import hash_key
+from proxy.mock_upstream import MockState
+from tests.e2e import KEY, OTHER_KEY, REPORT, TOKEN, auth
+from tests.support import free_port, wait_for_port
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+QUERY = "?format=json&limit=5"
+
+
+class Replica:
+    """One `python -m proxy serve --workers 1` process on its own port."""
+
+    def __init__(self, process: subprocess.Popen[bytes], port: int, log: Path) -> None:
+        self.process = process
+        self.port = port
+        self.log = log
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def kill(self) -> None:
+        """SIGKILL: no cleanup, no lease release — a crash."""
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(10)
+
+    def stop(self) -> int:
+        """SIGTERM and wait for a clean exit."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return self.process.wait(10)
+
+
+StartReplica = Callable[..., Awaitable[Replica]]
+
+
+@pytest.fixture
+async def start_replica(
+    mock_server: TestServer, redis_url: str, tmp_path: Path
+) -> AsyncIterator[StartReplica]:
+    """Start proxy processes in front of the mock, all on the session Redis; stop them after."""
+    started: list[Replica] = []
+
+    def spawn(extra: dict[str, str]) -> Replica:
+        port = free_port()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PROXY_")}
+        env.update(
+            PROXY_SECRETS_DIR="/nonexistent",
+            PROXY_UPSTREAM_URL=str(mock_server.make_url("")).rstrip("/"),
+            PROXY_UPSTREAM_TOKEN=TOKEN,
+            PROXY_CLIENTS=orjson.dumps(
+                {
+                    "billing": {"key_sha256": hash_key(KEY), "rate": "1000/minute"},
+                    "crm": {"key_sha256": hash_key(OTHER_KEY), "rate": "1000/minute"},
+                }
+            ).decode(),
+            PROXY_UPSTREAM_RATE_LIMIT="1000/minute",
+            PROXY_REDIS_URL=redis_url,
+            PROXY_LOG_FORMAT="json",
+            PROXY_LOG_LEVEL="WARNING",
+        )
+        env.update(extra)
+        log = tmp_path / f"proxy-{port}.log"
+        argv = [sys.executable, "-m", "proxy", "serve", "--host", "127.0.0.1", "--port", str(port)]
+        with log.open("wb") as sink:
+            process = subprocess.Popen(
+                [*argv, "--workers", "1"],
+                env=env,
+                cwd=ROOT,
+                stdout=sink,
+                stderr=subprocess.STDOUT,
+            )
+        replica = Replica(process, port, log)
+        started.append(replica)
+        return replica
+
+    async def start(**extra: str) -> Replica:
+        replica = spawn(extra)
+        try:
+            await asyncio.to_thread(wait_for_port, replica.port, 20)
+        except TimeoutError:
+            raise AssertionError(replica.log.read_text()) from None
+        return replica
+
+    yield start
+    await asyncio.gather(*(asyncio.to_thread(replica.stop) for replica in started))
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+        yield session
+
+
+def params(headers: Mapping[str, str]) -> list[str]:
+    """Cache-Status parameters after the cache name."""
+    name, *rest = [part.strip() for part in headers["Cache-Status"].split(";")]
+    assert name == "teamup-proxy"
+    return rest
+
+
+async def fetch(
+    http: aiohttp.ClientSession, replica: Replica, key: str = KEY
+) -> tuple[int, bytes, list[str]]:
+    async with http.get(replica.url(REPORT + QUERY), headers=auth(key)) as response:
+        return response.status, await response.read(), params(response.headers)
+
+
+async def test_fifty_cold_requests_over_two_replicas_make_one_call(
+    start_replica: StartReplica, mock_state: MockState, http: aiohttp.ClientSession
+) -> None:
+    a, b = await asyncio.gather(start_replica(), start_replica())
+    mock_state.faults.latency = 0.3
+    results = await asyncio.gather(
+        *(fetch(http, a if i % 2 else b, KEY if i % 3 else OTHER_KEY) for i in range(50))
+    )
+    assert mock_state.calls == 1
+    assert [status for status, _, _ in results] == [200] * 50
+    assert len({body for _, body, _ in results}) == 1
+    leaders = [p for _, _, p in results if "stored" in p and "collapsed" not in p]
+    assert len(leaders) == 1
+    others = [p for _, _, p in results if p is not leaders[0]]
+    assert all("collapsed" in p or p[0] == "hit" for p in others)
+    # The replica that did not fetch waited for the other's entry instead of calling TeamUp.
+    assert ["fwd=uri-miss", "collapsed"] in others
+
+
+async def test_a_killed_lease_holder_does_not_block_the_others(
+    start_replica: StartReplica,
+    mock_state: MockState,
+    http: aiohttp.ClientSession,
+    redis_url: str,
+) -> None:
+    settings = {
+        "PROXY_FLIGHT_LEASE_MS": "500",
+        "PROXY_FLIGHT_WAIT_TIMEOUT": "3",
+        "PROXY_UPSTREAM_TIMEOUT": "30",
+    }
+    a, b = await asyncio.gather(start_replica(**settings), start_replica(**settings))
+    mock_state.faults.hang = True
+    mock_state.faults.times = 1  # only the first call hangs
+    holder = asyncio.create_task(fetch(http, a))
+    for _ in range(1000):
+        if mock_state.calls:
+            break
+        await asyncio.sleep(0.01)
+    assert mock_state.calls == 1
+    with redis.Redis.from_url(redis_url) as sync:
+        assert sync.keys(f"{KEY_PREFIX}l:*") != []  # A holds the lease while TeamUp hangs
+    await asyncio.to_thread(a.kill)
+    with pytest.raises(aiohttp.ClientError):
+        await holder
+
+    status, body, cache = await asyncio.wait_for(fetch(http, b), 15)
+    assert status == 200
+    assert len(orjson.loads(body)["rows"]) == 5
+    assert "stored" in cache
+    assert mock_state.calls == 2
+    with redis.Redis.from_url(redis_url) as sync:
+        assert sync.keys(f"{KEY_PREFIX}l:*") == []
+        assert len(sync.keys(f"{KEY_PREFIX}c:*")) == 1
+
+
+async def test_hit_after_a_restart_is_served_from_redis(
+    start_replica: StartReplica, mock_state: MockState, http: aiohttp.ClientSession
+) -> None:
+    first = await start_replica()
+    status, body, cache = await fetch(http, first)
+    assert status == 200 and "stored" in cache
+    assert await asyncio.to_thread(first.stop) == 0
+
+    second = await start_replica()
+    status, again, cache = await fetch(http, second)
+    assert status == 200
+    assert cache[0] == "hit"
+    assert again == body
+    assert mock_state.calls == 1
