@@ -128,7 +128,7 @@ def sentinel(redis_server: RedisServer) -> Iterator[int]:
         wait_for_port(port)
         probe = redis.Redis(port=port)
         deadline = time.monotonic() + 10
-        while probe.execute_command("SENTINEL", "get-master-addr-by-name", "mymaster") is None:
+        while probe.sentinel_get_master_addr_by_name("mymaster") is None:
             assert time.monotonic() < deadline
             time.sleep(0.05)
         probe.close()
