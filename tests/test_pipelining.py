@@ -6,6 +6,8 @@ import asyncio
 
 import pytest
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.exceptions import ResponseError
 
 from proxy.pipelining import AutoPipelineRedis
@@ -50,7 +52,12 @@ async def test_a_command_error_reaches_only_its_caller(redis_client: aioredis.Re
 
 
 async def test_a_dead_server_fails_every_caller_fast(own_redis: RedisServer) -> None:
-    client = aioredis.Redis(port=own_redis.port, socket_timeout=0.2, socket_connect_timeout=0.2)
+    client = aioredis.Redis(
+        port=own_redis.port,
+        socket_timeout=0.2,
+        socket_connect_timeout=0.2,
+        retry=Retry(NoBackoff(), 0),
+    )
     pipelined = AutoPipelineRedis(client)
     assert await pipelined.get("x") is None
     own_redis.stop()
