@@ -71,7 +71,7 @@ class ProxyProcess:
         await asyncio.to_thread(wait_for_port, self.port, 30)
         return self
 
-    async def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+    async def stop(self, sig: int = signal.SIGTERM, wait: float = 30) -> int:
         """Signal the process and wait; returns its exit code (stderr kept in `self.stderr`)."""
         assert self.process is not None
         if self.process.returncode is None:
@@ -79,7 +79,7 @@ class ProxyProcess:
                 os.killpg(self.process.pid, signal.SIGKILL)
             else:
                 self.process.send_signal(sig)
-        _out, err = await asyncio.wait_for(self.process.communicate(), timeout)
+        _out, err = await asyncio.wait_for(self.process.communicate(), wait)
         self.stderr += err or b""
         code = self.process.returncode
         assert code is not None

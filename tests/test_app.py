@@ -76,9 +76,7 @@ async def test_doubled_slash_path_is_the_same_report(
 ) -> None:
     proxy = await make_proxy()
     first = await proxy.get(REPORT + "?format=json", headers=auth())
-    second = await proxy.get(
-        "/api/v2//reports/customer_credits/data?format=json", headers=auth()
-    )
+    second = await proxy.get("/api/v2//reports/customer_credits/data?format=json", headers=auth())
     assert first.status == second.status == 200
     assert await first.read() == await second.read()
     assert mock_state.calls == 1

@@ -1,4 +1,4 @@
-"""The commands as real processes: `serve` over TCP, `demo` and its curl line, `hash-key`, bad settings."""
+"""The commands as real processes: `serve` over TCP, `demo`, `hash-key`, bad settings."""
 
 from __future__ import annotations
 
@@ -80,7 +80,7 @@ async def test_serve_as_a_real_process(
             assert response.status == 401
         assert mock_state.calls == 1
     finally:
-        out, err = await stop(process)
+        _out, err = await stop(process)
     assert process.returncode == 0
     logs = err.decode()
     assert '"event":"ready"' in logs.replace(" ", "")

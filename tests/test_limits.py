@@ -1,4 +1,4 @@
-"""Callers and budgets end to end: per-client GCRA, upstream shares, the global budget, the circuit."""
+"""Callers and budgets end to end: client GCRA, upstream shares, the global budget, the circuit."""
 
 from __future__ import annotations
 

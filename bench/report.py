@@ -1,0 +1,296 @@
+"""Medians, targets and the Markdown of `bench/RESULTS.md`."""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["ROWS", "TargetResult", "evaluate", "render", "summarise"]
+
+Summary = dict[str, dict[str, dict[str, float]]]  # scenario -> target -> metric -> median
+Rounds = list[dict[str, Any]]
+
+# scenario -> (metric, label, decimals); the table shows each with ours, NGINX and ours/NGINX.
+ROWS: dict[str, list[tuple[str, str, int]]] = {
+    "hot": [
+        ("req_per_s", "throughput (req/s)", 0),
+        ("p50_ms", "latency p50 (ms)", 2),
+        ("p90_ms", "latency p90 (ms)", 2),
+        ("p99_ms", "latency p99 (ms)", 2),
+        ("cpu_us_per_req", "CPU per request (µs, all server processes)", 1),
+        ("cpu_us_per_req_redis", "… of which Redis (µs)", 1),
+        ("rss_mb_per_worker", "RSS per worker, max during the run (MB)", 1),
+        ("workers", "workers", 0),
+        ("body_bytes", "response body (bytes)", 0),
+        ("errors", "errors (socket + non-2xx)", 0),
+    ],
+    "collapse": [
+        ("upstream_calls", "upstream calls", 0),
+        ("last_minus_upstream_ms", "last answer - upstream latency (ms)", 1),
+        ("last_ms", "last answer (ms)", 1),
+        ("p50_ms", "median answer (ms)", 1),
+        ("first_ms", "first answer (ms)", 1),
+        ("non_200", "non-200 answers", 0),
+    ],
+    "miss": [
+        ("overhead_p50_ms", "overhead p50 (ms)", 2),
+        ("overhead_p99_ms", "overhead p99 (ms)", 2),
+        ("proxy_p50_ms", "through the proxy p50 (ms)", 2),
+        ("proxy_p99_ms", "through the proxy p99 (ms)", 2),
+        ("direct_p50_ms", "mock called directly p50 (ms)", 2),
+        ("direct_p99_ms", "mock called directly p99 (ms)", 2),
+        ("errors", "errors", 0),
+    ],
+    "mix": [
+        ("upstream_per_1000", "upstream calls per 1,000 requests", 1),
+        (
+            "upstream_per_1000_without_refetched_errors",
+            "… counting each failing spelling once",
+            1,
+        ),
+        ("ideal_per_1000", "best possible for the cache key (distinct keys per 1,000)", 1),
+        ("upstream_calls", "upstream calls", 0),
+        ("errors", "errors (non-200 + client failures)", 0),
+        ("status_4xx", "4xx answers", 0),
+        ("status_5xx", "5xx answers", 0),
+        ("req_per_s", "replay throughput (req/s, Python client)", 0),
+    ],
+    "footprint": [
+        ("json_body_bytes", "JSON 100 rows: body (bytes)", 0),
+        ("json_stored_bytes", "JSON 100 rows: stored value / cache file (bytes)", 0),
+        ("json_entry_bytes", "JSON 100 rows: bytes per entry (Redis MEMORY USAGE / file)", 0),
+        ("csv_body_bytes", "CSV 100 rows: body (bytes)", 0),
+        ("csv_stored_bytes", "CSV 100 rows: stored value / cache file (bytes)", 0),
+        ("csv_entry_bytes", "CSV 100 rows: bytes per entry (Redis MEMORY USAGE / file)", 0),
+    ],
+}
+
+TITLES = {
+    "hot": "1. Hot hit — one cached query under wrk",
+    "collapse": "2. Cold collapse — identical requests at once on an empty cache",
+    "miss": "3. Miss overhead — distinct cold queries, proxy minus direct",
+    "mix": "4. Realistic mix — Zipf replay of many spellings",
+    "footprint": "5. Footprint — one cached 100-row page",
+}
+
+
+def summarise(rounds: Rounds) -> Summary:
+    """The median of every metric across rounds."""
+    values: dict[str, dict[str, dict[str, list[float]]]] = {}
+    for record in rounds:
+        for scenario, by_target in record["results"].items():
+            for target, metrics in by_target.items():
+                slot = values.setdefault(scenario, {}).setdefault(target, {})
+                for metric, value in metrics.items():
+                    slot.setdefault(metric, []).append(float(value))
+    return {
+        scenario: {
+            target: {metric: statistics.median(vs) for metric, vs in metrics.items()}
+            for target, metrics in by_target.items()
+        }
+        for scenario, by_target in values.items()
+    }
+
+
+@dataclass(frozen=True, slots=True)
+class TargetResult:
+    """One target from the brief: what was measured and whether it holds."""
+
+    name: str
+    measured: str
+    passed: bool | None  # None: the scenario was not run
+
+
+def _all(rounds: Rounds, scenario: str, target: str, metric: str) -> list[float]:
+    return [
+        float(r["results"][scenario][target][metric])
+        for r in rounds
+        if scenario in r["results"] and target in r["results"][scenario]
+    ]
+
+
+def evaluate(summary: Summary, rounds: Rounds) -> list[TargetResult]:
+    """The targets, each judged on the medians (or on every round where that is stricter)."""
+
+    def get(scenario: str, target: str, metric: str) -> float | None:
+        return summary.get(scenario, {}).get(target, {}).get(metric)
+
+    results: list[TargetResult] = []
+
+    def judge(name: str, check: Callable[[], tuple[str, bool]], *needed: str) -> None:
+        if any(scenario not in summary for scenario in needed):
+            results.append(TargetResult(name, "not run", None))
+        else:
+            measured, passed = check()
+            results.append(TargetResult(name, measured, passed))
+
+    def hot_rps() -> tuple[str, bool]:
+        ours, nginx = get("hot", "ours", "req_per_s"), get("hot", "nginx", "req_per_s")
+        ratio = (ours or 0) / (nginx or 1)
+        return f"{ratio:.2f}x ({ours:.0f} vs {nginx:.0f} req/s)", ratio >= 0.5
+
+    def hot_p99() -> tuple[str, bool]:
+        ours, nginx = get("hot", "ours", "p99_ms"), get("hot", "nginx", "p99_ms")
+        ratio = (ours or 0) / (nginx or 1)
+        return f"{ratio:.2f}x ({ours:.2f} vs {nginx:.2f} ms)", ratio <= 2.0
+
+    def collapse_calls() -> tuple[str, bool]:
+        calls = _all(rounds, "collapse", "ours", "upstream_calls")
+        shown = ", ".join(f"{c:.0f}" for c in calls)
+        return f"{shown} (per round; NGINX: {get('collapse', 'nginx', 'upstream_calls'):.0f})", all(
+            c == 1 for c in calls
+        )
+
+    def collapse_time() -> tuple[str, bool]:
+        extra = get("collapse", "ours", "last_minus_upstream_ms") or 0.0
+        nginx = get("collapse", "nginx", "last_minus_upstream_ms") or 0.0
+        return f"+{extra:.1f} ms (NGINX +{nginx:.1f} ms)", extra <= 20.0
+
+    def mix_ratio() -> tuple[str, bool]:
+        ours = get("mix", "ours", "upstream_per_1000") or 0.0
+        nginx = get("mix", "nginx", "upstream_per_1000") or 0.0
+        fair = get("mix", "nginx", "upstream_per_1000_without_refetched_errors") or 0.0
+        ratio, fair_ratio = nginx / (ours or 1), fair / (ours or 1)
+        return (
+            f"{fair_ratio:.2f}x fewer counting NGINX's failing spellings once "
+            f"({ratio:.2f}x as measured: {ours:.1f} vs {nginx:.1f} per 1,000)",
+            fair_ratio >= 3.0,
+        )
+
+    def miss_p50() -> tuple[str, bool]:
+        extra = get("miss", "ours", "overhead_p50_ms") or 0.0
+        nginx = get("miss", "nginx", "overhead_p50_ms") or 0.0
+        return f"{extra:.2f} ms (NGINX {nginx:.2f} ms)", extra <= 3.0
+
+    def rss() -> tuple[str, bool]:
+        worst = max(_all(rounds, "hot", "ours", "rss_mb_per_worker"))
+        nginx = get("hot", "nginx", "rss_mb_per_worker") or 0.0
+        return f"{worst:.1f} MB, worst round (NGINX {nginx:.1f} MB)", worst <= 80.0
+
+    judge("Hot-hit throughput ≥ 0.5x NGINX", hot_rps, "hot")
+    judge("Hot-hit p99 ≤ 2x NGINX", hot_p99, "hot")
+    judge("Cold collapse: exactly 1 upstream call (every round)", collapse_calls, "collapse")
+    judge("Cold collapse: last answer ≤ upstream latency + 20 ms", collapse_time, "collapse")
+    judge("Realistic mix: ≥ 3x fewer upstream calls than NGINX", mix_ratio, "mix")
+    judge("Miss overhead ≤ 3 ms at p50", miss_p50, "miss")
+    judge("RSS per worker ≤ 80 MB", rss, "hot")
+    return results
+
+
+def _number(value: float | None, decimals: int) -> str:
+    if value is None:
+        return "—"
+    return f"{value:,.{decimals}f}"
+
+
+def _ratio(ours: float | None, nginx: float | None) -> str:
+    if ours is None or nginx is None or nginx == 0:
+        return "—"
+    return f"{ours / nginx:.2f}"
+
+
+def render(data: dict[str, Any], targets: Sequence[TargetResult]) -> str:
+    """RESULTS.md."""
+    summary: Summary = data["summary"]
+    knobs = data["settings"]
+    machine = data["machine"]
+    lines = [
+        "# Benchmark results: teamup-proxy and NGINX `proxy_cache`",
+        "",
+        f"Written by `bench/run.py` at {data['finished']} (UTC), commit `{data['commit']}`.",
+        "Re-run with:",
+        "",
+        "```sh",
+        data["command"],
+        "```",
+        "",
+        f"Every number is the **median of {knobs['rounds']} round(s)**; each round runs every "
+        "scenario against both servers, alternating who goes first (ours then NGINX, NGINX then "
+        "ours, …). Ratios are ours/NGINX. Per-round values are in `bench/out/results.json`.",
+        "",
+    ]
+    if data.get("warning"):
+        lines += [f"> **{data['warning']}**", ""]
+    lines += ["## Targets", "", "| target | measured | result |", "|---|---|---|"]
+    for target in targets:
+        verdict = {True: "pass", False: "**miss**", None: "not run"}[target.passed]
+        lines.append(f"| {target.name} | {target.measured} | {verdict} |")
+    lines.append("")
+    lines += ["## Results", ""]
+    for scenario, rows in ROWS.items():
+        if scenario not in summary:
+            continue
+        ours, nginx = summary[scenario].get("ours", {}), summary[scenario].get("nginx", {})
+        lines += [f"### {TITLES[scenario]}", "", _DESCRIPTIONS[scenario].format(**knobs), ""]
+        lines += ["| metric | ours | NGINX | ours/NGINX |", "|---|--:|--:|--:|"]
+        for metric, label, decimals in rows:
+            a, b = ours.get(metric), nginx.get(metric)
+            if a is None and b is None:
+                continue
+            lines.append(
+                f"| {label} | {_number(a, decimals)} | {_number(b, decimals)} | {_ratio(a, b)} |"
+            )
+        lines.append("")
+    lines += ["## Machine", "", "| | |", "|---|---|"]
+    lines += [f"| {name} | {value} |" for name, value in machine.items()]
+    lines += ["", "## Setup", ""]
+    lines += [line.format(**knobs) for line in _SETUP]
+    return "\n".join(lines) + "\n"
+
+
+_DESCRIPTIONS = {
+    "hot": (
+        "`wrk -t{threads} -c{connections} -d{duration:g}s` on one query already in the cache "
+        "(`?format=json&limit=50`). CPU per request is the utime+stime the server's processes "
+        "used during the run (from `/proc`) divided by the requests answered; for ours that is "
+        "the supervisor, its workers and Redis. RSS is the largest `VmRSS` any worker reached, "
+        "sampled every 100 ms."
+    ),
+    "collapse": (
+        "{burst} identical requests sent at once, on connections opened beforehand, for a query "
+        "never asked before, on an empty cache (ours: Redis flushed; NGINX: restarted on a new "
+        "cache directory). Upstream calls are what the mock counted; times run from the first "
+        "byte sent to each complete answer. NGINX's `proxy_cache_lock` waiters look at the "
+        "cache again every 500 ms, which is what its last answer shows."
+    ),
+    "miss": (
+        "{miss_requests} distinct never-asked queries at concurrency {miss_concurrency}, timed "
+        "one by one on warm connections (aiohttp), through the proxy and straight to the mock "
+        "with the token; the overhead is the difference of the percentiles."
+    ),
+    "mix": (
+        "{mix_requests:,} requests at concurrency {mix_concurrency} (aiohttp), drawn Zipf-like "
+        "(s = 1.1, seed {seed}) from 1,000 distinct questions; each request comes from one of 5 "
+        "simulated apps that spell queries their own way (parameter order; arrays repeated, "
+        "comma-separated, `name[]=` or mixed; datetimes in `Z`, `+01:00`, `-05:00` or without "
+        "seconds; `format=JSON`; defaults such as `limit=50`/`offset=0`/`format=csv` written or "
+        "left off; zero-padded integers). Every spelling of a question was checked to give the "
+        "same key under `proxy.query`. NGINX keys on `$request_uri` and forwards the spelling "
+        "as sent; the mock answers `format=JSON` with 400, which NGINX does not cache, so each "
+        "such request costs NGINX a call — the second row counts each failing spelling once, "
+        "and the target is judged on that row."
+    ),
+    "footprint": (
+        "One 100-row page of each format fetched through each server. Ours: `STRLEN` and "
+        "`MEMORY USAGE … SAMPLES 0` of the entry key `teamup-proxy:c:{{v1:<hex>}}` (body "
+        "zlib-compressed when it pays); NGINX: the size of its cache file (header + body)."
+    ),
+}
+
+_SETUP = [
+    "- Mock TeamUp: `python -m proxy.mock_upstream` with {latency_ms:g} ms latency per call, "
+    "one process, shared by both servers; calls counted through `/_mock/state`.",
+    "- Ours: `python -m proxy serve --workers {workers}` (SO_REUSEPORT), its own `redis-server` "
+    "on a free port, one client key, `PROXY_RATE_LIMIT` and `PROXY_UPSTREAM_RATE_LIMIT` set to "
+    "1000000/second (the limiters run but never reject), `PROXY_CACHE_TTL=300`, "
+    "`PROXY_LOG_LEVEL=WARNING`, every other setting at its default (L1 1 s, stale window 1 h).",
+    "- NGINX: {workers} workers, `listen … reuseport`, upstream keepalive, `proxy_cache` with "
+    "`proxy_cache_key $request_uri`, `proxy_cache_valid 200 300s`, `proxy_cache_lock on` "
+    "(15 s, like our lease), `proxy_cache_use_stale … updating`, "
+    '`proxy_cache_background_update on`, `proxy_set_header Authorization "Token …"`, '
+    "`access_log off`; the full file is written by `bench/procs.py`.",
+    "- Clients: `wrk` for the hot hit; Python (uvloop + aiohttp or raw sockets) for the rest, "
+    "on the same machine, so client CPU competes with the servers on {nproc} cores.",
+]
