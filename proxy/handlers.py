@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 from dataclasses import dataclass, field
 
@@ -95,7 +96,24 @@ async def report(request: web.Request) -> web.StreamResponse:
     state.service.metrics.client_requests.labels(caller.name).inc()
 
     rate = caller.config.rate or state.settings.rate_limit
-    decision = await state.limiter.hit(f"client:{caller.name}", rate)
+    parsed, canonical = state.queries.parse(request)
+    service = state.service
+    bypass = service.bypasses("no-cache" in request.headers.get("Cache-Control", "").lower())
+    answer = None
+    cached = None
+    if isinstance(parsed, QueryErrors):
+        decision = await state.limiter.hit(f"client:{caller.name}", rate)
+    else:
+        key = parsed.cache_key()
+        fields["key"] = key
+        answer = None if bypass else service.l1_hit(key)
+        if answer is not None:
+            decision = await state.limiter.hit(f"client:{caller.name}", rate)
+        else:
+            # Both go out in one Redis round trip (auto-pipelining); a refused caller wastes a GET.
+            decision, cached = await asyncio.gather(
+                state.limiter.hit(f"client:{caller.name}", rate), service.lookup(key)
+            )
     limit_headers = ratelimit_headers(rate, decision)
     if not decision.allowed:
         state.service.metrics.rejections.labels(caller.name, "client").inc()
@@ -107,7 +125,6 @@ async def report(request: web.Request) -> web.StreamResponse:
             headers={**limit_headers, "Retry-After": decision.retry_after_header},
         )
 
-    parsed, canonical = state.queries.parse(request)
     if isinstance(parsed, QueryErrors):
         fields["cache"] = "rejected"
         return web.Response(
@@ -116,9 +133,8 @@ async def report(request: web.Request) -> web.StreamResponse:
             content_type="application/json",
             headers=limit_headers,
         )
-    fields["key"] = parsed.cache_key()
-    no_cache = "no-cache" in request.headers.get("Cache-Control", "").lower()
-    answer = await state.service.answer(caller, parsed, request[REQUEST_ID], no_cache=no_cache)
+    if answer is None:
+        answer = await service.answer(caller, parsed, request[REQUEST_ID], cached, bypass=bypass)
     fields["cache"] = answer.cache
     fields["upstream_status"] = answer.upstream_status
     fields["upstream_ms"] = None if answer.upstream_ms is None else round(answer.upstream_ms, 2)

@@ -92,18 +92,35 @@ class ReportService:
         self._refresh_after: dict[str, float] = {}
         self._physical_ttl = settings.cache_ttl + settings.cache_stale_ttl
 
+    def bypasses(self, no_cache: bool) -> bool:
+        """Whether a caller's `Cache-Control: no-cache` makes this request skip the cache."""
+        return no_cache and self.settings.honor_client_no_cache
+
+    def l1_hit(self, key: str) -> Answer | None:
+        """A hit answered from this process's L1 without any I/O, if the key is there and fresh."""
+        if self.l1 is None:
+            return None
+        entry = self.l1.get_now(key)
+        now = self.clock()
+        return self._hit(entry, now) if entry is not None and entry.is_fresh(now) else None
+
+    async def lookup(self, key: str) -> CachedResponse | None:
+        """The stored entry, fresh or stale (the handler runs this alongside the caller's limit)."""
+        return await self.store.get(key)
+
     async def answer(
-        self, caller: Caller, query: CanonicalQuery, request_id: str, *, no_cache: bool = False
+        self,
+        caller: Caller,
+        query: CanonicalQuery,
+        request_id: str,
+        cached: CachedResponse | None,
+        *,
+        bypass: bool = False,
     ) -> Answer:
-        """The answer to one caller's query."""
+        """The answer to one caller's query, given what `lookup` found for it."""
         key = query.cache_key()
         now = self.clock()
-        bypass = no_cache and self.settings.honor_client_no_cache
-        if self.l1 is not None and not bypass:
-            entry = self.l1.get_now(key)
-            if entry is not None and entry.is_fresh(now):
-                return self._hit(entry, now)
-        stale = await self.store.get(key)
+        stale = cached
         if stale is not None and now >= stale.fresh_until + self.settings.cache_stale_ttl:
             # Past its stale window by our clock; Redis expiry runs on Redis's own clock.
             stale = None
