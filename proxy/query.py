@@ -14,6 +14,7 @@ import orjson
 from multidict import MultiMapping
 
 __all__ = [
+    "COLUMNS",
     "MAX_ARRAY_ITEMS",
     "MAX_QUERY_BYTES",
     "ArrayStyle",
@@ -37,7 +38,8 @@ _INT_CEILING = 2**63 - 1
 _MAX_TEXT_LENGTH = 100
 _SHOWN_CHARS = 40
 
-_COLUMNS = (
+# The report's column keys (also what `sort` may name, with an optional "-").
+COLUMNS = (
     "customer_id",
     "customer.id",
     "customer",
@@ -71,7 +73,7 @@ class _Param:
 _SCHEMA: dict[str, _Param] = {
     param.name: param
     for param in (
-        _Param("columns", "enum", array=True, choices=_COLUMNS),
+        _Param("columns", "enum", array=True, choices=COLUMNS),
         _Param("created_at_gte", "datetime"),
         _Param("created_at_lte", "datetime"),
         _Param("created_at_timeframe", "text", max_length=_MAX_TEXT_LENGTH),
@@ -83,7 +85,7 @@ _SCHEMA: dict[str, _Param] = {
         _Param("offset", "int", default=0, minimum=0),
         _Param("page", "int", minimum=1),
         _Param("page_size", "int", minimum=0, maximum=100),
-        _Param("sort", "enum", array=True, choices=_COLUMNS, descending_prefix=True),
+        _Param("sort", "enum", array=True, choices=COLUMNS, descending_prefix=True),
     )
 }
 

@@ -8,6 +8,7 @@ from urllib.parse import urlencode
 import pytest
 
 from proxy.mock_upstream import MockState
+from proxy.query import COLUMNS
 from tests.conftest import MakeProxy
 from tests.e2e import REPORT, auth
 
@@ -122,21 +123,6 @@ async def test_a_long_query_is_414(make_proxy: MakeProxy, mock_state: MockState)
     assert response.status == 414
     assert (await response.json())["code"] == "query_too_long"
     assert mock_state.calls == 0
-
-
-COLUMNS = [
-    "customer_id",
-    "customer.id",
-    "customer",
-    "customer_name",
-    "customer.name",
-    "customer_email",
-    "customer.email",
-    "created_at",
-    "amount",
-    "balance",
-    "memo",
-]
 
 
 def random_query(rng: random.Random) -> list[tuple[str, str]]:
