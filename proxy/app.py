@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import re
+import secrets
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import cast
 
@@ -47,12 +48,21 @@ log = logging.getLogger("teamup_proxy")
 access_log = logging.getLogger("teamup_proxy.access")
 
 
+_ID_PREFIX = secrets.token_hex(6)
+_id_counter = itertools.count(1)
+
+
+def _new_request_id() -> str:
+    """A process-unique random prefix and a counter: unique, and cheaper than uuid4 per request."""
+    return f"{_ID_PREFIX}{next(_id_counter):010x}"
+
+
 @web.middleware
 async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Request id, JSON errors for 404/405/500, one access-log line and the request metrics."""
     started = time.perf_counter()
     incoming = request.headers.get("X-Request-ID", "")
-    request_id = incoming if _REQUEST_ID.match(incoming) else uuid.uuid4().hex
+    request_id = incoming if _REQUEST_ID.match(incoming) else _new_request_id()
     request[REQUEST_ID] = request_id
     fields: dict[str, object] = {}
     request[LOG] = fields
