@@ -2,24 +2,20 @@
 
 from __future__ import annotations
 
+import functools
 from importlib import resources
 
 from aiohttp import web
 
 __all__ = ["openapi_handler"]
 
-_DOCUMENT = web.AppKey("openapi_document", bytes)
 
-
+@functools.cache
 def load_document() -> bytes:
-    """The document shipped inside the package."""
+    """The document shipped inside the package (read once per process)."""
     return resources.files("proxy").joinpath("openapi.json").read_bytes()
 
 
 async def openapi_handler(request: web.Request) -> web.Response:
-    """Serve the document (read once per app)."""
-    body = request.app.get(_DOCUMENT)
-    if body is None:
-        body = load_document()
-        request.app[_DOCUMENT] = body
-    return web.Response(body=body, content_type="application/json")
+    """Serve the document."""
+    return web.Response(body=load_document(), content_type="application/json")

@@ -45,6 +45,7 @@ class ProxyProcess:
         values.update(settings)
         self.env = proxy_env(**values)
         self.process: asyncio.subprocess.Process | None = None
+        self._drain: asyncio.Future[None] | None = None
         self.stderr = b""
 
     @property
@@ -68,8 +69,15 @@ class ProxyProcess:
             stderr=asyncio.subprocess.PIPE,
             start_new_session=True,
         )
+        self._drain = asyncio.ensure_future(self._read_stderr())
         await asyncio.to_thread(wait_for_port, self.port, 30)
         return self
+
+    async def _read_stderr(self) -> None:
+        """Keep reading the logs, so a busy proxy never blocks on a full pipe."""
+        assert self.process is not None and self.process.stderr is not None
+        while chunk := await self.process.stderr.read(65536):
+            self.stderr += chunk
 
     async def stop(self, sig: int = signal.SIGTERM, wait: float = 30) -> int:
         """Signal the process and wait; returns its exit code (stderr kept in `self.stderr`)."""
@@ -79,10 +87,9 @@ class ProxyProcess:
                 os.killpg(self.process.pid, signal.SIGKILL)
             else:
                 self.process.send_signal(sig)
-        _out, err = await asyncio.wait_for(self.process.communicate(), wait)
-        self.stderr += err or b""
-        code = self.process.returncode
-        assert code is not None
+        code = await asyncio.wait_for(self.process.wait(), wait)
+        if self._drain is not None:
+            await self._drain
         return code
 
     async def __aenter__(self) -> ProxyProcess:

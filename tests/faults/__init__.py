@@ -1,0 +1,1 @@
+"""Fault-injection tests against real processes (redis-server, mock TeamUp, `proxy serve`)."""
