@@ -33,6 +33,8 @@ __all__ = ["SETTINGS", "create_app"]
 
 SETTINGS = web.AppKey("settings", Settings)
 KEY_PREFIX = "teamup-proxy:"
+# The L1 holds only hot entries for about a second: a few dozen MiB covers any hot set.
+L1_BYTES = 32 * 1024 * 1024
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$")
 _ROUTES = {
     REPORT_PATH: "report",
@@ -135,7 +137,9 @@ def create_app(
                 max_connections=settings.redis_max_connections,
             )
 
-        memory = MemoryCacheStore(settings.cache_memory_entries, clock=clock)
+        memory = MemoryCacheStore(
+            settings.cache_memory_entries, clock=clock, max_bytes=settings.cache_memory_bytes
+        )
 
         def on_change(up: bool) -> None:
             m.redis_fallback.set(0 if up else 1)
@@ -155,7 +159,8 @@ def create_app(
         store = FallbackCacheStore(
             link, RedisCacheStore(hot, KEY_PREFIX) if hot is not None else None, memory
         )
-        replicas = settings.replicas_hint if client is not None else 1
+        # While Redis is down every worker of every replica counts the budget on its own.
+        replicas = settings.replicas_hint * settings.processes if client is not None else 1
 
         def share(rate: Rate) -> Rate:
             return Rate(max(1, rate.limit // replicas), rate.period)
@@ -172,15 +177,15 @@ def create_app(
             clock=clock,
         )
         l1 = (
-            MemoryCacheStore(4096, clock=clock)
+            MemoryCacheStore(4096, clock=clock, max_bytes=L1_BYTES)
             if settings.cache_l1_ttl > 0 and client is not None
             else None
         )
         leases = RedisLease(
             link,
             KEY_PREFIX,
-            lease_ms=settings.flight_lease_ms,
-            wait_timeout=settings.flight_wait_timeout,
+            lease_ms=settings.lease_ms,
+            wait_timeout=settings.lease_wait,
         )
         up = upstream or UpstreamClient(settings)
         await up.start()

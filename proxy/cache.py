@@ -120,12 +120,22 @@ class CacheStore(Protocol):
 
 
 class MemoryCacheStore:
-    """A bounded LRU in this process: the embedded store, the Redis-outage fallback and the L1."""
+    """A bounded LRU in this process: the embedded store, the Redis-outage fallback and the L1.
 
-    def __init__(self, max_entries: int = 1024, clock: Callable[[], float] = time.time) -> None:
+    Bounded twice: by entries and by body bytes (one report page can be 40 KB or 8 MiB).
+    """
+
+    def __init__(
+        self,
+        max_entries: int = 1024,
+        clock: Callable[[], float] = time.time,
+        max_bytes: int = 64 * 1024 * 1024,
+    ) -> None:
         self.max_entries = max_entries
+        self.max_bytes = max_bytes
         self._clock = clock
         self._data: OrderedDict[str, tuple[float, CachedResponse]] = OrderedDict()
+        self._bytes = 0
 
     def get_now(self, key: str) -> CachedResponse | None:
         """The entry, synchronously (the L1 path needs no await)."""
@@ -134,21 +144,32 @@ class MemoryCacheStore:
             return None
         expires, entry = item
         if self._clock() >= expires:
-            del self._data[key]
+            self._drop(key)
             return None
         self._data.move_to_end(key)
         return entry
 
     def set_now(self, key: str, entry: CachedResponse, ttl: float) -> None:
-        """Store synchronously, evicting the least recently used entries beyond the bound."""
+        """Store synchronously, evicting the least recently used entries beyond the bounds."""
+        if len(entry.body) > self.max_bytes:
+            return
+        self._drop(key)
         self._data[key] = (self._clock() + ttl, entry)
-        self._data.move_to_end(key)
-        while len(self._data) > self.max_entries:
-            self._data.popitem(last=False)
+        self._bytes += len(entry.body)
+        while len(self._data) > self.max_entries or self._bytes > self.max_bytes:
+            self._drop(next(iter(self._data)))
+
+    def _drop(self, key: str) -> bool:
+        item = self._data.pop(key, None)
+        if item is None:
+            return False
+        self._bytes -= len(item[1].body)
+        return True
 
     def clear_now(self) -> None:
         """Drop everything, synchronously."""
         self._data.clear()
+        self._bytes = 0
 
     def __len__(self) -> int:
         return len(self._data)
@@ -160,11 +181,11 @@ class MemoryCacheStore:
         self.set_now(key, entry, ttl)
 
     async def delete(self, key: str) -> bool:
-        return self._data.pop(key, None) is not None
+        return self._drop(key)
 
     async def clear(self) -> int:
         count = len(self._data)
-        self._data.clear()
+        self.clear_now()
         return count
 
 

@@ -42,7 +42,14 @@ async def _serve_app(
     from .handlers import STATE
 
     runner = web.AppRunner(
-        app, access_log=None, shutdown_timeout=settings.shutdown_timeout, handle_signals=False
+        app,
+        access_log=None,
+        shutdown_timeout=settings.shutdown_timeout,
+        handle_signals=False,
+        # Also the deadline for a connection's first request head: slow clients are cut off.
+        keepalive_timeout=settings.client_header_timeout,
+        # Room for a query of MAX_QUERY_BYTES and more, so too-long queries get our JSON 414.
+        max_line_size=16 * 1024,
     )
     await runner.setup()
     site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None, backlog=2048)

@@ -84,11 +84,12 @@ class Settings(BaseSettings):
     cache_stale_while_revalidate: bool = True
     cache_max_body_bytes: int = Field(8 * 1024 * 1024, ge=1)
     cache_memory_entries: int = Field(1024, ge=1)
+    cache_memory_bytes: int = Field(64 * 1024 * 1024, ge=1024)
     cache_l1_ttl: float = Field(1.0, ge=0)
     honor_client_no_cache: bool = False
 
-    flight_lease_ms: int = Field(15_000, ge=100)
-    flight_wait_timeout: float = Field(15.0, gt=0)
+    flight_lease_ms: int | None = Field(None, ge=100)
+    flight_wait_timeout: float | None = Field(None, gt=0)
 
     clients: dict[str, ClientConfig] = Field(default_factory=dict)
     rate_limit: RateSetting = Field(default_factory=lambda: parse_rate("120/minute"))
@@ -103,6 +104,7 @@ class Settings(BaseSettings):
     workers: int = Field(0, ge=0, le=256)
     shutdown_timeout: float = Field(15.0, ge=0, le=600)
     drain_delay: float = Field(0.0, ge=0, le=600)
+    client_header_timeout: float = Field(75.0, gt=0, le=3600)
 
     @field_validator("upstream_url")
     @classmethod
@@ -168,6 +170,21 @@ class Settings(BaseSettings):
             if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", name):
                 raise ValueError(f"client name {name[:64]!r} must be 1-64 of A-Z a-z 0-9 _ . -")
         return value
+
+    @property
+    def lease_ms(self) -> int:
+        """The cross-replica fetch lease: a little longer than one upstream call may take."""
+        return self.flight_lease_ms or int((self.upstream_timeout + 1.0) * 1000)
+
+    @property
+    def lease_wait(self) -> float:
+        """How long a replica waits for another's fetch before fetching itself."""
+        return self.flight_wait_timeout or self.upstream_timeout + 0.5
+
+    @property
+    def processes(self) -> int:
+        """Worker processes per replica (`PROXY_WORKERS`, 0 meaning one per CPU)."""
+        return self.workers or os.cpu_count() or 1
 
     @property
     def upstream_headers(self) -> dict[str, str]:
