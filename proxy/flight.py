@@ -6,20 +6,34 @@ import asyncio
 import secrets
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from .cache import CachedResponse, CacheStore
 from .redisconn import REDIS_ERRORS, RedisLink
 
-__all__ = ["LOCAL_TOKEN", "LocalFlight", "RedisLease"]
+__all__ = ["LOCAL_TOKEN", "Failed", "LocalFlight", "RedisLease"]
 
 T = TypeVar("T")
 LOCAL_TOKEN = "local"
 
+# KEYS: the lease, the failure note. ARGV: token, failure (or ""), the note's lifetime in ms.
 _RELEASE = """
-if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
-return 0
+if redis.call('get', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('del', KEYS[1])
+if ARGV[2] ~= '' then redis.call('set', KEYS[2], ARGV[2], 'PX', ARGV[3]) end
+return 1
 """
+# Long enough for every waiter to see the note (they look every few polls), short enough that
+# no later request mistakes an old failure for its own.
+_FAILURE_NOTE_MS = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class Failed:
+    """The lease holder's fetch failed; `payload` says how (the caller's own encoding)."""
+
+    payload: bytes
 
 
 class LocalFlight(Generic[T]):
@@ -74,6 +88,10 @@ class RedisLease:
         """The lease's Redis key (hash-tagged into the entry's Cluster slot)."""
         return f"{self.prefix}l:{{{key}}}"
 
+    def failure_key(self, key: str) -> str:
+        """Where a failed holder leaves its failure for the replicas that waited on it."""
+        return f"{self.prefix}f:{{{key}}}"
+
     async def acquire(self, key: str) -> str | None:
         """A token if this replica may fetch `key` now; None while another replica holds it."""
         if not self.link.up:
@@ -87,19 +105,25 @@ class RedisLease:
             return LOCAL_TOKEN
         return token if won else None
 
-    async def release(self, key: str, token: str) -> None:
-        """Give the lease back, only if it is still ours (it may have expired and moved on)."""
+    async def release(self, key: str, token: str, failure: bytes | None = None) -> None:
+        """Give the lease back if it is still ours, leaving `failure` for the waiters if any."""
         if token == LOCAL_TOKEN or not self.link.up or self._release is None:
             return
         try:
-            await self._release(keys=[self.lease_key(key)], args=[token])
+            await self._release(
+                keys=[self.lease_key(key), self.failure_key(key)],
+                args=[token, failure or b"", _FAILURE_NOTE_MS],
+            )
         except REDIS_ERRORS as exc:
             self.link.failed(exc, "lease")
 
     async def wait_for_entry(
         self, key: str, store: CacheStore, newer_than: float | None
-    ) -> CachedResponse | None:
-        """Poll until another replica stores a newer entry; None when its lease ends without one."""
+    ) -> CachedResponse | Failed | None:
+        """Poll until another replica stores a newer entry or reports its failure.
+
+        None when the wait times out or the lease vanished with neither (the holder died).
+        """
         assert self.link.client is not None
         deadline = time.monotonic() + self.wait_timeout
         polls = 0
@@ -112,14 +136,15 @@ class RedisLease:
             if polls % 4 == 0:
                 try:
                     if not await self.link.client.exists(self.lease_key(key)):
-                        # The holder finished without storing (an error) or died: one more look,
-                        # then the caller fetches itself.
+                        # The holder finished without storing (a failure, or an answer that
+                        # may not be stored) or died: one more look, then its failure note.
                         entry = await store.get(key)
                         if entry is not None and (
                             newer_than is None or entry.stored_at > newer_than
                         ):
                             return entry
-                        return None
+                        note = await self.link.client.get(self.failure_key(key))
+                        return Failed(note) if isinstance(note, bytes) else None
                 except REDIS_ERRORS as exc:
                     self.link.failed(exc, "lease")
         return None

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from .cache import CachedResponse, CacheStore, MemoryCacheStore, is_cacheable
 from .errors import JSON, error_body
 from .fallback import FallbackLimiter
-from .flight import LocalFlight, RedisLease
+from .flight import Failed, LocalFlight, RedisLease
 from .metrics import Metrics
 from .query import CanonicalQuery
 from .settings import ClientConfig, Settings
@@ -189,16 +189,27 @@ class ReportService:
         if token is None:
             if not wait:
                 raise UpstreamFailure("refreshing_elsewhere", 503, "another replica is refreshing")
-            entry = await self.leases.wait_for_entry(key, self.store, newer_than)
-            if entry is not None:
-                self._remember(key, entry, self.clock())
-                return Fetched(entry, False, True, None, None)
+            waited = await self.leases.wait_for_entry(key, self.store, newer_than)
+            if isinstance(waited, Failed):
+                # The holder's fetch failed: share its answer rather than repeat the call.
+                raise UpstreamFailure.from_bytes(waited.payload)
+            if waited is not None:
+                self._remember(key, waited, self.clock())
+                return Fetched(waited, False, True, None, None)
             token = await self.leases.acquire(key)
         try:
-            return await self._fetch(key, query, request_id)
-        finally:
+            fetched = await self._fetch(key, query, request_id)
+        except UpstreamFailure as failure:
+            if token is not None:
+                await self.leases.release(key, token, failure.to_bytes())
+            raise
+        except BaseException:
             if token is not None:
                 await self.leases.release(key, token)
+            raise
+        if token is not None:
+            await self.leases.release(key, token)
+        return fetched
 
     async def _fetch(self, key: str, query: CanonicalQuery, request_id: str) -> Fetched:
         """One upstream call, if the circuit and the global budget allow it; stores what may be."""

@@ -10,6 +10,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import aiohttp
+import orjson
+from yarl import URL
 
 from .fallback import FallbackLimiter
 from .ratelimit import Rate, RateDecision
@@ -76,6 +78,18 @@ class UpstreamFailure(Exception):
         self.upstream_status = upstream_status
         self.elapsed = elapsed
 
+    def to_bytes(self) -> bytes:
+        """What a lease holder leaves for the replicas that waited on its fetch."""
+        return orjson.dumps(
+            [self.kind, self.status, self.message, self.retry_after, self.upstream_status]
+        )
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> UpstreamFailure:
+        """The failure another replica's fetch ended in."""
+        kind, status, message, retry_after, upstream_status = orjson.loads(data)
+        return cls(kind, status, message, retry_after=retry_after, upstream_status=upstream_status)
+
 
 def parse_retry_after(value: str | None) -> float | None:
     """Seconds from a `Retry-After` given in seconds (HTTP dates are rare here and ignored)."""
@@ -109,6 +123,10 @@ class UpstreamClient:
             cookie_jar=aiohttp.DummyCookieJar(),
             raise_for_status=False,
         )
+        # aiohttp resends an idempotent request once when a kept-alive connection turns out to
+        # be closed; that second TeamUp call would escape the budget. Our own retry is the one
+        # for a failed connect, where nothing reached TeamUp.
+        self._session._retry_connection = False
         await asyncio.gather(*(self._warm() for _ in range(_WARM_CONNECTIONS)))
 
     async def _warm(self) -> None:
@@ -132,7 +150,11 @@ class UpstreamClient:
         """GET the report; a failed connect is retried once, nothing else is."""
         if self._session is None:
             raise RuntimeError("UpstreamClient.start() was not awaited")
-        url = f"{self.base_url}{REPORT_PATH}" + (f"?{query_string}" if query_string else "")
+        # Already percent-encoded by the query contract: yarl must send it byte for byte.
+        url = URL(
+            f"{self.base_url}{REPORT_PATH}" + (f"?{query_string}" if query_string else ""),
+            encoded=True,
+        )
         headers = {
             **self._headers,
             "Accept": _ACCEPT.get(fmt, "text/csv"),
@@ -167,8 +189,7 @@ class UpstreamClient:
                     elapsed=time.perf_counter() - started,
                 ) from None
             except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
-                # Only a failed connect is retried: then nothing reached TeamUp. (aiohttp itself
-                # retries once when a reused keep-alive connection turns out closed.)
+                # Only a failed connect is retried: then nothing reached TeamUp.
                 if attempt == 1 and isinstance(exc, aiohttp.ClientConnectorError):
                     continue
                 raise UpstreamFailure(

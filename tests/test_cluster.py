@@ -150,7 +150,7 @@ async def test_lease_lives_in_the_entry_slot(client: RedisCluster) -> None:
     await asyncio.sleep(0.05)
     await store.set(key, entry(b"fresh"), 60)
     found = await waiter
-    assert found is not None and found.body == b"fresh"
+    assert isinstance(found, CachedResponse) and found.body == b"fresh"
     await lease.release(key, token)
     assert await lease.acquire(key) is not None
 

@@ -10,7 +10,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from proxy.cache import CachedResponse, RedisCacheStore
-from proxy.flight import LOCAL_TOKEN, LocalFlight, RedisLease
+from proxy.flight import LOCAL_TOKEN, Failed, LocalFlight, RedisLease
 from proxy.redisconn import RedisLink, connect_redis
 from tests.support import free_port
 
@@ -229,7 +229,8 @@ async def test_wait_for_entry_wants_one_newer_than_the_stale_copy(
     assert not waiting.done()
     await store.set("k", entry(T0 + 5, b'{"new": 1}'), 60)
     got = await asyncio.wait_for(waiting, 2)
-    assert got is not None and got.stored_at == T0 + 5 and got.body == b'{"new": 1}'
+    assert isinstance(got, CachedResponse)
+    assert got.stored_at == T0 + 5 and got.body == b'{"new": 1}'
 
 
 async def test_wait_for_entry_gives_up_when_the_lease_ends_without_an_entry(
@@ -243,9 +244,24 @@ async def test_wait_for_entry_gives_up_when_the_lease_ends_without_an_entry(
     await asyncio.sleep(0.03)
     assert not waiting.done()
     started = time.monotonic()
-    await holder.release("k", token)  # the holder's fetch failed: nothing stored
+    await holder.release("k", token)  # the holder stored nothing and left no note
     assert await asyncio.wait_for(waiting, 2) is None
     assert time.monotonic() - started < 1  # noticed long before the wait timeout
+
+
+async def test_a_failed_holder_hands_its_failure_to_the_waiters(
+    link: RedisLink, redis_client: aioredis.Redis
+) -> None:
+    store = RedisCacheStore(redis_client, PREFIX)
+    holder, waiter = lease(link), lease(link, wait_timeout=10)
+    token = await holder.acquire("k")
+    assert token is not None
+    waiting = asyncio.create_task(waiter.wait_for_entry("k", store, None))
+    await asyncio.sleep(0.03)
+    await holder.release("k", token, b"upstream said 500")
+    assert await asyncio.wait_for(waiting, 2) == Failed(b"upstream said 500")
+    assert 0 < await redis_client.pttl(holder.failure_key("k")) <= 1000
+    assert await holder.acquire("k") is not None  # the lease itself is free again
 
 
 async def test_wait_for_entry_gives_up_when_the_holder_vanishes(

@@ -149,6 +149,17 @@ async def test_fifty_cold_requests_over_two_replicas_make_one_call(
     assert ["fwd=uri-miss", "collapsed"] in others
 
 
+async def test_a_failed_fetch_is_shared_not_repeated_by_the_other_replica(
+    start_replica: StartReplica, mock_state: MockState, http: aiohttp.ClientSession
+) -> None:
+    a, b = await asyncio.gather(start_replica(), start_replica())
+    mock_state.faults.latency = 0.3
+    mock_state.faults.status = 500
+    results = await asyncio.gather(*(fetch(http, a if i % 2 else b) for i in range(20)))
+    assert [status for status, _, _ in results] == [502] * 20
+    assert mock_state.calls == 1
+
+
 async def test_a_killed_lease_holder_does_not_block_the_others(
     start_replica: StartReplica,
     mock_state: MockState,
