@@ -280,6 +280,12 @@ class Ours(Service):
                 "PROXY_LOG_LEVEL": "WARNING",
                 # The workdir has no .env; this keeps a machine's /run/secrets out as well.
                 "PROXY_SECRETS_DIR": str(self.workdir / "no-secrets"),
+                # BENCH_PROXY_<NAME>=value sets PROXY_<NAME> for our proxy (before/after runs).
+                **{
+                    name.removeprefix("BENCH_"): value
+                    for name, value in os.environ.items()
+                    if name.startswith("BENCH_PROXY_")
+                },
             }
         )
 
