@@ -218,6 +218,12 @@ def render(data: dict[str, Any], targets: Sequence[TargetResult]) -> str:
         verdict = {True: "pass", False: "**miss**", None: "not run"}[target.passed]
         lines.append(f"| {target.name} | {target.measured} | {verdict} |")
     lines.append("")
+    if any(target.passed is False for target in targets):
+        lines += [
+            "Where a target is missed, [PROFILE.md](PROFILE.md) says what the profile shows and "
+            "what the hit-path work changed, measured with this harness.",
+            "",
+        ]
     lines += ["## Results", ""]
     for scenario, rows in ROWS.items():
         if scenario not in summary:
