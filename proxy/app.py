@@ -171,7 +171,7 @@ def create_app(
         guard = UpstreamGuard(
             link,
             budget_limiter,
-            settings.upstream_rate_limit,
+            settings.upstream_budget,
             KEY_PREFIX,
             default_wait=settings.upstream_circuit_default,
             clock=clock,
@@ -232,7 +232,7 @@ def create_app(
 
     app.cleanup_ctx.append(resources)
     for path in (REPORT_PATH, REPORT_PATH.replace("/v2/", "/v2//", 1)):
-        app.router.add_get(path, report)
+        app.router.add_get(path, report, allow_head=False)
     app.router.add_delete("/admin/cache", purge)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)

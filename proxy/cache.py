@@ -151,9 +151,9 @@ class MemoryCacheStore:
 
     def set_now(self, key: str, entry: CachedResponse, ttl: float) -> None:
         """Store synchronously, evicting the least recently used entries beyond the bounds."""
+        self._drop(key)
         if len(entry.body) > self.max_bytes:
             return
-        self._drop(key)
         self._data[key] = (self._clock() + ttl, entry)
         self._bytes += len(entry.body)
         while len(self._data) > self.max_entries or self._bytes > self.max_bytes:

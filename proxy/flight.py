@@ -21,11 +21,15 @@ LOCAL_TOKEN = "local"
 _RELEASE = """
 if redis.call('get', KEYS[1]) ~= ARGV[1] then return 0 end
 redis.call('del', KEYS[1])
-if ARGV[2] ~= '' then redis.call('set', KEYS[2], ARGV[2], 'PX', ARGV[3]) end
+if ARGV[2] ~= '' then
+  redis.call('set', KEYS[2], ARGV[2], 'PX', ARGV[3])
+else
+  redis.call('del', KEYS[2])
+end
 return 1
 """
-# Long enough for every waiter to see the note (they look every few polls), short enough that
-# no later request mistakes an old failure for its own.
+# Long enough for every waiter to see the note (they look every few polls); a later holder's
+# release clears it, so a waiter never takes an older failure for its holder's.
 _FAILURE_NOTE_MS = 1000
 
 

@@ -11,7 +11,7 @@ from aiohttp import web
 
 from .auth import ClientDirectory, presented_key
 from .cache import MemoryCacheStore
-from .errors import error_response
+from .errors import JSON, error_response
 from .fallback import FallbackCacheStore, FallbackLimiter
 from .query import MAX_QUERY_BYTES, CanonicalQuery, QueryErrors, parse_query
 from .ratelimit import Rate, RateDecision
@@ -74,6 +74,13 @@ def ratelimit_headers(rate: Rate, decision: RateDecision) -> dict[str, str]:
     }
 
 
+def invalid_query(errors: QueryErrors, headers: dict[str, str] | None = None) -> web.Response:
+    """400 in TeamUp's shape, naming every bad parameter."""
+    return web.Response(
+        status=400, body=orjson.dumps(errors.body()), content_type=JSON, headers=headers
+    )
+
+
 async def report(request: web.Request) -> web.StreamResponse:
     """`GET /api/v2/reports/customer_credits/data`: authenticate, limit, validate, answer."""
     state = request.app[STATE]
@@ -93,7 +100,7 @@ async def report(request: web.Request) -> web.StreamResponse:
         )
     caller = Caller(*found)
     fields["client"] = caller.name
-    state.service.metrics.client_requests.labels(caller.name).inc()
+    state.service.metrics.count_client(caller.name)
 
     rate = caller.config.rate or state.settings.rate_limit
     parsed, canonical = state.queries.parse(request)
@@ -127,12 +134,7 @@ async def report(request: web.Request) -> web.StreamResponse:
 
     if isinstance(parsed, QueryErrors):
         fields["cache"] = "rejected"
-        return web.Response(
-            status=400,
-            body=orjson.dumps(parsed.body()),
-            content_type="application/json",
-            headers=limit_headers,
-        )
+        return invalid_query(parsed, limit_headers)
     if answer is None:
         answer = await service.answer(caller, parsed, request[REQUEST_ID], cached, bypass=bypass)
     fields["cache"] = answer.cache
@@ -159,9 +161,7 @@ async def purge(request: web.Request) -> web.Response:
     if request.rel_url.raw_query_string:
         parsed = parse_query(request.query)
         if isinstance(parsed, QueryErrors):
-            return web.Response(
-                status=400, body=orjson.dumps(parsed.body()), content_type="application/json"
-            )
+            return invalid_query(parsed)
         cache_key = parsed.cache_key()
         if state.l1 is not None:
             await state.l1.delete(cache_key)

@@ -32,6 +32,7 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self._request_children: dict[tuple[str, int, str], tuple[Counter, Histogram]] = {}
+        self._client_children: dict[str, Counter] = {}
         r = self.registry
         self.requests = Counter(
             "teamup_proxy_requests_total",
@@ -91,7 +92,7 @@ class Metrics:
         )
         self.cache_entry_bytes = Histogram(
             "teamup_proxy_cache_entry_bytes",
-            "Size of stored cache entries (encoded, as in Redis)",
+            "Body size of stored cache entries (before compression)",
             buckets=_SIZES,
             registry=r,
         )
@@ -108,6 +109,13 @@ class Metrics:
             self._request_children[key] = children
         children[0].inc()
         children[1].observe(seconds)
+
+    def count_client(self, client: str) -> None:
+        """Count one authenticated report request of `client`."""
+        child = self._client_children.get(client)
+        if child is None:
+            child = self._client_children[client] = self.client_requests.labels(client)
+        child.inc()
 
     def render(self) -> bytes:
         """The exposition text: every worker's values in multiprocess mode, else this app's."""

@@ -13,7 +13,6 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
-from redis.exceptions import NoScriptError
 
 __all__ = ["AutoPipelineRedis"]
 
@@ -87,9 +86,7 @@ class AutoPipelineRedis:
         for (_args, _options, future), result in zip(batch, results, strict=True):
             if future.done():
                 continue
-            if isinstance(result, NoScriptError):
-                future.set_exception(NoScriptError(str(result)))
-            elif isinstance(result, Exception):
+            if isinstance(result, Exception):  # NOSCRIPT included: the Script object reloads it
                 future.set_exception(result)
             else:
                 future.set_result(result)

@@ -43,6 +43,15 @@ class Rate:
         """Seconds between two admissions at the steady rate (GCRA's emission interval)."""
         return self.period / self.limit
 
+    def with_burst(self, burst: int) -> Rate:
+        """The same steady rate with a burst of at most `burst` (GCRA's tolerance, in requests).
+
+        A rate of N per period admits at most burst + N in any one period: with N as the burst
+        that is almost 2N, which a hard upstream limit cannot take.
+        """
+        burst = max(1, min(burst, self.limit))
+        return Rate(burst, self.interval * burst)
+
     def __str__(self) -> str:
         for name, seconds in _PERIODS.items():
             if seconds == self.period:

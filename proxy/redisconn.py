@@ -13,12 +13,12 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 __all__ = ["REDIS_ERRORS", "AnyRedis", "RedisLink", "connect_redis"]
 
 AnyRedis: TypeAlias = "aioredis.Redis | RedisCluster"
-# What a dead, paused or restarting Redis raises; anything else is a bug and propagates.
+# What a failed Redis call raises: the caller falls back to in-process state for that call.
 REDIS_ERRORS: tuple[type[BaseException], ...] = (RedisError, OSError, TimeoutError)
 
 log = logging.getLogger("teamup_proxy")
@@ -114,10 +114,14 @@ class RedisLink:
         return "embedded" if self.client is None else ("down" if self._down else "ok")
 
     def failed(self, exc: BaseException, op: str) -> None:
-        """Record a failed Redis call; the first one logs and starts the background probe."""
+        """Record a failed Redis call; the first one logs and starts the background probe.
+
+        A command error (Redis answered, with an error) fails that one call over to the
+        fallback; only an unreachable, paused or timing-out Redis takes the process off Redis.
+        """
         if self._on_error is not None:
             self._on_error(op)
-        if self._down or self.client is None:
+        if self._down or self.client is None or isinstance(exc, ResponseError):
             return
         self._down = True
         log.warning(

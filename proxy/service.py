@@ -90,6 +90,7 @@ class ReportService:
         self._flight: LocalFlight[Fetched] = LocalFlight()
         self._background: set[asyncio.Task[None]] = set()
         self._refresh_after: dict[str, float] = {}
+        self._refreshing: set[str] = set()
         self._physical_ttl = settings.cache_ttl + settings.cache_stale_ttl
 
     def bypasses(self, no_cache: bool) -> bool:
@@ -147,7 +148,9 @@ class ReportService:
                     retry_after=decision.retry_after,
                 )
 
-        newer_than = now if bypass else (stale.stored_at if stale is not None else None)
+        # Waiting on another replica's fetch, only an entry newer than what we found will do
+        # (what we found may be past its stale window and still physically in Redis).
+        newer_than = now if bypass else (cached.stored_at if cached is not None else None)
         try:
             fetched, collapsed = await self._flight.run(
                 key, lambda: self._fetch_shared(key, query, request_id, newer_than, wait=True)
@@ -305,7 +308,11 @@ class ReportService:
         request_id: str,
         stale: CachedResponse,
     ) -> None:
-        if key in self._flight or self._refresh_after.get(key, 0.0) > self.clock():
+        if (
+            key in self._flight
+            or key in self._refreshing
+            or self._refresh_after.get(key, 0.0) > self.clock()
+        ):
             return
         task = asyncio.ensure_future(self._refresh(key, query, caller, request_id, stale))
         self._background.add(task)
@@ -325,11 +332,11 @@ class ReportService:
             and not (await self.limiter.hit(f"share:{caller.name}", share)).allowed
         ):
             return
+        # Not in `_flight`: a foreground request must never join a fetch that will not wait for
+        # another replica. A foreground miss meanwhile waits on this refresh's lease instead.
+        self._refreshing.add(key)
         try:
-            await self._flight.run(
-                key,
-                lambda: self._fetch_shared(key, query, request_id, stale.stored_at, wait=False),
-            )
+            await self._fetch_shared(key, query, request_id, stale.stored_at, wait=False)
         except UpstreamFailure as failure:
             if failure.kind != "refreshing_elsewhere":
                 # While TeamUp fails, stale answers must not each cost a refresh attempt.
@@ -343,6 +350,8 @@ class ReportService:
             )
         except Exception:
             log.exception("background refresh failed", extra={"event": "refresh_failed"})
+        finally:
+            self._refreshing.discard(key)
 
     def _remember(self, key: str, entry: CachedResponse, now: float) -> None:
         if self.l1 is not None and self.settings.cache_l1_ttl > 0:

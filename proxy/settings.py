@@ -16,6 +16,7 @@ from pydantic import (
     SecretStr,
     ValidationError,
     field_validator,
+    model_validator,
 )
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
@@ -69,6 +70,7 @@ class Settings(BaseSettings):
     upstream_provider_id: str | None = None
     upstream_request_mode: str | None = None
     upstream_rate_limit: RateSetting = Field(default_factory=lambda: parse_rate("240/minute"))
+    upstream_burst: int = Field(10, ge=1)
     upstream_timeout: float = Field(10.0, gt=0, le=300)
     upstream_array_style: Literal["comma", "repeat"] = "comma"
     upstream_circuit_default: float = Field(30.0, gt=0, le=3600)
@@ -171,6 +173,24 @@ class Settings(BaseSettings):
                 raise ValueError(f"client name {name[:64]!r} must be 1-64 of A-Z a-z 0-9 _ . -")
         return value
 
+    @model_validator(mode="after")
+    def _check_combinations(self) -> Settings:
+        if self.flight_lease_ms is not None and self.flight_lease_ms < self.upstream_timeout * 1000:
+            raise ValueError(
+                "PROXY_FLIGHT_LEASE_MS must outlast PROXY_UPSTREAM_TIMEOUT, or a second replica "
+                "fetches while the first still waits for TeamUp"
+            )
+        digests = {client.key_sha256 for client in self.clients.values()}
+        if self.admin_key_sha256 is not None and self.admin_key_sha256 in digests:
+            raise ValueError("PROXY_ADMIN_KEY_SHA256 must not be a client's key")
+        return self
+
+    @property
+    def upstream_budget(self) -> Rate:
+        """The global budget as the GCRA runs it: the steady rate, and a burst of at most
+        `upstream_burst`, so no window of one period ever holds more than rate + burst calls."""
+        return self.upstream_rate_limit.with_burst(self.upstream_burst)
+
     @property
     def lease_ms(self) -> int:
         """The cross-replica fetch lease: a little longer than one upstream call may take."""
@@ -212,6 +232,9 @@ def _describe(exc: ValidationError) -> str:
         message = error["msg"].removeprefix("Value error, ")
         if error["type"] == "missing" and not where:
             message = "is required"
+        if not loc:  # a check across settings names them in its message
+            problems.append(message)
+            continue
         problems.append(f"{name}{f' ({where})' if where else ''}: {message}")
     return "invalid settings: " + "; ".join(problems)
 

@@ -260,7 +260,10 @@ class UpstreamGuard:
         if self.link.up:
             assert self.link.client is not None
             try:
-                await self.link.client.set(self.circuit_key, "1", px=max(1, int(wait * 1000)))
+                ms = max(1, int(wait * 1000))
+                # A shorter Retry-After from a concurrent 429 must not shorten the circuit.
+                if not await self.link.client.set(self.circuit_key, "1", px=ms, nx=True):
+                    await self.link.client.pexpire(self.circuit_key, ms, gt=True)
             except REDIS_ERRORS as exc:
                 self.link.failed(exc, "circuit")
         return wait
@@ -268,10 +271,6 @@ class UpstreamGuard:
     async def take(self) -> RateDecision:
         """Spend one unit of the global budget, if one is left."""
         return await self.limiter.hit(self.BUDGET_KEY, self.rate)
-
-    async def remaining(self) -> int:
-        """Units of the global budget left right now."""
-        return (await self.limiter.peek(self.BUDGET_KEY, self.rate)).remaining
 
     def circuit_open_locally(self) -> bool:
         """Whether this process knows the circuit is open (for `/readyz`, without a round trip)."""

@@ -41,6 +41,7 @@ def make_settings(upstream_url: str, **overrides: Any) -> Settings:
         },
         "admin_key_sha256": hash_key(ADMIN_KEY),
         "upstream_rate_limit": "1000/minute",
+        "upstream_burst": 1000,
         "upstream_timeout": 2,
         "cache_l1_ttl": 0,
     }

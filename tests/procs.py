@@ -39,6 +39,7 @@ class ProxyProcess:
             ),
             "admin_key_sha256": hash_key(ADMIN_KEY),
             "upstream_rate_limit": "10000/minute",
+            "upstream_burst": 10000,
             "log_format": "json",
             "redis_retry_interval": 0.2,
         }

@@ -80,13 +80,17 @@ class Cluster:
         )
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            info = subprocess.run(
-                [cli, "-p", str(self.nodes[0].port), "cluster", "info"],
-                capture_output=True,
-                text=True,
-                check=True,
-            ).stdout
-            if "cluster_state:ok" in info:
+            # Every node must agree, not only the first one asked.
+            infos = [
+                subprocess.run(
+                    [cli, "-p", str(node.port), "cluster", "info"],
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                ).stdout
+                for node in self.nodes
+            ]
+            if all("cluster_state:ok" in info for info in infos):
                 return self
             time.sleep(0.1)
         raise TimeoutError("cluster did not reach state ok")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import bisect
 import re
 import time
 from collections.abc import AsyncIterator
@@ -15,8 +16,9 @@ from aiohttp.test_utils import TestServer
 
 from proxy.auth import hash_key
 from proxy.mock_upstream import MockState
+from proxy.ratelimit import gcra
 from tests.conftest import MakeProxy
-from tests.e2e import KEY, OTHER_KEY, REPORT, FakeClock, auth
+from tests.e2e import KEY, OTHER_KEY, REPORT, FakeClock, auth, make_settings
 from tests.procs import ProxyProcess
 
 
@@ -226,3 +228,27 @@ async def test_limits_and_circuit_hold_across_two_processes(
             await asyncio.sleep(0.1)
         assert time.monotonic() - opened >= 1.5
         assert mock_state.calls == 2
+
+
+async def test_the_global_budget_bursts_only_upstream_burst(
+    make_proxy: MakeProxy, mock_state: MockState
+) -> None:
+    proxy = await make_proxy(upstream_rate_limit="240/minute", upstream_burst=10)
+    responses = [await proxy.get(REPORT + f"?limit={n}", headers=auth()) for n in range(1, 31)]
+    assert sum(r.status == 200 for r in responses) == 10
+    assert mock_state.calls == 10
+
+
+def test_no_minute_holds_more_than_rate_plus_burst() -> None:
+    settings = make_settings("http://upstream", upstream_rate_limit="240/minute", upstream_burst=10)
+    budget = settings.upstream_budget
+    admitted: list[float] = []
+    tat: float | None = None
+    for step in range(180_000):  # a caller asking every millisecond for three minutes
+        now = step / 1000
+        new_tat, decision = gcra(tat, now, budget)
+        if decision.allowed:
+            tat = new_tat
+            admitted.append(now)
+    busiest = max(bisect.bisect_left(admitted, start + 60) - i for i, start in enumerate(admitted))
+    assert 240 <= busiest <= 250  # TeamUp's documented limit, never more
