@@ -246,3 +246,10 @@ async def test_health_endpoints(make_proxy: MakeProxy) -> None:
     metrics = await proxy.get("/metrics")
     assert metrics.status == 200
     assert "teamup_proxy_requests_total" in await metrics.text()
+
+
+async def test_head_is_not_a_report_method(make_proxy: MakeProxy, mock_state: MockState) -> None:
+    proxy = await make_proxy()
+    response = await proxy.head(REPORT, headers=auth())
+    assert response.status == 405
+    assert mock_state.calls == 0

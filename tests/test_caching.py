@@ -785,3 +785,20 @@ async def test_a_paused_redis_costs_a_short_timeout_not_a_hang(
         assert len((await response.json())["rows"]) == rows
     with own_redis.client() as sync:
         assert sync.exists(entry_key("?format=json&limit=6")) == 1
+
+
+async def test_a_redis_command_error_is_not_an_outage(
+    make_proxy: MakeProxy, mock_state: MockState, redis_url: str
+) -> None:
+    client = aioredis.Redis.from_url(redis_url)
+    proxy = await make_proxy(redis_client=client)
+    assert (await get(proxy)).status == 200
+    # Someone else's value under our entry key: GET answers WRONGTYPE for that key only.
+    key = entry_key(Q)
+    await client.delete(key)
+    await client.lpush(key, "not an entry")
+    response = await get(proxy)
+    assert response.status == 200
+    ready = await (await proxy.get("/readyz")).json()
+    assert ready["checks"]["redis"] == "ok"
+    await client.aclose()

@@ -264,6 +264,19 @@ async def test_a_failed_holder_hands_its_failure_to_the_waiters(
     assert await holder.acquire("k") is not None  # the lease itself is free again
 
 
+async def test_a_later_success_clears_an_earlier_failure_note(
+    link: RedisLink, redis_client: aioredis.Redis
+) -> None:
+    holder = lease(link)
+    first = await holder.acquire("k")
+    assert first is not None
+    await holder.release("k", first, b"upstream said 500")
+    second = await holder.acquire("k")
+    assert second is not None
+    await holder.release("k", second)  # this fetch succeeded (stored or not)
+    assert await redis_client.exists(holder.failure_key("k")) == 0
+
+
 async def test_wait_for_entry_gives_up_when_the_holder_vanishes(
     link: RedisLink, redis_client: aioredis.Redis
 ) -> None:
