@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+import traceback
 from typing import Any
 
 import orjson
@@ -32,7 +33,11 @@ class JsonFormatter(logging.Formatter):
         }
         line.update(_fields(record))
         if record.exc_info and record.exc_info[0] is not None:
+            # The type and where it was raised, never the message: a library's message may
+            # quote a URL or a header value.
             line["error"] = record.exc_info[0].__name__
+            frames = traceback.extract_tb(record.exc_info[2])[-5:]
+            line["where"] = [f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno} {f.name}" for f in frames]
         return orjson.dumps(line, default=str).decode()
 
 
@@ -41,7 +46,12 @@ class TextFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         stamp = time.strftime("%H:%M:%S", time.localtime(record.created))
-        extras = " ".join(f"{k}={v}" for k, v in _fields(record).items() if v is not None)
+        fields = _fields(record)
+        if record.exc_info and record.exc_info[0] is not None:
+            frame = traceback.extract_tb(record.exc_info[2])[-1:]
+            where = f" at {frame[0].filename.rsplit('/', 1)[-1]}:{frame[0].lineno}" if frame else ""
+            fields["error"] = record.exc_info[0].__name__ + where
+        extras = " ".join(f"{k}={v}" for k, v in fields.items() if v is not None)
         return f"{stamp} {record.levelname:<7} {record.getMessage()} {extras}".rstrip()
 
 
