@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from yarl import URL
 
 from proxy.mock_upstream import MockState
-from proxy.query import MAX_QUERY_BYTES, CanonicalQuery, parse_query
+from proxy.query import COLUMNS, MAX_QUERY_BYTES, CanonicalQuery, parse_query
 from tests.conftest import MakeProxy
 from tests.e2e import ADMIN_KEY, KEY, OTHER_KEY, REPORT, TOKEN, auth
 from tests.faults.harness import (
@@ -52,7 +52,6 @@ NAMES = (
     "page_size",
     "sort",
 )
-COLUMNS = ("customer_id", "customer.id", "customer", "customer.name", "amount", "balance", "memo")
 # Characters a request target may carry unencoded in a query (RFC 3986 pchar, `/` and `?`),
 # minus the two that structure it.
 SAFE = string.ascii_letters + string.digits + "-._~!$'()*,;:@/?"

@@ -35,7 +35,8 @@ DOCUMENT: dict[str, Any] = json.loads(
     resources.files("proxy").joinpath("openapi.json").read_bytes()
 )
 REPORT_PATHS = (REPORT, REPORT.replace("/v2/", "/v2//", 1))
-UPSTREAM_SPEC = Path(__file__).resolve().parents[2] / "shared" / "upstream" / "openapi.yaml"
+# A copy of shared/upstream/openapi.yaml, kept in the repo so the check runs in any clone.
+UPSTREAM_SPEC = Path(__file__).resolve().parents[1] / "docs" / "upstream" / "teamup-openapi.yaml"
 CHECKS = [
     not_a_server_error,
     status_code_conformance,
@@ -111,7 +112,6 @@ def test_every_parameter_follows_the_query_contract() -> None:
     assert set(limits["format"]["enum"]) == {"csv", "json", "CSV", "JSON"}
 
 
-@pytest.mark.skipif(not UPSTREAM_SPEC.exists(), reason="shared/upstream/openapi.yaml not beside")
 def test_every_upstream_parameter_is_documented() -> None:
     import yaml
 

@@ -23,6 +23,7 @@ from proxy.query import (
     parse_query,
 )
 
+# Restated from the spec on purpose, not imported: the tests are the oracle for proxy/query.py.
 COLUMNS = (
     "customer_id",
     "customer.id",

@@ -25,3 +25,11 @@ def test_the_two_commands_are_make_targets() -> None:
         assert re.search(rf"^{target}:", makefile, re.MULTILINE)
     ci = (ROOT / ".ci" / "run").read_text()
     assert "make test" in ci
+
+
+def test_the_upstream_spec_copy_matches_shared() -> None:
+    shared = ROOT.parent / "shared" / "upstream" / "openapi.yaml"
+    copy = ROOT / "docs" / "upstream" / "teamup-openapi.yaml"
+    if shared.exists():  # beside a checkout that has shared/, the copy must be current
+        assert copy.read_text() == shared.read_text()
+    assert "customer_credits/data" in copy.read_text()
