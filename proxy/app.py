@@ -86,6 +86,7 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
         log.exception("unhandled error", extra={"request_id": request_id})
         response = error_response(500, "internal_error", "The proxy failed to answer.")
     response.headers["X-Request-ID"] = request_id
+    response.headers["Server"] = "teamup-proxy"
     elapsed = time.perf_counter() - started
     route = _ROUTES.get(request.path, "other")
     request.app[METRICS].count_request(

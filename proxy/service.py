@@ -121,25 +121,25 @@ class ReportService:
         """The answer to one caller's query, given what `lookup` found for it."""
         key = query.cache_key()
         now = self.clock()
-        stale = cached
-        if stale is not None and now >= stale.fresh_until + self.settings.cache_stale_ttl:
-            # Past its stale window by our clock; Redis expiry runs on Redis's own clock.
-            stale = None
-        if stale is not None and not bypass:
-            if stale.is_fresh(now):
-                self._remember(key, stale, now)
-                return self._hit(stale, now)
+        usable = cached
+        if usable is not None and now >= usable.fresh_until + self.settings.cache_stale_ttl:
+            # Past its stale window by our clock; Redis expires entries on its own clock.
+            usable = None
+        if usable is not None and not bypass:
+            if usable.is_fresh(now):
+                self._remember(key, usable, now)
+                return self._hit(usable, now)
             if self.settings.cache_stale_while_revalidate:
-                self._refresh_in_background(key, query, caller, request_id, stale)
-                return self._stale(stale, now, None)
+                self._refresh_in_background(key, query, caller, request_id, usable)
+                return self._stale(usable, now, None)
 
         share = caller.config.upstream_rate
         if share is not None:
             decision = await self.limiter.hit(f"share:{caller.name}", share)
             if not decision.allowed:
                 self.metrics.rejections.labels(caller.name, "upstream_share").inc()
-                if stale is not None:
-                    return self._stale(stale, now, "detail=upstream-share")
+                if usable is not None:
+                    return self._stale(usable, now, "detail=upstream-share")
                 return self._error(
                     429,
                     "upstream_share_exceeded",
@@ -158,13 +158,13 @@ class ReportService:
         except UpstreamFailure as failure:
             if failure.kind in ("budget", "circuit"):
                 self.metrics.rejections.labels(caller.name, failure.kind).inc()
-            if stale is not None:
+            if usable is not None:
                 reason = (
                     f"fwd-status={failure.upstream_status}"
                     if failure.upstream_status
                     else f"detail={failure.kind}"
                 )
-                answer = self._stale(stale, self.clock(), reason)
+                answer = self._stale(usable, self.clock(), reason)
                 answer.upstream_status = failure.upstream_status
                 return answer
             return self._failure(failure)
