@@ -176,6 +176,7 @@ def create_app(
             KEY_PREFIX,
             default_wait=settings.upstream_circuit_default,
             clock=clock,
+            client=hot,
         )
         l1 = (
             MemoryCacheStore(4096, clock=clock, max_bytes=L1_BYTES)
@@ -187,6 +188,7 @@ def create_app(
             KEY_PREFIX,
             lease_ms=settings.lease_ms,
             wait_timeout=settings.lease_wait,
+            client=hot,
         )
         up = upstream or UpstreamClient(settings)
         await up.start()
@@ -205,6 +207,7 @@ def create_app(
             limiter=limiter,
             metrics=m,
             clock=clock,
+            batched_writes=isinstance(hot, AutoPipelineRedis),
         )
         state = ProxyState(
             settings=settings,

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from .cache import CachedResponse, CacheStore
-from .redisconn import REDIS_ERRORS, RedisLink
+from .redisconn import REDIS_ERRORS, AnyRedis, RedisLink
 
 __all__ = ["LOCAL_TOKEN", "Failed", "LocalFlight", "RedisLease"]
 
@@ -80,13 +80,15 @@ class RedisLease:
         lease_ms: int,
         wait_timeout: float,
         poll_interval: float = 0.005,
+        client: AnyRedis | None = None,
     ) -> None:
         self.link = link
+        self.client = client if client is not None else link.client
         self.prefix = prefix
         self.lease_ms = lease_ms
         self.wait_timeout = wait_timeout
         self.poll_interval = poll_interval
-        self._release = link.client.register_script(_RELEASE) if link.client is not None else None
+        self._release = self.client.register_script(_RELEASE) if self.client is not None else None
 
     def lease_key(self, key: str) -> str:
         """The lease's Redis key (hash-tagged into the entry's Cluster slot)."""
@@ -98,12 +100,11 @@ class RedisLease:
 
     async def acquire(self, key: str) -> str | None:
         """A token if this replica may fetch `key` now; None while another replica holds it."""
-        if not self.link.up:
+        if not self.link.up or self.client is None:
             return LOCAL_TOKEN
-        assert self.link.client is not None
         token = secrets.token_hex(8)
         try:
-            won = await self.link.client.set(self.lease_key(key), token, nx=True, px=self.lease_ms)
+            won = await self.client.set(self.lease_key(key), token, nx=True, px=self.lease_ms)
         except REDIS_ERRORS as exc:
             self.link.failed(exc, "lease")
             return LOCAL_TOKEN
@@ -128,7 +129,7 @@ class RedisLease:
 
         None when the wait times out or the lease vanished with neither (the holder died).
         """
-        assert self.link.client is not None
+        assert self.client is not None
         deadline = time.monotonic() + self.wait_timeout
         polls = 0
         while time.monotonic() < deadline and self.link.up:
@@ -139,7 +140,7 @@ class RedisLease:
                 return entry
             if polls % 4 == 0:
                 try:
-                    if not await self.link.client.exists(self.lease_key(key)):
+                    if not await self.client.exists(self.lease_key(key)):
                         # The holder finished without storing (a failure, or an answer that
                         # may not be stored) or died: one more look, then its failure note.
                         entry = await store.get(key)
@@ -147,7 +148,7 @@ class RedisLease:
                             newer_than is None or entry.stored_at > newer_than
                         ):
                             return entry
-                        note = await self.link.client.get(self.failure_key(key))
+                        note = await self.client.get(self.failure_key(key))
                         return Failed(note) if isinstance(note, bytes) else None
                 except REDIS_ERRORS as exc:
                     self.link.failed(exc, "lease")

@@ -19,16 +19,20 @@ __all__ = ["AutoPipelineRedis"]
 _MAX_BATCH = 256
 
 
-class AutoPipelineRedis:
-    """The few commands of the hot path (`get`, `evalsha`) batched; everything else passed through.
+Call = tuple[str, tuple[Any, ...], dict[str, Any], "asyncio.Future[Any]"]
 
-    A drop-in for where `RedisCacheStore` and `RedisLimiter` take a client; errors reach each
-    caller as if it had sent its command alone.
+
+class AutoPipelineRedis:
+    """The hot path's commands (`get`, `set`, `pttl`, `exists`, `evalsha`) batched per loop turn.
+
+    A drop-in wherever the proxy takes a client for those commands; anything else passes
+    through. Errors reach each caller as if it had sent its command alone, and commands issued
+    in order in one turn run in that order (one connection, one pipeline).
     """
 
     def __init__(self, client: aioredis.Redis) -> None:
         self.client = client
-        self._pending: list[tuple[tuple[Any, ...], dict[str, Any], asyncio.Future[Any]]] = []
+        self._pending: list[Call] = []
         self._scheduled = False
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -39,19 +43,28 @@ class AutoPipelineRedis:
         """A script whose EVALSHA goes through the pipeline."""
         return AsyncScript(self, script)  # type: ignore[arg-type]
 
-    async def get(self, name: str) -> Any:
-        return await self._queue(("GET", name), {})
+    def get(self, name: str) -> asyncio.Future[Any]:
+        return self._queue("get", name)
 
-    async def evalsha(self, sha: str, numkeys: int, *keys_and_args: Any) -> Any:
-        return await self._queue(("EVALSHA", sha, numkeys, *keys_and_args), {})
+    def set(self, name: str, value: Any, **options: Any) -> asyncio.Future[Any]:
+        return self._queue("set", name, value, **options)
+
+    def pttl(self, name: str) -> asyncio.Future[Any]:
+        return self._queue("pttl", name)
+
+    def exists(self, *names: str) -> asyncio.Future[Any]:
+        return self._queue("exists", *names)
+
+    def evalsha(self, sha: str, numkeys: int, *keys_and_args: Any) -> asyncio.Future[Any]:
+        return self._queue("evalsha", sha, numkeys, *keys_and_args)
 
     async def script_load(self, script: str) -> Any:
         return await self.client.script_load(script)
 
-    def _queue(self, args: tuple[Any, ...], options: dict[str, Any]) -> asyncio.Future[Any]:
+    def _queue(self, method: str, *args: Any, **options: Any) -> asyncio.Future[Any]:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
-        self._pending.append((args, options, future))
+        self._pending.append((method, args, options, future))
         if len(self._pending) >= _MAX_BATCH:
             self._flush()
         elif not self._scheduled:
@@ -68,22 +81,20 @@ class AutoPipelineRedis:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _send(
-        self, batch: list[tuple[tuple[Any, ...], dict[str, Any], asyncio.Future[Any]]]
-    ) -> None:
+    async def _send(self, batch: list[Call]) -> None:
         pipe = self.client.pipeline(transaction=False)
-        for args, options, _ in batch:
-            pipe.execute_command(*args, **options)
+        for method, args, options, _ in batch:
+            getattr(pipe, method)(*args, **options)
         try:
             results = await pipe.execute(raise_on_error=False)
         except BaseException as exc:  # the connection failed: every caller gets the error
-            for _args, _options, future in batch:
+            for *_call, future in batch:
                 if not future.done():
                     future.set_exception(exc)
             if isinstance(exc, asyncio.CancelledError):
                 raise
             return
-        for (_args, _options, future), result in zip(batch, results, strict=True):
+        for (*_call, future), result in zip(batch, results, strict=True):
             if future.done():
                 continue
             if isinstance(result, Exception):  # NOSCRIPT included: the Script object reloads it

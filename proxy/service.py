@@ -77,6 +77,7 @@ class ReportService:
         limiter: FallbackLimiter,
         metrics: Metrics,
         clock: Callable[[], float] = time.time,
+        batched_writes: bool = False,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -88,6 +89,8 @@ class ReportService:
         self.metrics = metrics
         self.clock = clock
         self._flight: LocalFlight[Fetched] = LocalFlight()
+        # True when the store and the leases share one auto-pipelined client (see _fetch_shared).
+        self._batched_writes = batched_writes
         self._background: set[asyncio.Task[None]] = set()
         self._refresh_after: dict[str, float] = {}
         self._refreshing: set[str] = set()
@@ -210,21 +213,39 @@ class ReportService:
             if token is not None:
                 await self.leases.release(key, token)
             raise
-        if token is not None:
-            await self.leases.release(key, token)
+        if self._batched_writes and fetched.stored and token is not None:
+            # Queued in this order in one loop turn, they go out as one pipeline, in order:
+            # the entry is there before the waiters see the lease gone.
+            await asyncio.gather(
+                self.store.set(key, fetched.entry, self._physical_ttl),
+                self.leases.release(key, token),
+            )
+        else:
+            if fetched.stored:
+                await self.store.set(key, fetched.entry, self._physical_ttl)
+            if token is not None:
+                await self.leases.release(key, token)
+        if fetched.stored:
+            self.metrics.cache_entry_bytes.observe(len(fetched.entry.body))
+            self._remember(key, fetched.entry, self.clock())
         return fetched
 
     async def _fetch(self, key: str, query: CanonicalQuery, request_id: str) -> Fetched:
-        """One upstream call, if the circuit and the global budget allow it; stores what may be."""
-        wait = await self.guard.circuit_wait()
-        if wait > 0:
+        """One upstream call, if the circuit and the global budget allow it (stores nothing)."""
+        if self.guard.open_locally_for() > 0:
+            wait = self.guard.open_locally_for()
+            decision = None
+        else:
+            # One round trip for both (auto-pipelined). Only the first miss after another
+            # replica opened the circuit spends a unit it then does not use.
+            wait, decision = await asyncio.gather(self.guard.circuit_wait(), self.guard.take())
+        if wait > 0 or decision is None:
             raise UpstreamFailure(
                 "circuit",
                 503,
                 "TeamUp asked the proxy to slow down; no calls until it allows them again",
                 retry_after=wait,
             )
-        decision = await self.guard.take()
         self.metrics.budget_remaining.set(decision.remaining)
         if not decision.allowed:
             raise UpstreamFailure(
@@ -294,10 +315,6 @@ class ReportService:
         stored = self._physical_ttl > 0 and is_cacheable(
             response.status, headers, len(response.body), self.settings.cache_max_body_bytes
         )
-        if stored:
-            await self.store.set(key, entry, self._physical_ttl)
-            self.metrics.cache_entry_bytes.observe(len(response.body))
-            self._remember(key, entry, now)
         return Fetched(entry, stored, False, response.status, upstream_ms)
 
     def _refresh_in_background(

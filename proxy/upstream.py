@@ -15,7 +15,7 @@ from yarl import URL
 
 from .fallback import FallbackLimiter
 from .ratelimit import Rate, RateDecision
-from .redisconn import REDIS_ERRORS, RedisLink
+from .redisconn import REDIS_ERRORS, AnyRedis, RedisLink
 from .settings import Settings
 
 __all__ = [
@@ -222,8 +222,10 @@ class UpstreamGuard:
         *,
         default_wait: float,
         clock: Callable[[], float] = time.time,
+        client: AnyRedis | None = None,
     ) -> None:
         self.link = link
+        self.client = client if client is not None else link.client
         self.limiter = limiter
         self.rate = rate
         self.circuit_key = f"{prefix}circuit"
@@ -233,14 +235,13 @@ class UpstreamGuard:
 
     async def circuit_wait(self) -> float:
         """Seconds the circuit stays open (0 when closed), as every replica sees it."""
-        local = self._open_until - self._clock()
+        local = self.open_locally_for()
         if local > 0:
             return local
-        if not self.link.up:
+        if not self.link.up or self.client is None:
             return 0.0
-        assert self.link.client is not None
         try:
-            pttl = await self.link.client.pttl(self.circuit_key)
+            pttl = await self.client.pttl(self.circuit_key)
         except REDIS_ERRORS as exc:
             self.link.failed(exc, "circuit")
             return 0.0
@@ -271,6 +272,10 @@ class UpstreamGuard:
     async def take(self) -> RateDecision:
         """Spend one unit of the global budget, if one is left."""
         return await self.limiter.hit(self.BUDGET_KEY, self.rate)
+
+    def open_locally_for(self) -> float:
+        """Seconds this process already knows the circuit stays open (no round trip)."""
+        return max(0.0, self._open_until - self._clock())
 
     def circuit_open_locally(self) -> bool:
         """Whether this process knows the circuit is open (for `/readyz`, without a round trip)."""

@@ -66,3 +66,16 @@ async def test_a_dead_server_fails_every_caller_fast(own_redis: RedisServer) -> 
     with pytest.raises(Exception):  # noqa: B017 - any redis/OS error is the point
         await pipelined.get("x")
     await pipelined.aclose()
+
+
+async def test_set_pttl_exists_answer_like_the_plain_client(redis_client: aioredis.Redis) -> None:
+    pipelined = AutoPipelineRedis(redis_client)
+    won, lost = await asyncio.gather(
+        pipelined.set("lease", "a", nx=True, px=5000), pipelined.set("lease", "b", nx=True)
+    )
+    assert (won, lost) == (True, None)  # in the order issued, as redis-py answers them
+    ttl, there, missing = await asyncio.gather(
+        pipelined.pttl("lease"), pipelined.exists("lease"), pipelined.exists("nothing")
+    )
+    assert 0 < ttl <= 5000 and (there, missing) == (1, 0)
+    assert await redis_client.get("lease") == b"a"
