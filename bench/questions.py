@@ -18,20 +18,12 @@ from urllib.parse import parse_qsl, quote
 
 from multidict import MultiDict
 
-from proxy.mock_upstream import _credits
+from proxy.mock_upstream import DEFAULT_COLUMNS, _credits
 from proxy.query import CanonicalQuery, parse_query
 
 __all__ = ["STYLES", "Question", "Replay", "build_replay", "canonical_key", "make_questions"]
 
-_COLUMNS = (
-    "customer.id",
-    "customer.name",
-    "customer.email",
-    "created_at",
-    "amount",
-    "balance",
-    "memo",
-)
+_COLUMNS = DEFAULT_COLUMNS
 _ORDER = (
     "format",
     "limit",

@@ -21,6 +21,7 @@ from aiohttp import web
 from multidict import MultiMapping
 
 __all__ = [
+    "DEFAULT_COLUMNS",
     "MOCK_STATE",
     "REPORT_PATH",
     "Faults",
@@ -221,7 +222,8 @@ _ALIASES = {
     "customer_name": "customer.name",
     "customer_email": "customer.email",
 }
-_DEFAULT_COLUMNS = (
+# The columns a report has when `columns` is not given (the spec example's).
+DEFAULT_COLUMNS = (
     "customer.id",
     "customer.name",
     "customer.email",
@@ -342,7 +344,7 @@ class _Parser:
     def columns(self) -> tuple[str, ...]:
         items = self.items("columns")
         if items is None:
-            return _DEFAULT_COLUMNS
+            return DEFAULT_COLUMNS
         keys: dict[str, None] = {}
         for item in items:
             key = _ALIASES.get(item)
