@@ -137,7 +137,7 @@ class ReportService:
                 return self._stale(usable, now, None)
 
         share = caller.config.upstream_rate
-        if share is not None:
+        if share is not None and key not in self._flight:  # joining a running fetch is free
             decision = await self.limiter.hit(f"share:{caller.name}", share)
             if not decision.allowed:
                 self.metrics.rejections.labels(caller.name, "upstream_share").inc()

@@ -252,3 +252,13 @@ def test_no_minute_holds_more_than_rate_plus_burst() -> None:
             admitted.append(now)
     busiest = max(bisect.bisect_left(admitted, start + 60) - i for i, start in enumerate(admitted))
     assert 240 <= busiest <= 250  # TeamUp's documented limit, never more
+
+
+async def test_joining_a_running_fetch_costs_no_upstream_share(
+    make_proxy: MakeProxy, mock_state: MockState
+) -> None:
+    mock_state.faults.latency = 0.2
+    proxy = await make_proxy(clients=clients("1000/minute", upstream_rate="1/hour"))
+    responses = await asyncio.gather(*(proxy.get(REPORT, headers=auth()) for _ in range(5)))
+    assert [r.status for r in responses] == [200] * 5
+    assert mock_state.calls == 1
