@@ -213,10 +213,6 @@ def create_app(
             settings=settings,
             directory=ClientDirectory(settings.clients),
             link=link,
-            store=store,
-            l1=l1,
-            limiter=limiter,
-            guard=guard,
             service=service,
         )
         app[STATE] = state

@@ -83,11 +83,3 @@ class FallbackLimiter:
             except REDIS_ERRORS as exc:
                 self.link.failed(exc, "ratelimit")
         return await self.memory.hit(key, self.share(rate), cost)
-
-    async def peek(self, key: str, rate: Rate) -> RateDecision:
-        if self.redis is not None and self.link.up:
-            try:
-                return await self.redis.peek(key, rate)
-            except REDIS_ERRORS as exc:
-                self.link.failed(exc, "ratelimit")
-        return await self.memory.peek(key, self.share(rate))

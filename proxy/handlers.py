@@ -10,15 +10,12 @@ import orjson
 from aiohttp import web
 
 from .auth import ClientDirectory, presented_key
-from .cache import MemoryCacheStore
 from .errors import JSON, error_response
-from .fallback import FallbackCacheStore, FallbackLimiter
 from .query import MAX_QUERY_BYTES, CanonicalQuery, QueryErrors, parse_query
 from .ratelimit import Rate, RateDecision
 from .redisconn import RedisLink
 from .service import Caller, ReportService
 from .settings import Settings
-from .upstream import UpstreamGuard
 
 __all__ = ["LOG", "REQUEST_ID", "STATE", "ProxyState", "healthz", "purge", "readyz", "report"]
 
@@ -51,10 +48,6 @@ class ProxyState:
     settings: Settings
     directory: ClientDirectory
     link: RedisLink
-    store: FallbackCacheStore
-    l1: MemoryCacheStore | None
-    limiter: FallbackLimiter
-    guard: UpstreamGuard
     service: ReportService
     queries: ParsedQueries = field(default_factory=ParsedQueries)
     ready: bool = False
@@ -109,17 +102,17 @@ async def report(request: web.Request) -> web.StreamResponse:
     answer = None
     cached = None
     if isinstance(parsed, QueryErrors):
-        decision = await state.limiter.hit(f"client:{caller.name}", rate)
+        decision = await state.service.limiter.hit(f"client:{caller.name}", rate)
     else:
         key = parsed.cache_key()
         fields["key"] = key
         answer = None if bypass else service.l1_hit(key)
         if answer is not None:
-            decision = await state.limiter.hit(f"client:{caller.name}", rate)
+            decision = await state.service.limiter.hit(f"client:{caller.name}", rate)
         else:
             # Both go out in one Redis round trip (auto-pipelining); a refused caller wastes a GET.
             decision, cached = await asyncio.gather(
-                state.limiter.hit(f"client:{caller.name}", rate), service.lookup(key)
+                state.service.limiter.hit(f"client:{caller.name}", rate), service.lookup(key)
             )
     limit_headers = ratelimit_headers(rate, decision)
     if not decision.allowed:
@@ -162,15 +155,10 @@ async def purge(request: web.Request) -> web.Response:
         parsed = parse_query(request.query)
         if isinstance(parsed, QueryErrors):
             return invalid_query(parsed)
-        cache_key = parsed.cache_key()
-        if state.l1 is not None:
-            await state.l1.delete(cache_key)
-        removed = int(await state.store.delete(cache_key))
+        removed = await state.service.purge(parsed.cache_key())
         body = {"purged": removed, "canonical_query": parsed.canonical_string()}
     else:
-        if state.l1 is not None:
-            await state.l1.clear()
-        body = {"purged": await state.store.clear()}
+        body = {"purged": await state.service.purge()}
     return web.Response(body=orjson.dumps(body), content_type="application/json")
 
 
@@ -186,6 +174,6 @@ async def readyz(request: web.Request) -> web.Response:
         status = "draining" if state is not None and state.draining else "starting"
         return web.json_response({"status": status}, status=503)
     redis = state.link.status
-    circuit = "circuit-open" if state.guard.circuit_open_locally() else "ok"
+    circuit = "circuit-open" if state.service.guard.open_locally_for() > 0 else "ok"
     overall = "degraded" if redis == "down" or circuit != "ok" else "ok"
     return web.json_response({"status": overall, "checks": {"redis": redis, "upstream": circuit}})

@@ -112,6 +112,16 @@ class ReportService:
         """The stored entry, fresh or stale (the handler runs this alongside the caller's limit)."""
         return await self.store.get(key)
 
+    async def purge(self, key: str | None = None) -> int:
+        """Drop one entry (or every entry) from the store and from this process's L1."""
+        if key is None:
+            if self.l1 is not None:
+                self.l1.clear_now()
+            return await self.store.clear()
+        if self.l1 is not None:
+            await self.l1.delete(key)
+        return int(await self.store.delete(key))
+
     async def answer(
         self,
         caller: Caller,
@@ -232,10 +242,9 @@ class ReportService:
 
     async def _fetch(self, key: str, query: CanonicalQuery, request_id: str) -> Fetched:
         """One upstream call, if the circuit and the global budget allow it (stores nothing)."""
-        if self.guard.open_locally_for() > 0:
-            wait = self.guard.open_locally_for()
-            decision = None
-        else:
+        wait = self.guard.open_locally_for()
+        decision = None
+        if wait <= 0:
             # One round trip for both (auto-pipelined). Only the first miss after another
             # replica opened the circuit spends a unit it then does not use.
             wait, decision = await asyncio.gather(self.guard.circuit_wait(), self.guard.take())

@@ -276,7 +276,3 @@ class UpstreamGuard:
     def open_locally_for(self) -> float:
         """Seconds this process already knows the circuit stays open (no round trip)."""
         return max(0.0, self._open_until - self._clock())
-
-    def circuit_open_locally(self) -> bool:
-        """Whether this process knows the circuit is open (for `/readyz`, without a round trip)."""
-        return self._open_until > self._clock()

@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import subprocess
-import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from pathlib import Path
+from typing import Any
 
 import aiohttp
 import orjson
@@ -17,97 +14,39 @@ import redis
 from aiohttp.test_utils import TestServer
 
 from proxy.app import KEY_PREFIX
-from proxy.auth import hash_key
 from proxy.mock_upstream import MockState
-from tests.e2e import KEY, OTHER_KEY, REPORT, TOKEN, auth
-from tests.support import free_port, wait_for_port
+from tests.e2e import KEY, OTHER_KEY, REPORT, auth
+from tests.procs import ProxyProcess
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[1]
 QUERY = "?format=json&limit=5"
 
 
-class Replica:
-    """One `python -m proxy serve --workers 1` process on its own port."""
-
-    def __init__(self, process: subprocess.Popen[bytes], port: int, log: Path) -> None:
-        self.process = process
-        self.port = port
-        self.log = log
-
-    def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
-
-    def kill(self) -> None:
-        """SIGKILL: no cleanup, no lease release — a crash."""
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait(10)
-
-    def stop(self) -> int:
-        """SIGTERM and wait for a clean exit."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        try:
-            return self.process.wait(20)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            return self.process.wait(10)
-
-
-StartReplica = Callable[..., Awaitable[Replica]]
+StartReplica = Callable[..., Awaitable[ProxyProcess]]
 
 
 @pytest.fixture
-async def start_replica(
-    mock_server: TestServer, redis_url: str, tmp_path: Path
-) -> AsyncIterator[StartReplica]:
+async def start_replica(mock_server: TestServer, redis_url: str) -> AsyncIterator[StartReplica]:
     """Start proxy processes in front of the mock, all on the session Redis; stop them after."""
-    started: list[Replica] = []
+    started: list[ProxyProcess] = []
 
-    def spawn(extra: dict[str, str]) -> Replica:
-        port = free_port()
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PROXY_")}
-        env.update(
-            PROXY_SECRETS_DIR="/nonexistent",
-            PROXY_UPSTREAM_URL=str(mock_server.make_url("")).rstrip("/"),
-            PROXY_UPSTREAM_TOKEN=TOKEN,
-            PROXY_CLIENTS=orjson.dumps(
-                {
-                    "billing": {"key_sha256": hash_key(KEY), "rate": "1000/minute"},
-                    "crm": {"key_sha256": hash_key(OTHER_KEY), "rate": "1000/minute"},
-                }
-            ).decode(),
-            PROXY_UPSTREAM_RATE_LIMIT="1000/minute",
-            PROXY_REDIS_URL=redis_url,
-            PROXY_LOG_FORMAT="json",
-            PROXY_LOG_LEVEL="WARNING",
+    async def start(**extra: Any) -> ProxyProcess:
+        replica = ProxyProcess(
+            str(mock_server.make_url("")).rstrip("/"),
+            redis_url=redis_url,
+            rate_limit="1000/minute",
+            upstream_rate_limit="1000/minute",
+            log_level="WARNING",
+            **extra,
         )
-        env.update(extra)
-        log = tmp_path / f"proxy-{port}.log"
-        argv = [sys.executable, "-m", "proxy", "serve", "--host", "127.0.0.1", "--port", str(port)]
-        with log.open("wb") as sink:
-            process = subprocess.Popen(
-                [*argv, "--workers", "1"],
-                env=env,
-                cwd=ROOT,
-                stdout=sink,
-                stderr=subprocess.STDOUT,
-            )
-        replica = Replica(process, port, log)
         started.append(replica)
-        return replica
-
-    async def start(**extra: str) -> Replica:
-        replica = spawn(extra)
-        try:
-            await asyncio.to_thread(wait_for_port, replica.port, 20)
-        except TimeoutError:
-            raise AssertionError(replica.log.read_text()) from None
-        return replica
+        return await replica.start()
 
     yield start
-    await asyncio.gather(*(asyncio.to_thread(replica.stop) for replica in started))
+    for replica in started:
+        if replica.process is not None and replica.process.returncode is None:
+            await replica.stop()
 
 
 @pytest.fixture
@@ -124,9 +63,9 @@ def params(headers: Mapping[str, str]) -> list[str]:
 
 
 async def fetch(
-    http: aiohttp.ClientSession, replica: Replica, key: str = KEY
+    http: aiohttp.ClientSession, replica: ProxyProcess, key: str = KEY
 ) -> tuple[int, bytes, list[str]]:
-    async with http.get(replica.url(REPORT + QUERY), headers=auth(key)) as response:
+    async with http.get(replica.url + REPORT + QUERY, headers=auth(key)) as response:
         return response.status, await response.read(), params(response.headers)
 
 
@@ -167,7 +106,7 @@ async def test_a_killed_lease_holder_does_not_block_the_others(
     redis_url: str,
 ) -> None:
     # The lease and the wait follow the upstream timeout: 3 s and 2.5 s here.
-    settings = {"PROXY_UPSTREAM_TIMEOUT": "2"}
+    settings = {"upstream_timeout": "2"}
     a, b = await asyncio.gather(start_replica(**settings), start_replica(**settings))
     mock_state.faults.hang = True
     mock_state.faults.times = 1  # only the first call hangs
@@ -179,7 +118,7 @@ async def test_a_killed_lease_holder_does_not_block_the_others(
     assert mock_state.calls == 1
     with redis.Redis.from_url(redis_url) as sync:
         assert sync.keys(f"{KEY_PREFIX}l:*") != []  # A holds the lease while TeamUp hangs
-    await asyncio.to_thread(a.kill)
+    await a.stop(signal.SIGKILL)  # a crash: no cleanup, no lease release
     with pytest.raises(aiohttp.ClientError):
         await holder
 
@@ -203,7 +142,7 @@ async def test_hit_after_a_restart_is_served_from_redis(
     first = await start_replica()
     status, body, cache = await fetch(http, first)
     assert status == 200 and "stored" in cache
-    assert await asyncio.to_thread(first.stop) == 0
+    assert await first.stop() == 0
 
     second = await start_replica()
     status, again, cache = await fetch(http, second)
