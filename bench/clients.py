@@ -1,12 +1,12 @@
 """`python bench/clients.py [--install]`: Redis clients on the proxy's hot-path workload.
 
-Per request the proxy runs one GCRA script (`proxy.ratelimit.GCRA_LUA`) and, when its L1
+Per request the proxy runs one GCRA script (`proxy/backends/lua/gcra.lua`) and, when its L1
 misses, GETs one cached value (~3.5 KB, zlib-compressed JSON). This runs exactly that pair of
 commands against a throw-away `redis-server`, from C concurrent tasks in ONE process on uvloop,
 for each client in turn:
 
 1. redis-py asyncio + hiredis, plain (`BlockingConnectionPool(max_connections=64)`);
-2. the same client behind `proxy.pipelining.AutoPipelineRedis` (what the proxy runs);
+2. the same client behind `proxy.backends.pipelining.AutoPipelineRedis` (what the proxy runs);
 3. coredis 6.x (asyncio `coredis.Redis`);
 4. valkey-glide 2.x (`glide.GlideClient`, a Rust core with its own multiplexing).
 
@@ -81,7 +81,9 @@ ClientFactory = Callable[[int], contextlib.AbstractAsyncContextManager[Op]]
 async def _redis_py(port: int) -> AsyncIterator[Op]:
     import redis.asyncio as aioredis
 
-    from proxy.ratelimit import GCRA_LUA
+    from proxy.backends.scripts import load_script
+
+    GCRA_LUA = load_script("gcra")
 
     pool = aioredis.BlockingConnectionPool(host="127.0.0.1", port=port, max_connections=64)
     client = aioredis.Redis(connection_pool=pool)
@@ -102,8 +104,10 @@ async def _redis_py(port: int) -> AsyncIterator[Op]:
 async def _redis_py_autopipeline(port: int) -> AsyncIterator[Op]:
     import redis.asyncio as aioredis
 
-    from proxy.pipelining import AutoPipelineRedis
-    from proxy.ratelimit import GCRA_LUA
+    from proxy.backends.pipelining import AutoPipelineRedis
+    from proxy.backends.scripts import load_script
+
+    GCRA_LUA = load_script("gcra")
 
     pool = aioredis.BlockingConnectionPool(host="127.0.0.1", port=port, max_connections=64)
     wrapper = AutoPipelineRedis(aioredis.Redis(connection_pool=pool))
@@ -126,7 +130,9 @@ async def _redis_py_autopipeline(port: int) -> AsyncIterator[Op]:
 async def _coredis(port: int) -> AsyncIterator[Op]:
     coredis: Any = importlib.import_module("coredis")
 
-    from proxy.ratelimit import GCRA_LUA
+    from proxy.backends.scripts import load_script
+
+    GCRA_LUA = load_script("gcra")
 
     # 6.x: the client must be entered; non-blocking commands are multiplexed over its pool.
     async with coredis.Redis(host="127.0.0.1", port=port, max_connections=64) as client:
@@ -143,7 +149,9 @@ async def _coredis(port: int) -> AsyncIterator[Op]:
 async def _glide(port: int) -> AsyncIterator[Op]:
     glide: Any = importlib.import_module("glide")
 
-    from proxy.ratelimit import GCRA_LUA
+    from proxy.backends.scripts import load_script
+
+    GCRA_LUA = load_script("gcra")
 
     config = glide.GlideClientConfiguration(
         [glide.NodeAddress("127.0.0.1", port)],
@@ -320,7 +328,7 @@ def _run_loop(coro: Coroutine[Any, Any, T]) -> T:
 
 def cached_value(target: int = VALUE_TARGET) -> bytes:
     """A `CachedResponse.encode()` of a credits-report JSON page, about `target` bytes."""
-    from proxy.cache import CachedResponse
+    from proxy.core.entry import CachedResponse
 
     def encoded(rows: int) -> bytes:
         rng = random.Random(20240601)

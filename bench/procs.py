@@ -17,7 +17,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from proxy.auth import hash_key
+from proxy.web.auth import hash_key
 from tests.support import free_port, wait_for_port
 
 __all__ = [
@@ -205,7 +205,7 @@ class Redis(Service):
 
 
 class Mock(Service):
-    """The mock TeamUp (`proxy.mock_upstream`) with a fixed latency."""
+    """The mock TeamUp (`proxy.testing.mock`) with a fixed latency."""
 
     def __init__(self, workdir: Path, token: str, latency: float, seed: int) -> None:
         super().__init__("mock", workdir)
@@ -219,7 +219,7 @@ class Mock(Service):
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> None:
-        argv = [sys.executable, "-m", "proxy.mock_upstream", "--host", "127.0.0.1"]
+        argv = [sys.executable, "-m", "proxy.testing.mock", "--host", "127.0.0.1"]
         argv += ["--port", str(self.port), "--token", self.token]
         argv += ["--latency", str(self.latency), "--seed", str(self.seed)]
         self.spawn(argv, _child_env({}))

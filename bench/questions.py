@@ -18,8 +18,8 @@ from urllib.parse import parse_qsl, quote
 
 from multidict import MultiDict
 
-from proxy.mock_upstream import DEFAULT_COLUMNS, _credits
-from proxy.query import CanonicalQuery, parse_query
+from proxy.core.contract import CanonicalQuery, parse_query
+from proxy.testing.mock import DEFAULT_COLUMNS, _credits
 
 __all__ = ["STYLES", "Question", "Replay", "build_replay", "canonical_key", "make_questions"]
 

@@ -286,7 +286,7 @@ _DESCRIPTIONS = {
 }
 
 _SETUP = [
-    "- Mock TeamUp: `python -m proxy.mock_upstream` with {latency_ms:g} ms latency per call, "
+    "- Mock TeamUp: `python -m proxy.testing.mock` with {latency_ms:g} ms latency per call, "
     "one process, shared by both servers; calls counted through `/_mock/state`.",
     "- Ours: `python -m proxy serve --workers {workers}` (SO_REUSEPORT), its own `redis-server` "
     "on a free port, one client key, `PROXY_RATE_LIMIT` and `PROXY_UPSTREAM_RATE_LIMIT` set to "

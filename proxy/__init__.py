@@ -13,7 +13,7 @@ def __getattr__(name: str) -> Any:
     # Lazy: `serve`'s supervisor must not import prometheus-client (through the app) before it
     # has chosen the metrics directory its workers share.
     if name == "create_app":
-        from .app import create_app
+        from .web.app import create_app
 
         return create_app
     if name in ("Settings", "SettingsError", "load_settings"):

@@ -19,8 +19,8 @@ from typing import Any
 
 from aiohttp import web
 
-from .auth import hash_key
 from .settings import Settings, SettingsError, load_settings
+from .web.auth import hash_key
 
 __all__ = ["main"]
 
@@ -39,7 +39,7 @@ async def _serve_app(
     app: web.Application, settings: Settings, host: str, port: int, *, reuse_port: bool
 ) -> None:
     """Serve until SIGTERM/SIGINT, then drain: `/readyz` 503, stop accepting, finish in-flight."""
-    from .handlers import STATE
+    from .web.handlers import STATE
 
     runner = web.AppRunner(
         app,
@@ -74,8 +74,8 @@ async def _serve_app(
 
 def _run_worker(overrides: dict[str, Any], host: str, port: int, reuse_port: bool) -> None:
     """One serving process (the whole server when --workers is 1)."""
-    from .app import create_app
     from .logs import setup_logging
+    from .web.app import create_app
 
     settings = load_settings(**overrides)
     setup_logging(settings.log_level, settings.log_format)
@@ -157,8 +157,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 async def _demo(port: int) -> None:
-    from .app import create_app
-    from .mock_upstream import create_mock_app
+    from .testing.mock import create_mock_app
+    from .web.app import create_app
 
     token = "demo-" + secrets.token_hex(12)
     caller_key = "demo-" + secrets.token_urlsafe(18)

@@ -9,14 +9,17 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .cache import CachedResponse, CacheStore, MemoryCacheStore, is_cacheable
-from .errors import JSON, error_body
-from .fallback import FallbackLimiter
-from .flight import Failed, LocalFlight, RedisLease
+from .backends.flight import Failed, LocalFlight, RedisLease
+from .backends.limiters import FallbackLimiter
+from .backends.stores import CacheStore, MemoryCacheStore
+from .core.contract import CanonicalQuery
+from .core.entry import CachedResponse, is_cacheable
+from .core.failures import FailureKind, UpstreamFailure
 from .metrics import Metrics
-from .query import CanonicalQuery
 from .settings import ClientConfig, Settings
-from .upstream import UpstreamClient, UpstreamFailure, UpstreamGuard
+from .upstream.client import UpstreamClient
+from .upstream.guard import UpstreamGuard
+from .web.errors import JSON, error_body
 
 __all__ = ["Answer", "Caller", "Fetched", "ReportService"]
 
@@ -169,7 +172,7 @@ class ReportService:
                 key, lambda: self._fetch_shared(key, query, request_id, newer_than, wait=True)
             )
         except UpstreamFailure as failure:
-            if failure.kind in ("budget", "circuit"):
+            if failure.kind in (FailureKind.BUDGET, FailureKind.CIRCUIT):
                 self.metrics.rejections.labels(caller.name, failure.kind).inc()
             if usable is not None:
                 reason = (
@@ -204,7 +207,9 @@ class ReportService:
         token = await self.leases.acquire(key)
         if token is None:
             if not wait:
-                raise UpstreamFailure("refreshing_elsewhere", 503, "another replica is refreshing")
+                raise UpstreamFailure(
+                    FailureKind.REFRESHING_ELSEWHERE, 503, "another replica is refreshing"
+                )
             waited = await self.leases.wait_for_entry(key, self.store, newer_than)
             if isinstance(waited, Failed):
                 # The holder's fetch failed: share its answer rather than repeat the call.
@@ -250,7 +255,7 @@ class ReportService:
             wait, decision = await asyncio.gather(self.guard.circuit_wait(), self.guard.take())
         if wait > 0 or decision is None:
             raise UpstreamFailure(
-                "circuit",
+                FailureKind.CIRCUIT,
                 503,
                 "TeamUp asked the proxy to slow down; no calls until it allows them again",
                 retry_after=wait,
@@ -258,7 +263,7 @@ class ReportService:
         self.metrics.budget_remaining.set(decision.remaining)
         if not decision.allowed:
             raise UpstreamFailure(
-                "budget",
+                FailureKind.BUDGET,
                 503,
                 "The shared TeamUp budget is spent for now; retry later",
                 retry_after=decision.retry_after,
@@ -281,7 +286,7 @@ class ReportService:
         if response.status == 429:
             wait = await self.guard.open_circuit(response.retry_after)
             raise UpstreamFailure(
-                "rate_limited",
+                FailureKind.RATE_LIMITED,
                 503,
                 "TeamUp is rate limiting the proxy; retry later",
                 retry_after=wait,
@@ -294,7 +299,7 @@ class ReportService:
                 extra={"event": "upstream_credential_refused", "upstream_status": response.status},
             )
             raise UpstreamFailure(
-                "credential",
+                FailureKind.CREDENTIAL,
                 502,
                 "TeamUp refused the proxy's credential. Operators: check PROXY_UPSTREAM_TOKEN "
                 "(and PROXY_UPSTREAM_AUTH_SCHEME).",
@@ -303,7 +308,7 @@ class ReportService:
             )
         if response.status >= 500:
             raise UpstreamFailure(
-                "upstream_error",
+                FailureKind.UPSTREAM_ERROR,
                 502,
                 f"TeamUp answered {response.status}",
                 upstream_status=response.status,
@@ -364,7 +369,7 @@ class ReportService:
         try:
             await self._fetch_shared(key, query, request_id, stale.stored_at, wait=False)
         except UpstreamFailure as failure:
-            if failure.kind != "refreshing_elsewhere":
+            if failure.kind is not FailureKind.REFRESHING_ELSEWHERE:
                 # While TeamUp fails, stale answers must not each cost a refresh attempt.
                 wait = max(REFRESH_BACKOFF, failure.retry_after or 0.0)
                 if len(self._refresh_after) > 10_000:
@@ -418,15 +423,7 @@ class ReportService:
         )
 
     def _failure(self, failure: UpstreamFailure) -> Answer:
-        code = {
-            "timeout": "upstream_timeout",
-            "unreachable": "upstream_unreachable",
-            "credential": "upstream_credential_rejected",
-            "rate_limited": "upstream_rate_limited",
-            "budget": "upstream_budget_exhausted",
-            "circuit": "upstream_rate_limited",
-            "upstream_error": "upstream_error",
-        }.get(failure.kind, "upstream_unavailable")
+        code = failure.kind.code
         answer = self._error(failure.status, code, failure.message, failure.retry_after)
         answer.headers["Cache-Status"] = f"{CACHE_NAME}; fwd=uri-miss; detail={failure.kind}"
         answer.upstream_status = failure.upstream_status

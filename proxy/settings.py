@@ -20,7 +20,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from .ratelimit import Rate, parse_rate
+from .core.gcra import Rate, parse_rate
 
 __all__ = ["ClientConfig", "Settings", "SettingsError", "load_settings"]
 

@@ -14,9 +14,9 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from pytest_aiohttp import AiohttpClient, AiohttpServer
 
-from proxy.app import create_app
 from proxy.logs import JsonFormatter
-from proxy.mock_upstream import MOCK_STATE, MockState, create_mock_app
+from proxy.testing.mock import MOCK_STATE, MockState, create_mock_app
+from proxy.web.app import create_app
 from tests.e2e import TOKEN, make_settings
 from tests.support import RedisServer
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from proxy.auth import hash_key
 from proxy.settings import Settings
+from proxy.web.auth import hash_key
 
 __all__ = [
     "ADMIN_KEY",

@@ -8,7 +8,7 @@ import signal
 import sys
 from typing import Any
 
-from proxy.auth import hash_key
+from proxy.web.auth import hash_key
 from tests.e2e import ADMIN_KEY, KEY, OTHER_KEY, TOKEN
 from tests.support import free_port, wait_for_port
 

@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from proxy.mock_upstream import MockState
+from proxy.testing.mock import MockState
 from tests.conftest import LogLines, MakeProxy
 from tests.e2e import ADMIN_KEY, KEY, OTHER_KEY, REPORT, TOKEN, auth
 

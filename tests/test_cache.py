@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from proxy.cache import CachedResponse, CacheStore, MemoryCacheStore, RedisCacheStore, is_cacheable
+from proxy.backends.stores import CacheStore, MemoryCacheStore, RedisCacheStore
+from proxy.core.entry import CachedResponse, is_cacheable
 from tests.e2e import FakeClock
 
 JSON_HEADERS = (("Content-Type", "application/json"),)

@@ -15,8 +15,8 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
 
-from proxy.auth import hash_key
-from proxy.mock_upstream import MockState
+from proxy.testing.mock import MockState
+from proxy.web.auth import hash_key
 from tests.e2e import KEY, REPORT, TOKEN, auth
 from tests.support import free_port, wait_for_port
 

@@ -12,11 +12,13 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 from redis.asyncio.cluster import RedisCluster
 
-from proxy.cache import CachedResponse, RedisCacheStore
-from proxy.flight import RedisLease
-from proxy.mock_upstream import MockState
-from proxy.ratelimit import RedisLimiter, parse_rate
-from proxy.redisconn import RedisLink, connect_redis
+from proxy.backends.flight import RedisLease
+from proxy.backends.limiters import RedisLimiter
+from proxy.backends.link import RedisLink, connect_redis
+from proxy.backends.stores import RedisCacheStore
+from proxy.core.entry import CachedResponse
+from proxy.core.gcra import parse_rate
+from proxy.testing.mock import MockState
 from tests.conftest import MakeProxy
 from tests.e2e import ADMIN_KEY, REPORT, auth
 from tests.support import RedisServer

@@ -7,8 +7,8 @@ from urllib.parse import urlencode
 
 import pytest
 
-from proxy.mock_upstream import MockState
-from proxy.query import COLUMNS
+from proxy.core.contract import COLUMNS
+from proxy.testing.mock import MockState
 from tests.conftest import MakeProxy
 from tests.e2e import REPORT, auth
 

@@ -16,9 +16,9 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from proxy.app import create_app
 from proxy.metrics import Metrics
 from proxy.settings import DEFAULT_SECRETS_DIR, Settings
+from proxy.web.app import create_app
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"

@@ -9,9 +9,10 @@ from collections.abc import AsyncIterator
 import pytest
 import redis.asyncio as aioredis
 
-from proxy.cache import CachedResponse, RedisCacheStore
-from proxy.flight import LOCAL_TOKEN, Failed, LocalFlight, RedisLease
-from proxy.redisconn import RedisLink, connect_redis
+from proxy.backends.flight import LOCAL_TOKEN, Failed, LocalFlight, RedisLease
+from proxy.backends.link import RedisLink, connect_redis
+from proxy.backends.stores import RedisCacheStore
+from proxy.core.entry import CachedResponse
 from tests.support import free_port
 
 PREFIX = "flight-test:"

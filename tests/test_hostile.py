@@ -23,8 +23,8 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from yarl import URL
 
-from proxy.mock_upstream import MockState
-from proxy.query import COLUMNS, MAX_QUERY_BYTES, CanonicalQuery, parse_query
+from proxy.core.contract import COLUMNS, MAX_QUERY_BYTES, CanonicalQuery, parse_query
+from proxy.testing.mock import MockState
 from tests.conftest import MakeProxy
 from tests.e2e import ADMIN_KEY, KEY, OTHER_KEY, REPORT, TOKEN, auth
 from tests.faults.harness import (

@@ -14,9 +14,9 @@ import pytest
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestServer
 
-from proxy.auth import hash_key
-from proxy.mock_upstream import MockState
-from proxy.ratelimit import gcra
+from proxy.core.gcra import gcra
+from proxy.testing.mock import MockState
+from proxy.web.auth import hash_key
 from tests.conftest import MakeProxy
 from tests.e2e import KEY, OTHER_KEY, REPORT, FakeClock, auth, make_settings
 from tests.procs import ProxyProcess

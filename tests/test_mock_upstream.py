@@ -20,7 +20,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 from pytest_aiohttp import AiohttpClient
 
-from proxy.mock_upstream import (
+from proxy.testing.mock import (
     MOCK_STATE,
     REPORT_PATH,
     Faults,
@@ -713,7 +713,7 @@ async def test_same_seed_same_data(aiohttp_client: AiohttpClient) -> None:
 
 def test_runs_as_a_module() -> None:
     port = free_port()
-    command = [sys.executable, "-m", "proxy.mock_upstream", "--port", str(port), "--token", "t"]
+    command = [sys.executable, "-m", "proxy.testing.mock", "--port", str(port), "--token", "t"]
     repo = Path(__file__).resolve().parents[1]
     with subprocess.Popen(
         command, cwd=repo, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE

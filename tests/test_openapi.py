@@ -25,14 +25,14 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from proxy.mock_upstream import MockState
-from proxy.query import _INT_CEILING, _SCHEMA
+from proxy.core.contract import _INT_CEILING, _SCHEMA
+from proxy.testing.mock import MockState
 from tests.conftest import MakeProxy
 from tests.e2e import REPORT, auth
 from tests.procs import ProxyProcess
 
 DOCUMENT: dict[str, Any] = json.loads(
-    resources.files("proxy").joinpath("openapi.json").read_bytes()
+    resources.files("proxy.spec").joinpath("proxy-openapi.json").read_bytes()
 )
 REPORT_PATHS = (REPORT, REPORT.replace("/v2/", "/v2//", 1))
 # A copy of shared/upstream/openapi.yaml, kept in the repo so the check runs in any clone.

@@ -10,8 +10,9 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ResponseError
 
-from proxy.pipelining import AutoPipelineRedis
-from proxy.ratelimit import RedisLimiter, parse_rate
+from proxy.backends.limiters import RedisLimiter
+from proxy.backends.pipelining import AutoPipelineRedis
+from proxy.core.gcra import parse_rate
 from tests.support import RedisServer
 
 

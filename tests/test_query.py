@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from multidict import MultiDict
 
-from proxy.query import (
+from proxy.core.contract import (
     MAX_ARRAY_ITEMS,
     MAX_QUERY_BYTES,
     CanonicalQuery,

@@ -13,15 +13,8 @@ from hypothesis import strategies as st
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from proxy.ratelimit import (
-    Limiter,
-    MemoryLimiter,
-    Rate,
-    RateDecision,
-    RedisLimiter,
-    gcra,
-    parse_rate,
-)
+from proxy.backends.limiters import Limiter, MemoryLimiter, RedisLimiter
+from proxy.core.gcra import Rate, RateDecision, gcra, parse_rate
 from tests.support import free_port
 
 PER_MINUTE_10 = Rate(10, 60.0)

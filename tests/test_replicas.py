@@ -13,8 +13,8 @@ import pytest
 import redis
 from aiohttp.test_utils import TestServer
 
-from proxy.app import KEY_PREFIX
-from proxy.mock_upstream import MockState
+from proxy.testing.mock import MockState
+from proxy.web.app import KEY_PREFIX
 from tests.e2e import KEY, OTHER_KEY, REPORT, auth
 from tests.procs import ProxyProcess
 

@@ -13,7 +13,7 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
 
-from proxy.mock_upstream import MockState
+from proxy.testing.mock import MockState
 from tests.e2e import KEY, REPORT, TOKEN, auth
 from tests.procs import ProxyProcess
 

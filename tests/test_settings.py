@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from proxy.auth import hash_key
-from proxy.ratelimit import Rate
+from proxy.core.gcra import Rate
 from proxy.settings import SettingsError, load_settings
+from proxy.web.auth import hash_key
 
 TOKEN = "tok-from-somewhere"
 

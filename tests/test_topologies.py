@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from proxy.mock_upstream import MockState
+from proxy.testing.mock import MockState
 from tests.conftest import MakeProxy
 from tests.e2e import REPORT, auth
 from tests.support import RedisServer, free_port, wait_for_port

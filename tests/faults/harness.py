@@ -22,8 +22,8 @@ import orjson
 import redis.asyncio as aioredis
 from multidict import MultiDict
 
-from proxy.cache import CachedResponse
-from proxy.query import CanonicalQuery, parse_query
+from proxy.core.contract import CanonicalQuery, parse_query
+from proxy.core.entry import CachedResponse
 from tests.e2e import REPORT, TOKEN
 from tests.support import free_port, wait_for_port
 
@@ -47,7 +47,7 @@ ERROR_STATUSES = frozenset({429, 502, 503, 504})
 
 
 class MockProcess:
-    """`python -m proxy.mock_upstream` on a free port, controlled over its `/_mock/*` API."""
+    """`python -m proxy.testing.mock` on a free port, controlled over its `/_mock/*` API."""
 
     def __init__(self, token: str = TOKEN, *, latency: float = 0.0) -> None:
         self.port = free_port()
@@ -64,7 +64,7 @@ class MockProcess:
         self.process = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "proxy.mock_upstream",
+            "proxy.testing.mock",
             "--host",
             "127.0.0.1",
             "--port",

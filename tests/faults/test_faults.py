@@ -30,7 +30,7 @@ import pytest
 import pytest_asyncio
 import redis.asyncio as aioredis
 
-from proxy.ratelimit import parse_rate
+from proxy.core.gcra import parse_rate
 from tests.e2e import ADMIN_KEY, KEY, OTHER_KEY, REPORT, TOKEN, auth
 from tests.faults.harness import (
     ERROR_STATUSES,

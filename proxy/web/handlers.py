@@ -9,13 +9,13 @@ from dataclasses import dataclass, field
 import orjson
 from aiohttp import web
 
+from ..backends.link import RedisLink
+from ..core.contract import MAX_QUERY_BYTES, CanonicalQuery, QueryErrors, parse_query
+from ..core.gcra import Rate, RateDecision
+from ..service import Caller, ReportService
+from ..settings import Settings
 from .auth import ClientDirectory, presented_key
 from .errors import JSON, error_response
-from .query import MAX_QUERY_BYTES, CanonicalQuery, QueryErrors, parse_query
-from .ratelimit import Rate, RateDecision
-from .redisconn import RedisLink
-from .service import Caller, ReportService
-from .settings import Settings
 
 __all__ = ["LOG", "REQUEST_ID", "STATE", "ProxyState", "healthz", "purge", "readyz", "report"]
 

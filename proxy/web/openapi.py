@@ -13,7 +13,7 @@ __all__ = ["openapi_handler"]
 @functools.cache
 def load_document() -> bytes:
     """The document shipped inside the package (read once per process)."""
-    return resources.files("proxy").joinpath("openapi.json").read_bytes()
+    return resources.files("proxy.spec").joinpath("proxy-openapi.json").read_bytes()
 
 
 async def openapi_handler(request: web.Request) -> web.Response:

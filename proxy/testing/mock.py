@@ -684,8 +684,8 @@ def _new_loop() -> asyncio.AbstractEventLoop:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Serve the mock: `python -m proxy.mock_upstream --port 8081 --token T`."""
-    parser = argparse.ArgumentParser(prog="python -m proxy.mock_upstream", description=__doc__)
+    """Serve the mock: `python -m proxy.testing.mock --port 8081 --token T`."""
+    parser = argparse.ArgumentParser(prog="python -m proxy.testing.mock", description=__doc__)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8081)
     parser.add_argument("--token", required=True, help="the token callers must send")

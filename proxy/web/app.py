@@ -14,20 +14,21 @@ import redis.asyncio as aioredis
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from ..backends.flight import RedisLease
+from ..backends.limiters import FallbackLimiter, MemoryLimiter, RedisLimiter
+from ..backends.link import REDIS_ERRORS, AnyRedis, RedisLink, connect_redis
+from ..backends.pipelining import AutoPipelineRedis
+from ..backends.stores import FallbackCacheStore, MemoryCacheStore, RedisCacheStore
+from ..core.gcra import Rate
+from ..metrics import METRICS, Metrics, metrics_handler
+from ..service import ReportService
+from ..settings import Settings
+from ..upstream.client import REPORT_PATH, UpstreamClient
+from ..upstream.guard import UpstreamGuard
 from .auth import ClientDirectory
-from .cache import MemoryCacheStore, RedisCacheStore
 from .errors import error_response
-from .fallback import FallbackCacheStore, FallbackLimiter
-from .flight import RedisLease
 from .handlers import LOG, REQUEST_ID, STATE, ProxyState, healthz, purge, readyz, report
-from .metrics import METRICS, Metrics, metrics_handler
 from .openapi import openapi_handler
-from .pipelining import AutoPipelineRedis
-from .ratelimit import MemoryLimiter, Rate, RedisLimiter
-from .redisconn import REDIS_ERRORS, AnyRedis, RedisLink, connect_redis
-from .service import ReportService
-from .settings import Settings
-from .upstream import REPORT_PATH, UpstreamClient, UpstreamGuard
 
 __all__ = ["SETTINGS", "create_app"]
 

@@ -1,110 +1,17 @@
-"""Cached answers and where they live: Redis, or a bounded in-process LRU."""
+"""Where entries live: Redis, a bounded in-process LRU, and Redis-or-memory (fallback)."""
 
 from __future__ import annotations
 
-import math
-import struct
 import time
-import zlib
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Protocol
 
-import orjson
+from ..core.entry import CachedResponse
+from . import keys
+from .link import REDIS_ERRORS, AnyRedis, RedisLink
 
-from .redisconn import AnyRedis
-
-__all__ = [
-    "CacheStore",
-    "CachedResponse",
-    "MemoryCacheStore",
-    "RedisCacheStore",
-    "is_cacheable",
-]
-
-_MAGIC = b"TP1"
-_RAW, _ZLIB = b"r", b"z"
-_LEN = struct.Struct(">I")
-# Below this size compression saves too little to pay for the CPU on every hit.
-_COMPRESS_MIN = 1024
-CACHEABLE_TYPES = ("application/json", "text/csv")
-
-
-@dataclass(frozen=True, slots=True)
-class CachedResponse:
-    """One stored upstream answer: status, allowlisted headers, body and its freshness window."""
-
-    status: int
-    headers: tuple[tuple[str, str], ...]
-    body: bytes
-    stored_at: float
-    fresh_until: float
-    header_map: dict[str, str] = field(init=False, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "header_map", dict(self.headers))
-
-    @property
-    def content_type(self) -> str:
-        """The upstream `Content-Type`."""
-        return self.header_map.get("Content-Type", "application/octet-stream")
-
-    def is_fresh(self, now: float) -> bool:
-        """Whether the entry may be served without asking upstream."""
-        return now < self.fresh_until
-
-    def ttl(self, now: float) -> int:
-        """Seconds of freshness left (negative once stale), as `Cache-Status: ttl=` wants."""
-        remaining = self.fresh_until - now
-        return math.floor(remaining) if remaining >= 0 else -math.ceil(-remaining)
-
-    def age(self, now: float) -> int:
-        """Whole seconds since the entry was fetched (the `Age` header)."""
-        return max(0, int(now - self.stored_at))
-
-    def encode(self) -> bytes:
-        """One Redis value: metadata and body, the body compressed when that pays."""
-        meta = orjson.dumps(
-            {"s": self.status, "h": self.headers, "t": self.stored_at, "f": self.fresh_until}
-        )
-        flag, payload = _RAW, self.body
-        if len(self.body) >= _COMPRESS_MIN:
-            packed = zlib.compress(self.body, 6)
-            if len(packed) < len(self.body) * 0.9:
-                flag, payload = _ZLIB, packed
-        return b"".join((_MAGIC, flag, _LEN.pack(len(meta)), meta, payload))
-
-    @classmethod
-    def decode(cls, data: bytes) -> CachedResponse | None:
-        """The entry `encode` wrote, or None for anything else (an old format, corruption)."""
-        if data[:3] != _MAGIC or len(data) < 8:
-            return None
-        try:
-            flag = data[3:4]
-            (meta_len,) = _LEN.unpack_from(data, 4)
-            meta = orjson.loads(data[8 : 8 + meta_len])
-            payload = data[8 + meta_len :]
-            body = zlib.decompress(payload) if flag == _ZLIB else payload
-            headers = tuple((str(k), str(v)) for k, v in meta["h"])
-            return cls(int(meta["s"]), headers, body, float(meta["t"]), float(meta["f"]))
-        except (ValueError, KeyError, TypeError, zlib.error, struct.error):
-            return None
-
-
-def is_cacheable(status: int, headers: dict[str, str], body_size: int, max_bytes: int) -> bool:
-    """200 answers of JSON or CSV, under the size cap, that upstream lets a shared cache keep."""
-    if status != 200 or body_size > max_bytes:
-        return False
-    if "Set-Cookie" in headers:
-        return False
-    content_type = headers.get("Content-Type", "").split(";")[0].strip().lower()
-    if content_type not in CACHEABLE_TYPES:
-        return False
-    directives = {
-        part.split("=")[0].strip().lower() for part in headers.get("Cache-Control", "").split(",")
-    }
-    return not directives & {"no-store", "private"}
+__all__ = ["CacheStore", "FallbackCacheStore", "MemoryCacheStore", "RedisCacheStore"]
 
 
 class CacheStore(Protocol):
@@ -198,7 +105,7 @@ class RedisCacheStore:
 
     def entry_key(self, key: str) -> str:
         """The Redis key of an entry (hash-tagged, so its lease shares the Cluster slot)."""
-        return f"{self.prefix}c:{{{key}}}"
+        return keys.entry(self.prefix, key)
 
     async def get(self, key: str) -> CachedResponse | None:
         data = await self.client.get(self.entry_key(key))
@@ -214,11 +121,57 @@ class RedisCacheStore:
         """Remove every entry with SCAN + UNLINK in batches (never KEYS, never a blocking DEL)."""
         removed = 0
         batch: list[bytes] = []
-        async for name in self.client.scan_iter(match=f"{self.prefix}c:*", count=500):
+        async for name in self.client.scan_iter(match=keys.entries(self.prefix), count=500):
             batch.append(name)
             if len(batch) >= 500:
                 removed += await self.client.unlink(*batch)
                 batch = []
         if batch:
             removed += await self.client.unlink(*batch)
+        return removed
+
+
+class FallbackCacheStore:
+    """Redis while it answers, the in-process LRU while it does not."""
+
+    def __init__(
+        self, link: RedisLink, redis: RedisCacheStore | None, memory: MemoryCacheStore
+    ) -> None:
+        self.link = link
+        self.redis = redis
+        self.memory = memory
+
+    async def get(self, key: str) -> CachedResponse | None:
+        if self.redis is not None and self.link.up:
+            try:
+                return await self.redis.get(key)
+            except REDIS_ERRORS as exc:
+                self.link.failed(exc, "cache_get")
+        return self.memory.get_now(key)
+
+    async def set(self, key: str, entry: CachedResponse, ttl: float) -> None:
+        if self.redis is not None and self.link.up:
+            try:
+                await self.redis.set(key, entry, ttl)
+                return
+            except REDIS_ERRORS as exc:
+                self.link.failed(exc, "cache_set")
+        self.memory.set_now(key, entry, ttl)
+
+    async def delete(self, key: str) -> bool:
+        removed = await self.memory.delete(key)
+        if self.redis is not None and self.link.up:
+            try:
+                removed = await self.redis.delete(key) or removed
+            except REDIS_ERRORS as exc:
+                self.link.failed(exc, "cache_delete")
+        return removed
+
+    async def clear(self) -> int:
+        removed = await self.memory.clear()
+        if self.redis is not None and self.link.up:
+            try:
+                removed += await self.redis.clear()
+            except REDIS_ERRORS as exc:
+                self.link.failed(exc, "cache_clear")
         return removed

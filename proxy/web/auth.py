@@ -6,7 +6,7 @@ import hashlib
 import hmac
 from collections.abc import Mapping
 
-from .settings import ClientConfig
+from ..settings import ClientConfig
 
 __all__ = ["ClientDirectory", "hash_key", "presented_key"]
 

@@ -1,4 +1,4 @@
-"""The TeamUp client: credential, header allowlists, timeouts, the shared budget and the circuit."""
+"""The TeamUp client: HTTP only — credential, header allowlists, timeouts, one pooled session."""
 
 from __future__ import annotations
 
@@ -6,25 +6,20 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import aiohttp
-import orjson
 from yarl import URL
 
-from .fallback import FallbackLimiter
-from .ratelimit import Rate, RateDecision
-from .redisconn import REDIS_ERRORS, AnyRedis, RedisLink
-from .settings import Settings
+from ..core.failures import FailureKind, UpstreamFailure
+from ..settings import Settings
 
 __all__ = [
     "PASS_RESPONSE_HEADERS",
     "REPORT_PATH",
     "UpstreamClient",
-    "UpstreamFailure",
-    "UpstreamGuard",
     "UpstreamResponse",
+    "parse_retry_after",
 ]
 
 REPORT_PATH = "/api/v2/reports/customer_credits/data"
@@ -55,40 +50,6 @@ class UpstreamResponse:
     cache_control: str
     set_cookie: bool
     retry_after: float | None
-
-
-class UpstreamFailure(Exception):
-    """TeamUp could not give an answer the caller may see; `status` is what the proxy answers."""
-
-    def __init__(
-        self,
-        kind: str,
-        status: int,
-        message: str,
-        *,
-        retry_after: float | None = None,
-        upstream_status: int | None = None,
-        elapsed: float | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.kind = kind
-        self.status = status
-        self.message = message
-        self.retry_after = retry_after
-        self.upstream_status = upstream_status
-        self.elapsed = elapsed
-
-    def to_bytes(self) -> bytes:
-        """What a lease holder leaves for the replicas that waited on its fetch."""
-        return orjson.dumps(
-            [self.kind, self.status, self.message, self.retry_after, self.upstream_status]
-        )
-
-    @classmethod
-    def from_bytes(cls, data: bytes) -> UpstreamFailure:
-        """The failure another replica's fetch ended in."""
-        kind, status, message, retry_after, upstream_status = orjson.loads(data)
-        return cls(kind, status, message, retry_after=retry_after, upstream_status=upstream_status)
 
 
 def parse_retry_after(value: str | None) -> float | None:
@@ -183,7 +144,7 @@ class UpstreamClient:
                     )
             except TimeoutError:
                 raise UpstreamFailure(
-                    "timeout",
+                    FailureKind.TIMEOUT,
                     504,
                     "TeamUp did not answer in time",
                     elapsed=time.perf_counter() - started,
@@ -193,86 +154,16 @@ class UpstreamClient:
                 if attempt == 1 and isinstance(exc, aiohttp.ClientConnectorError):
                     continue
                 raise UpstreamFailure(
-                    "unreachable",
+                    FailureKind.UNREACHABLE,
                     502,
                     "TeamUp could not be reached",
                     elapsed=time.perf_counter() - started,
                 ) from None
             except aiohttp.ClientError:
                 raise UpstreamFailure(
-                    "unreachable",
+                    FailureKind.UNREACHABLE,
                     502,
                     "TeamUp gave an answer the proxy could not read",
                     elapsed=time.perf_counter() - started,
                 ) from None
         raise AssertionError("unreachable")  # pragma: no cover
-
-
-class UpstreamGuard:
-    """The company-wide budget on the credential, and the circuit opened by an upstream 429."""
-
-    BUDGET_KEY = "upstream"
-
-    def __init__(
-        self,
-        link: RedisLink,
-        limiter: FallbackLimiter,
-        rate: Rate,
-        prefix: str,
-        *,
-        default_wait: float,
-        clock: Callable[[], float] = time.time,
-        client: AnyRedis | None = None,
-    ) -> None:
-        self.link = link
-        self.client = client if client is not None else link.client
-        self.limiter = limiter
-        self.rate = rate
-        self.circuit_key = f"{prefix}circuit"
-        self.default_wait = default_wait
-        self._clock = clock
-        self._open_until = 0.0
-
-    async def circuit_wait(self) -> float:
-        """Seconds the circuit stays open (0 when closed), as every replica sees it."""
-        local = self.open_locally_for()
-        if local > 0:
-            return local
-        if not self.link.up or self.client is None:
-            return 0.0
-        try:
-            pttl = await self.client.pttl(self.circuit_key)
-        except REDIS_ERRORS as exc:
-            self.link.failed(exc, "circuit")
-            return 0.0
-        if pttl > 0:
-            self._open_until = self._clock() + pttl / 1000
-            return pttl / 1000
-        return 0.0
-
-    async def open_circuit(self, retry_after: float | None) -> float:
-        """Stop every replica calling TeamUp for its `Retry-After` (or the default wait)."""
-        wait = retry_after if retry_after and retry_after > 0 else self.default_wait
-        self._open_until = max(self._open_until, self._clock() + wait)
-        log.warning(
-            "TeamUp answered 429; circuit open",
-            extra={"event": "circuit_open", "wait_s": round(wait, 3)},
-        )
-        if self.link.up:
-            assert self.link.client is not None
-            try:
-                ms = max(1, int(wait * 1000))
-                # A shorter Retry-After from a concurrent 429 must not shorten the circuit.
-                if not await self.link.client.set(self.circuit_key, "1", px=ms, nx=True):
-                    await self.link.client.pexpire(self.circuit_key, ms, gt=True)
-            except REDIS_ERRORS as exc:
-                self.link.failed(exc, "circuit")
-        return wait
-
-    async def take(self) -> RateDecision:
-        """Spend one unit of the global budget, if one is left."""
-        return await self.limiter.hit(self.BUDGET_KEY, self.rate)
-
-    def open_locally_for(self) -> float:
-        """Seconds this process already knows the circuit stays open (no round trip)."""
-        return max(0.0, self._open_until - self._clock())

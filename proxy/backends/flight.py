@@ -9,25 +9,17 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-from .cache import CachedResponse, CacheStore
-from .redisconn import REDIS_ERRORS, AnyRedis, RedisLink
+from ..core.entry import CachedResponse
+from . import keys
+from .link import REDIS_ERRORS, AnyRedis, RedisLink
+from .scripts import load_script
+from .stores import CacheStore
 
 __all__ = ["LOCAL_TOKEN", "Failed", "LocalFlight", "RedisLease"]
 
 T = TypeVar("T")
 LOCAL_TOKEN = "local"
 
-# KEYS: the lease, the failure note. ARGV: token, failure (or ""), the note's lifetime in ms.
-_RELEASE = """
-if redis.call('get', KEYS[1]) ~= ARGV[1] then return 0 end
-redis.call('del', KEYS[1])
-if ARGV[2] ~= '' then
-  redis.call('set', KEYS[2], ARGV[2], 'PX', ARGV[3])
-else
-  redis.call('del', KEYS[2])
-end
-return 1
-"""
 # Long enough for every waiter to see the note (they look every few polls); a later holder's
 # release clears it, so a waiter never takes an older failure for its holder's.
 _FAILURE_NOTE_MS = 1000
@@ -88,15 +80,19 @@ class RedisLease:
         self.lease_ms = lease_ms
         self.wait_timeout = wait_timeout
         self.poll_interval = poll_interval
-        self._release = self.client.register_script(_RELEASE) if self.client is not None else None
+        self._release = (
+            self.client.register_script(load_script("release_lease"))
+            if self.client is not None
+            else None
+        )
 
     def lease_key(self, key: str) -> str:
         """The lease's Redis key (hash-tagged into the entry's Cluster slot)."""
-        return f"{self.prefix}l:{{{key}}}"
+        return keys.lease(self.prefix, key)
 
     def failure_key(self, key: str) -> str:
         """Where a failed holder leaves its failure for the replicas that waited on it."""
-        return f"{self.prefix}f:{{{key}}}"
+        return keys.failure(self.prefix, key)
 
     async def acquire(self, key: str) -> str | None:
         """A token if this replica may fetch `key` now; None while another replica holds it."""

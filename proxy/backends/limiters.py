@@ -1,0 +1,119 @@
+"""Keyed GCRA limiters: in memory, in Redis (one Lua script), and Redis-or-memory (fallback)."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+from ..core.gcra import EPSILON, Rate, RateDecision, gcra
+from . import keys
+from .link import REDIS_ERRORS, AnyRedis, RedisLink
+from .scripts import load_script
+
+__all__ = ["FallbackLimiter", "Limiter", "MemoryLimiter", "RedisLimiter"]
+
+
+class Limiter(Protocol):
+    """A keyed GCRA limiter."""
+
+    async def hit(self, key: str, rate: Rate, cost: int = 1) -> RateDecision:
+        """Spend `cost` from `key`'s bucket if it has room."""
+        ...
+
+    async def peek(self, key: str, rate: Rate) -> RateDecision:
+        """The bucket's state now, changing nothing."""
+        ...
+
+
+class MemoryLimiter:
+    """GCRA in process memory: the embedded store and the fallback while Redis is down."""
+
+    def __init__(
+        self, clock: Callable[[], float] = time.monotonic, max_keys: int = 100_000
+    ) -> None:
+        if max_keys < 1:
+            raise ValueError("max_keys must be ≥ 1")
+        self._clock = clock
+        self._max_keys = max_keys
+        self._tats: dict[str, float] = {}
+
+    def __len__(self) -> int:
+        return len(self._tats)
+
+    async def hit(self, key: str, rate: Rate, cost: int = 1) -> RateDecision:
+        """Spend `cost` from `key`'s bucket if it has room."""
+        now = self._clock()
+        tat, decision = gcra(self._tats.get(key), now, rate, cost)
+        if tat is not None:
+            # Re-insert so the dict's order is least recently spent first.
+            self._tats.pop(key, None)
+            self._tats[key] = tat
+            if len(self._tats) > self._max_keys:
+                self._prune(now)
+        return decision
+
+    async def peek(self, key: str, rate: Rate) -> RateDecision:
+        """The bucket's state now, changing nothing."""
+        return gcra(self._tats.get(key), self._clock(), rate, 0)[1]
+
+    def _prune(self, now: float) -> None:
+        """Forget full buckets (no loss), then the least recently spent ones."""
+        for key in [key for key, tat in self._tats.items() if tat <= now]:
+            del self._tats[key]
+        while len(self._tats) > self._max_keys:
+            del self._tats[next(iter(self._tats))]
+
+
+class RedisLimiter:
+    """GCRA in Redis: one atomic Lua script per check, Redis TIME as the shared clock."""
+
+    def __init__(self, client: AnyRedis, prefix: str) -> None:
+        self._prefix = prefix
+        self._script = client.register_script(load_script("gcra"))
+
+    async def hit(self, key: str, rate: Rate, cost: int = 1) -> RateDecision:
+        """Spend `cost` from `key`'s bucket if it has room."""
+        if cost < 0:
+            raise ValueError(f"cost must be ≥ 0, got {cost}")
+        args = [rate.period * 1000, rate.limit, cost, EPSILON * 1000]
+        allowed, remaining, reset_ms, retry_ms = await self._script(
+            keys=[keys.limiter(self._prefix, key)], args=args
+        )
+        retry_after = math.inf if cost > rate.limit else float(retry_ms) / 1000
+        return RateDecision(
+            bool(allowed), rate.limit, int(remaining), float(reset_ms) / 1000, retry_after
+        )
+
+    async def peek(self, key: str, rate: Rate) -> RateDecision:
+        """The bucket's state now, changing nothing."""
+        return await self.hit(key, rate, 0)
+
+
+class FallbackLimiter:
+    """The shared GCRA in Redis, or the same maths per process while Redis is down.
+
+    `share` divides a rate while falling back: the global upstream budget split by the assumed
+    replica count, so an outage cannot multiply what the company sends to TeamUp.
+    """
+
+    def __init__(
+        self,
+        link: RedisLink,
+        redis: RedisLimiter | None,
+        memory: MemoryLimiter,
+        share: Callable[[Rate], Rate] = lambda rate: rate,
+    ) -> None:
+        self.link = link
+        self.redis: Limiter | None = redis
+        self.memory = memory
+        self.share = share
+
+    async def hit(self, key: str, rate: Rate, cost: int = 1) -> RateDecision:
+        if self.redis is not None and self.link.up:
+            try:
+                return await self.redis.hit(key, rate, cost)
+            except REDIS_ERRORS as exc:
+                self.link.failed(exc, "ratelimit")
+        return await self.memory.hit(key, self.share(rate), cost)

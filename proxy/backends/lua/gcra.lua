@@ -1,0 +1,30 @@
+-- GCRA on one key; the same maths as proxy/core/gcra.py. Times in ms.
+-- ARGV: period, limit, cost, epsilon. Returns {allowed, remaining, reset_ms, retry_ms},
+-- the floats as strings, since Redis truncates Lua numbers to integers.
+local period = tonumber(ARGV[1])
+local limit = tonumber(ARGV[2])
+local cost = tonumber(ARGV[3])
+local eps = tonumber(ARGV[4])
+local interval = period / limit
+local time = redis.call('TIME')
+local now = tonumber(time[1]) * 1000 + tonumber(time[2]) / 1000
+local tat = tonumber(redis.call('GET', KEYS[1]))
+local level = 0
+if tat and tat > now then
+  level = tat - now
+end
+local wanted = level + cost * interval
+local allowed = cost <= limit and wanted <= period + eps
+local retry = 0
+if allowed then
+  level = wanted
+  if cost > 0 then
+    local ttl = math.max(1, math.ceil(level - eps))
+    redis.call('SET', KEYS[1], string.format('%.17g', now + level), 'PX', ttl)
+  end
+else
+  retry = wanted - period
+end
+local remaining = math.max(0, math.floor((period - level + eps) / interval))
+return {allowed and 1 or 0, remaining, string.format('%.17g', level),
+        string.format('%.17g', retry)}

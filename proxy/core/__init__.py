@@ -1,0 +1,1 @@
+"""Pure parts, no aiohttp and no Redis: contracts, canonical queries, entries, GCRA, failures."""

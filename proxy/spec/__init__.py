@@ -1,0 +1,1 @@
+"""Data: the OpenAPI documents (TeamUp's endpoints, and the proxy's own)."""

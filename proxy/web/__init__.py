@@ -1,0 +1,1 @@
+"""HTTP: the app and its routes, middleware, handlers, caller auth, errors, /openapi.json."""
