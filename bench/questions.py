@@ -18,8 +18,11 @@ from urllib.parse import parse_qsl, quote
 
 from multidict import MultiDict
 
-from proxy.core.contract import CanonicalQuery, parse_query
+from proxy.core.contract import CanonicalQuery
+from proxy.core.endpoints import load_endpoints
 from proxy.testing.mock import DEFAULT_COLUMNS, _credits
+
+CREDITS = load_endpoints()["customer_credits"].contract
 
 __all__ = ["STYLES", "Question", "Replay", "build_replay", "canonical_key", "make_questions"]
 
@@ -172,7 +175,7 @@ def spell(q: Question, style: int, seed: int) -> str:
 
 def canonical_key(query_string: str) -> str:
     """The cache key teamup-proxy derives from a query string (raises if it is invalid)."""
-    parsed = parse_query(MultiDict(parse_qsl(query_string, keep_blank_values=True)))
+    parsed = CREDITS.parse(MultiDict(parse_qsl(query_string, keep_blank_values=True)))
     if not isinstance(parsed, CanonicalQuery):
         raise ValueError(f"invalid bench query {query_string!r}: {parsed.field_errors}")
     return parsed.cache_key()

@@ -31,19 +31,19 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        self._request_children: dict[tuple[str, int, str], tuple[Counter, Histogram]] = {}
-        self._client_children: dict[str, Counter] = {}
+        self._request_children: dict[tuple[str, str, int, str], tuple[Counter, Histogram]] = {}
+        self._client_children: dict[tuple[str, str], Counter] = {}
         r = self.registry
         self.requests = Counter(
             "teamup_proxy_requests_total",
-            "Answered requests by route, status and cache outcome",
-            ["route", "status", "cache"],
+            "Answered requests by route, report, status and cache outcome",
+            ["route", "report", "status", "cache"],
             registry=r,
         )
         self.client_requests = Counter(
             "teamup_proxy_client_requests_total",
-            "Authenticated report requests by client",
-            ["client"],
+            "Authenticated report requests by client and report",
+            ["client", "report"],
             registry=r,
         )
         self.request_seconds = Histogram(
@@ -55,8 +55,8 @@ class Metrics:
         )
         self.upstream_requests = Counter(
             "teamup_proxy_upstream_requests_total",
-            "Calls to TeamUp by status (or timeout / unreachable)",
-            ["status"],
+            "Calls to TeamUp by report and status (or timeout / unreachable / …)",
+            ["report", "status"],
             registry=r,
         )
         self.upstream_seconds = Histogram(
@@ -97,24 +97,30 @@ class Metrics:
             registry=r,
         )
 
-    def count_request(self, route: str, status: int, cache: str, seconds: float) -> None:
-        """Count one answer (labelled children are cached: `labels()` is slow on a hot path)."""
-        key = (route, status, cache)
+    def count_request(
+        self, route: str, report: str, status: int, cache: str, seconds: float
+    ) -> None:
+        """Count one answer (labelled children are cached: `labels()` is slow on a hot path).
+
+        `report` is one of the document's report names or "none": a bounded label.
+        """
+        key = (route, report, status, cache)
         children = self._request_children.get(key)
         if children is None:
             children = (
-                self.requests.labels(route, str(status), cache),
+                self.requests.labels(route, report, str(status), cache),
                 self.request_seconds.labels(route),
             )
             self._request_children[key] = children
         children[0].inc()
         children[1].observe(seconds)
 
-    def count_client(self, client: str) -> None:
+    def count_client(self, client: str, report: str) -> None:
         """Count one authenticated report request of `client`."""
-        child = self._client_children.get(client)
+        child = self._client_children.get((client, report))
         if child is None:
-            child = self._client_children[client] = self.client_requests.labels(client)
+            child = self.client_requests.labels(client, report)
+            self._client_children[(client, report)] = child
         child.inc()
 
     def render(self) -> bytes:

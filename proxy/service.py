@@ -9,12 +9,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import orjson
+
 from .backends.flight import Failed, LocalFlight, RedisLease
 from .backends.limiters import FallbackLimiter
 from .backends.stores import CacheStore, MemoryCacheStore
-from .core.contract import CanonicalQuery
+from .core.contract import CanonicalQuery, QueryErrors
+from .core.endpoints import Endpoints
 from .core.entry import CachedResponse, is_cacheable
 from .core.failures import FailureKind, UpstreamFailure
+from .core.gcra import Rate, RateDecision
 from .metrics import Metrics
 from .settings import ClientConfig, Settings
 from .upstream.client import UpstreamClient
@@ -79,6 +83,7 @@ class ReportService:
         upstream: UpstreamClient,
         limiter: FallbackLimiter,
         metrics: Metrics,
+        endpoints: Endpoints,
         clock: Callable[[], float] = time.time,
         batched_writes: bool = False,
     ) -> None:
@@ -97,7 +102,57 @@ class ReportService:
         self._background: set[asyncio.Task[None]] = set()
         self._refresh_after: dict[str, float] = {}
         self._refreshing: set[str] = set()
-        self._physical_ttl = settings.cache_ttl + settings.cache_stale_ttl
+        self._paths = {report: endpoint.path for report, endpoint in endpoints.items()}
+        # (fresh, stale window, physical lifetime) per report, resolved once.
+        self._ttls = {}
+        for report in endpoints:
+            fresh, stale = settings.report_ttls(report)
+            self._ttls[report] = (fresh, stale, fresh + stale)
+
+    async def serve(
+        self,
+        caller: Caller,
+        parsed: CanonicalQuery | QueryErrors,
+        request_id: str,
+        *,
+        bypass: bool = False,
+    ) -> tuple[Rate, RateDecision, Answer]:
+        """One report request: the caller's limit alongside the lookup, then the answer.
+
+        The limit and the cache lookup go out in one Redis round trip (auto-pipelining); an L1
+        hit needs only the limit. A refused caller costs at most one wasted GET.
+        """
+        rate = caller.config.rate or self.settings.rate_limit
+        limit_key = f"client:{caller.name}"
+        answer = None
+        cached = None
+        if isinstance(parsed, QueryErrors):
+            decision = await self.limiter.hit(limit_key, rate)
+        else:
+            key = parsed.cache_key()
+            answer = None if bypass else self.l1_hit(key)
+            if answer is not None:
+                decision = await self.limiter.hit(limit_key, rate)
+            else:
+                decision, cached = await asyncio.gather(
+                    self.limiter.hit(limit_key, rate), self.store.get(key)
+                )
+        if not decision.allowed:
+            self.metrics.rejections.labels(caller.name, "client").inc()
+            rejected = self._error(
+                429,
+                "rate_limited",
+                f"Client {caller.name!r} is over its rate of {rate}. Retry later.",
+            )
+            rejected.headers["Retry-After"] = decision.retry_after_header
+            rejected.cache = "rejected"
+            return rate, decision, rejected
+        if isinstance(parsed, QueryErrors):
+            invalid = Answer(400, orjson.dumps(parsed.body()), {"Content-Type": JSON}, "rejected")
+            return rate, decision, invalid
+        if answer is None:
+            answer = await self.answer(caller, parsed, request_id, cached, bypass=bypass)
+        return rate, decision, answer
 
     def bypasses(self, no_cache: bool) -> bool:
         """Whether a caller's `Cache-Control: no-cache` makes this request skip the cache."""
@@ -111,16 +166,13 @@ class ReportService:
         now = self.clock()
         return self._hit(entry, now) if entry is not None and entry.is_fresh(now) else None
 
-    async def lookup(self, key: str) -> CachedResponse | None:
-        """The stored entry, fresh or stale (the handler runs this alongside the caller's limit)."""
-        return await self.store.get(key)
-
-    async def purge(self, key: str | None = None) -> int:
-        """Drop one entry (or every entry) from the store and from this process's L1."""
+    async def purge(self, key: str | None = None, *, report: str | None = None) -> int:
+        """Drop one entry, every entry of one report, or everything, from the store and from
+        this process's L1."""
         if key is None:
             if self.l1 is not None:
-                self.l1.clear_now()
-            return await self.store.clear()
+                self.l1.clear_now(report)
+            return await self.store.clear(report)
         if self.l1 is not None:
             await self.l1.delete(key)
         return int(await self.store.delete(key))
@@ -138,7 +190,8 @@ class ReportService:
         key = query.cache_key()
         now = self.clock()
         usable = cached
-        if usable is not None and now >= usable.fresh_until + self.settings.cache_stale_ttl:
+        _fresh, stale_ttl, _physical = self._ttls[query.report]
+        if usable is not None and now >= usable.fresh_until + stale_ttl:
             # Past its stale window by our clock; Redis expires entries on its own clock.
             usable = None
         if usable is not None and not bypass:
@@ -228,16 +281,17 @@ class ReportService:
             if token is not None:
                 await self.leases.release(key, token)
             raise
+        physical_ttl = self._ttls[query.report][2]
         if self._batched_writes and fetched.stored and token is not None:
             # Queued in this order in one loop turn, they go out as one pipeline, in order:
             # the entry is there before the waiters see the lease gone.
             await asyncio.gather(
-                self.store.set(key, fetched.entry, self._physical_ttl),
+                self.store.set(key, fetched.entry, physical_ttl),
                 self.leases.release(key, token),
             )
         else:
             if fetched.stored:
-                await self.store.set(key, fetched.entry, self._physical_ttl)
+                await self.store.set(key, fetched.entry, physical_ttl)
             if token is not None:
                 await self.leases.release(key, token)
         if fetched.stored:
@@ -271,16 +325,17 @@ class ReportService:
         fmt = query.get("format")
         try:
             response = await self.upstream.fetch(
+                self._paths[query.report],
                 query.upstream_query(self.settings.upstream_array_style),
                 fmt=fmt if isinstance(fmt, str) else "csv",
                 request_id=request_id,
             )
         except UpstreamFailure as failure:
-            self.metrics.upstream_requests.labels(failure.kind).inc()
+            self.metrics.upstream_requests.labels(query.report, failure.kind).inc()
             if failure.elapsed is not None:
                 self.metrics.upstream_seconds.observe(failure.elapsed)
             raise
-        self.metrics.upstream_requests.labels(str(response.status)).inc()
+        self.metrics.upstream_requests.labels(query.report, str(response.status)).inc()
         self.metrics.upstream_seconds.observe(response.elapsed)
         upstream_ms = response.elapsed * 1000
         if response.status == 429:
@@ -315,18 +370,19 @@ class ReportService:
                 elapsed=response.elapsed,
             )
         now = self.clock()
+        fresh_ttl, _stale, physical_ttl = self._ttls[query.report]
         entry = CachedResponse(
             response.status,
             response.headers,
             response.body,
             now,
-            now + self.settings.cache_ttl,
+            now + fresh_ttl,
         )
         headers = dict(response.headers)
         headers["Cache-Control"] = response.cache_control
         if response.set_cookie:
             headers["Set-Cookie"] = "1"
-        stored = self._physical_ttl > 0 and is_cacheable(
+        stored = physical_ttl > 0 and is_cacheable(
             response.status, headers, len(response.body), self.settings.cache_max_body_bytes
         )
         return Fetched(entry, stored, False, response.status, upstream_ms)

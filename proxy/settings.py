@@ -7,6 +7,7 @@ import re
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
+import orjson
 from pydantic import (
     BaseModel,
     BeforeValidator,
@@ -20,9 +21,10 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from .core.endpoints import load_endpoints
 from .core.gcra import Rate, parse_rate
 
-__all__ = ["ClientConfig", "Settings", "SettingsError", "load_settings"]
+__all__ = ["ClientConfig", "ReportConfig", "Settings", "SettingsError", "load_settings"]
 
 DEFAULT_SECRETS_DIR = "/run/secrets"
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
@@ -42,16 +44,62 @@ def _check_sha256(value: str) -> str:
     return value
 
 
+def _known_reports(names: list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    known = load_endpoints()
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise ValueError(f"unknown report(s) {', '.join(unknown)}; known: {', '.join(known)}")
+    return tuple(dict.fromkeys(names))
+
+
 class ClientConfig(BaseModel):
-    """One calling app: the SHA-256 of its key, and optional limits of its own."""
+    """One calling app: the SHA-256 of its key, optional limits, and the reports it may read."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     key_sha256: str
     rate: RateSetting | None = None
     upstream_rate: RateSetting | None = None
+    # None: every enabled report. Least privilege: list only what the app needs.
+    reports: tuple[str, ...] | None = None
 
     _check_key = field_validator("key_sha256")(_check_sha256)
+
+    @field_validator("reports")
+    @classmethod
+    def _check_reports(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        return None if value is None else _known_reports(value)
+
+    def may_read(self, report: str) -> bool:
+        """Whether this client may read `report`."""
+        return self.reports is None or report in self.reports
+
+
+class ReportConfig(BaseModel):
+    """Per-report overrides of the cache lifetimes (unset: the global ones)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    cache_ttl: int | None = Field(None, ge=0)
+    cache_stale_ttl: int | None = Field(None, ge=0)
+
+
+def _to_report_list(value: Any) -> Any:
+    """`all`, a comma-separated list, or a JSON list."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            try:
+                return orjson.loads(text)
+            except orjson.JSONDecodeError:
+                raise ValueError("is not a valid JSON list") from None
+        if text.lower() in ("", "all", "*"):
+            return None
+        return [part.strip() for part in text.split(",") if part.strip()]
+    return value
+
+
+ReportList = Annotated[tuple[str, ...] | None, NoDecode, BeforeValidator(_to_report_list)]
 
 
 class Settings(BaseSettings):
@@ -94,6 +142,10 @@ class Settings(BaseSettings):
     flight_wait_timeout: float | None = Field(None, gt=0)
 
     clients: dict[str, ClientConfig] = Field(default_factory=dict)
+    reports_enabled: Annotated[
+        tuple[str, ...] | None, NoDecode, BeforeValidator(_to_report_list)
+    ] = None
+    reports: dict[str, ReportConfig] = Field(default_factory=dict)
     rate_limit: RateSetting = Field(default_factory=lambda: parse_rate("120/minute"))
     replicas_hint: int = Field(1, ge=1, le=1000)
     admin_key_sha256: str | None = None
@@ -162,6 +214,17 @@ class Settings(BaseSettings):
     def _upper_level(cls, value: Any) -> Any:
         return value.upper() if isinstance(value, str) else value
 
+    @field_validator("reports_enabled")
+    @classmethod
+    def _check_enabled(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        return None if value is None else _known_reports(value)
+
+    @field_validator("reports")
+    @classmethod
+    def _check_report_names(cls, value: dict[str, ReportConfig]) -> dict[str, ReportConfig]:
+        _known_reports(tuple(value))
+        return value
+
     @field_validator("clients")
     @classmethod
     def _unique_keys(cls, value: dict[str, ClientConfig]) -> dict[str, ClientConfig]:
@@ -184,6 +247,22 @@ class Settings(BaseSettings):
         if self.admin_key_sha256 is not None and self.admin_key_sha256 in digests:
             raise ValueError("PROXY_ADMIN_KEY_SHA256 must not be a client's key")
         return self
+
+    @property
+    def enabled_reports(self) -> frozenset[str] | None:
+        """The reports routed (None: every report of the document)."""
+        return None if self.reports_enabled is None else frozenset(self.reports_enabled)
+
+    def report_ttls(self, report: str) -> tuple[int, int]:
+        """(fresh, stale window) in seconds for `report`: its own, else the global ones."""
+        own = self.reports.get(report)
+        fresh = own.cache_ttl if own is not None and own.cache_ttl is not None else self.cache_ttl
+        stale = (
+            own.cache_stale_ttl
+            if own is not None and own.cache_stale_ttl is not None
+            else self.cache_stale_ttl
+        )
+        return fresh, stale
 
     @property
     def upstream_budget(self) -> Rate:

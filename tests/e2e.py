@@ -4,11 +4,17 @@ from __future__ import annotations
 
 from typing import Any
 
+from multidict import MultiMapping
+
+from proxy.core.contract import CanonicalQuery, Contract, QueryErrors
+from proxy.core.endpoints import load_endpoints
 from proxy.settings import Settings
 from proxy.web.auth import hash_key
 
 __all__ = [
     "ADMIN_KEY",
+    "COLUMNS",
+    "CREDITS",
     "KEY",
     "OTHER_KEY",
     "REPORT",
@@ -16,6 +22,7 @@ __all__ = [
     "FakeClock",
     "auth",
     "make_settings",
+    "parse_query",
 ]
 
 TOKEN = "upstream-SECRET-7f3a9c"
@@ -23,6 +30,14 @@ KEY = "billing-key-1b2c3d"
 OTHER_KEY = "crm-key-4e5f6a"
 ADMIN_KEY = "admin-key-9z8y7x"
 REPORT = "/api/v2/reports/customer_credits/data"
+# The first endpoint's contract: most end-to-end tests ask the customer credits report.
+CREDITS: Contract = load_endpoints()["customer_credits"].contract
+COLUMNS = CREDITS.columns
+
+
+def parse_query(raw: MultiMapping[str]) -> CanonicalQuery | QueryErrors:
+    """The customer credits contract applied to a decoded query."""
+    return CREDITS.parse(raw)
 
 
 def auth(key: str = KEY) -> dict[str, str]:

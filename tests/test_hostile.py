@@ -23,10 +23,10 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from yarl import URL
 
-from proxy.core.contract import COLUMNS, MAX_QUERY_BYTES, CanonicalQuery, parse_query
+from proxy.core.contract import MAX_QUERY_BYTES, CanonicalQuery
 from proxy.testing.mock import MockState
 from tests.conftest import MakeProxy
-from tests.e2e import ADMIN_KEY, KEY, OTHER_KEY, REPORT, TOKEN, auth
+from tests.e2e import ADMIN_KEY, COLUMNS, KEY, OTHER_KEY, REPORT, TOKEN, auth, parse_query
 from tests.faults.harness import (
     MockProcess,
     RawAnswer,

@@ -25,10 +25,10 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from proxy.core.contract import _INT_CEILING, _SCHEMA
+from proxy.core.contract import INT_CEILING
 from proxy.testing.mock import MockState
 from tests.conftest import MakeProxy
-from tests.e2e import REPORT, auth
+from tests.e2e import CREDITS, REPORT, auth
 from tests.procs import ProxyProcess
 
 DOCUMENT: dict[str, Any] = json.loads(
@@ -77,8 +77,8 @@ def test_the_document_is_valid_openapi_3_1() -> None:
 def test_every_parameter_follows_the_query_contract() -> None:
     for path in REPORT_PATHS:
         params = report_parameters(path)
-        assert set(params) == {*_SCHEMA, "X-Request-ID"}
-        for name, rule in _SCHEMA.items():
+        assert set(params) == {*CREDITS.params, "X-Request-ID"}
+        for name, rule in CREDITS.params.items():
             param = params[name]
             assert param["in"] == "query" and not param.get("required", False)
             schema = param["schema"]
@@ -91,7 +91,7 @@ def test_every_parameter_follows_the_query_contract() -> None:
                 assert schema.get("minimum") == rule.minimum or (
                     rule.minimum is None and schema["minimum"] == 0
                 )
-                assert schema["maximum"] == (_INT_CEILING if rule.maximum is None else rule.maximum)
+                assert schema["maximum"] == (INT_CEILING if rule.maximum is None else rule.maximum)
             elif rule.kind == "datetime":
                 assert schema == {"type": "string", "format": "date-time"}
             elif rule.kind == "enum":

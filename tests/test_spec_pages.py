@@ -20,8 +20,9 @@ from typing import Any
 import pytest
 from openapi_spec_validator import validate
 
-from proxy import query
-from proxy.mock_upstream import DEFAULT_COLUMNS
+from proxy.core.contract import MAX_ARRAY_ITEMS, Param
+from proxy.core.endpoints import load_endpoints
+from proxy.testing.mock import DEFAULT_COLUMNS
 from tests.spec_pages import (
     COLUMN_TYPES,
     DOCUMENT,
@@ -136,7 +137,7 @@ def test_every_array_parameter_says_how_it_is_canonicalised() -> None:
                 continue
             assert param["x-canonical"] in CANONICAL, where
             assert (param["style"], param["explode"]) == ("form", True), where
-            assert schema["maxItems"] <= query.MAX_ARRAY_ITEMS, where
+            assert schema["maxItems"] <= MAX_ARRAY_ITEMS, where
             if name in ("columns", "sort"):
                 assert param["x-canonical"] == "ordered", where
             assert param.get("x-sort", False) == (name == "sort"), where
@@ -238,20 +239,60 @@ _KINDS = {
 }
 
 
+# The customer credits contract as the proxy enforced it before every report was data
+# (restated, not imported: it is the oracle for both the document and the builder).
+CREDIT_COLUMNS = (
+    "customer_id",
+    "customer.id",
+    "customer",
+    "customer_name",
+    "customer.name",
+    "customer_email",
+    "customer.email",
+    "created_at",
+    "amount",
+    "balance",
+    "memo",
+)
+TODAYS_CREDITS = {
+    param.name: param
+    for param in (
+        Param("columns", "enum", array=True, choices=CREDIT_COLUMNS),
+        Param("created_at_gte", "datetime"),
+        Param("created_at_lte", "datetime"),
+        Param("created_at_timeframe", "text", max_length=100),
+        Param("customers", "int", array=True, ordered=False, minimum=1),
+        Param("format", "enum", default="csv", choices=("csv", "json")),
+        Param("id_gt", "int", minimum=0),
+        Param("limit", "int", default=50, minimum=1, maximum=100),
+        Param("offset", "int", default=0, minimum=0),
+        Param("page", "int", minimum=1),
+        Param("page_size", "int", minimum=0, maximum=100),
+        Param("sort", "enum", array=True, choices=CREDIT_COLUMNS, descending_prefix=True),
+    )
+}
+
+
+def test_the_built_customer_credits_contract_is_todays() -> None:
+    contract = load_endpoints()["customer_credits"].contract
+    assert dict(contract.params) == TODAYS_CREDITS
+    assert contract.ranges == (("created_at_gte", "created_at_lte"),)
+
+
 def test_customer_credits_is_todays_contract() -> None:
     operation = OPERATIONS[path_for("customer_credits")]
     params = _params(operation)
-    assert set(params) == set(query._SCHEMA)
-    assert operation["x-columns"] == list(query.COLUMNS)
+    assert set(params) == set(TODAYS_CREDITS)
+    assert operation["x-columns"] == list(CREDIT_COLUMNS)
     assert operation["x-ranges"] == [["created_at_gte", "created_at_lte"]]
-    for name, rule in query._SCHEMA.items():
+    for name, rule in TODAYS_CREDITS.items():
         param = params[name]
         schema = param["schema"]
         assert (schema["type"] == "array") == rule.array, name
         item = schema["items"] if rule.array else schema
         assert {key: item[key] for key in ("type", "format") if key in item} == _KINDS[rule.kind]
         if rule.array:
-            assert schema["maxItems"] == query.MAX_ARRAY_ITEMS, name
+            assert schema["maxItems"] == MAX_ARRAY_ITEMS, name
             assert param["x-canonical"] == ("ordered" if rule.ordered else "set"), name
         if rule.descending_prefix:
             assert param["x-sort"] is True and list(rule.choices) == operation["x-columns"]

@@ -6,6 +6,8 @@ live in one slot (the lease release script touches two of them atomically).
 
 from __future__ import annotations
 
+from ..core.contract import report_key_prefix
+
 __all__ = ["PREFIX", "circuit", "entries", "entry", "failure", "lease", "limiter"]
 
 PREFIX = "teamup-proxy:"
@@ -18,8 +20,8 @@ def entry(prefix: str, key: str) -> str:
 
 
 def entries(prefix: str, report: str | None = None) -> str:
-    """A SCAN pattern for every entry, or every entry of one report (keys are `v2:<report>:…`)."""
-    return f"{prefix}c:*" if report is None else f"{prefix}c:{{*:{report}:*"
+    """A SCAN pattern for every entry, or every entry of one report."""
+    return f"{prefix}c:*" if report is None else f"{prefix}c:{{{report_key_prefix(report)}*"
 
 
 def lease(prefix: str, key: str) -> str:

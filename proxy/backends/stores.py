@@ -7,6 +7,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Protocol
 
+from ..core.contract import report_key_prefix
 from ..core.entry import CachedResponse
 from . import keys
 from .link import REDIS_ERRORS, AnyRedis, RedisLink
@@ -23,7 +24,7 @@ class CacheStore(Protocol):
 
     async def delete(self, key: str) -> bool: ...
 
-    async def clear(self) -> int: ...
+    async def clear(self, report: str | None = None) -> int: ...
 
 
 class MemoryCacheStore:
@@ -73,10 +74,18 @@ class MemoryCacheStore:
         self._bytes -= len(item[1].body)
         return True
 
-    def clear_now(self) -> None:
-        """Drop everything, synchronously."""
-        self._data.clear()
-        self._bytes = 0
+    def clear_now(self, report: str | None = None) -> int:
+        """Drop everything (or every entry of one report), synchronously; how many went."""
+        if report is None:
+            count = len(self._data)
+            self._data.clear()
+            self._bytes = 0
+            return count
+        prefix = report_key_prefix(report)
+        doomed = [key for key in self._data if key.startswith(prefix)]
+        for key in doomed:
+            self._drop(key)
+        return len(doomed)
 
     def __len__(self) -> int:
         return len(self._data)
@@ -90,10 +99,8 @@ class MemoryCacheStore:
     async def delete(self, key: str) -> bool:
         return self._drop(key)
 
-    async def clear(self) -> int:
-        count = len(self._data)
-        self.clear_now()
-        return count
+    async def clear(self, report: str | None = None) -> int:
+        return self.clear_now(report)
 
 
 class RedisCacheStore:
@@ -117,11 +124,13 @@ class RedisCacheStore:
     async def delete(self, key: str) -> bool:
         return bool(await self.client.unlink(self.entry_key(key)))
 
-    async def clear(self) -> int:
-        """Remove every entry with SCAN + UNLINK in batches (never KEYS, never a blocking DEL)."""
+    async def clear(self, report: str | None = None) -> int:
+        """Remove every entry (or one report's) with SCAN + UNLINK in batches (never KEYS,
+        never a blocking DEL)."""
         removed = 0
         batch: list[bytes] = []
-        async for name in self.client.scan_iter(match=keys.entries(self.prefix), count=500):
+        pattern = keys.entries(self.prefix, report)
+        async for name in self.client.scan_iter(match=pattern, count=500):
             batch.append(name)
             if len(batch) >= 500:
                 removed += await self.client.unlink(*batch)
@@ -167,11 +176,11 @@ class FallbackCacheStore:
                 self.link.failed(exc, "cache_delete")
         return removed
 
-    async def clear(self) -> int:
-        removed = await self.memory.clear()
+    async def clear(self, report: str | None = None) -> int:
+        removed = await self.memory.clear(report)
         if self.redis is not None and self.link.up:
             try:
-                removed += await self.redis.clear()
+                removed += await self.redis.clear(report)
             except REDIS_ERRORS as exc:
                 self.link.failed(exc, "cache_clear")
         return removed

@@ -1,93 +1,78 @@
-"""The query contract: validate the report's parameters and turn them into one canonical form."""
+"""The query contract: validate one endpoint's parameters and turn them into one canonical form.
+
+A `Contract` is built from the endpoint's OpenAPI operation (`contract_from_operation`): the
+parameter table is data, not code. `Contract.parse` returns a value or the errors, never raises.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
-from typing import Literal, TypeVar
+from datetime import date, datetime, timedelta
+from typing import Any, Literal, TypeVar
 from urllib.parse import quote
 
 import orjson
 from multidict import MultiMapping
 
 __all__ = [
-    "COLUMNS",
+    "KEY_VERSION",
     "MAX_ARRAY_ITEMS",
     "MAX_QUERY_BYTES",
     "ArrayStyle",
     "CanonicalQuery",
+    "Contract",
+    "Param",
     "QueryErrors",
     "Value",
-    "parse_query",
+    "contract_from_operation",
+    "report_key_prefix",
 ]
 
 MAX_QUERY_BYTES = 4096
 MAX_ARRAY_ITEMS = 200
+# Part of every cache key: bump it when the canonical encoding changes, and old entries are
+# simply never read again (they expire on their own).
+KEY_VERSION = "v2"
+
+
+def report_key_prefix(report: str) -> str:
+    """What every cache key of `report` starts with (for purging one report)."""
+    return f"{KEY_VERSION}:{report}:"
+
 
 ArrayStyle = Literal["comma", "repeat"]
-Value = str | int | tuple[str, ...] | tuple[int, ...]
+Kind = Literal["int", "bool", "date", "datetime", "enum", "text"]
+Value = str | int | bool | tuple[str, ...] | tuple[int, ...]
 
 _T = TypeVar("_T", int, str)
 
 # Parameters without a documented maximum are still database ids or counts: nothing beyond a
 # signed 64-bit integer can mean anything upstream, and the cap keeps the cache key encodable.
-_INT_CEILING = 2**63 - 1
-_MAX_TEXT_LENGTH = 100
+INT_CEILING = 2**63 - 1
 _SHOWN_CHARS = 40
-
-# The report's column keys (also what `sort` may name, with an optional "-").
-COLUMNS = (
-    "customer_id",
-    "customer.id",
-    "customer",
-    "customer_name",
-    "customer.name",
-    "customer_email",
-    "customer.email",
-    "created_at",
-    "amount",
-    "balance",
-    "memo",
-)
 
 
 @dataclass(frozen=True, slots=True)
-class _Param:
-    """One query parameter of the report: how its values are read and compared."""
+class Param:
+    """One query parameter of an endpoint: how its values are read and compared."""
 
     name: str
-    kind: Literal["int", "datetime", "enum", "text"]
+    kind: Kind
     array: bool = False
     ordered: bool = True
-    default: str | int | None = None
+    default: str | int | bool | None = None
     minimum: int | None = None
     maximum: int | None = None
     choices: tuple[str, ...] = ()
     descending_prefix: bool = False
     max_length: int | None = None
+    required: bool = False
+    min_items: int = 0
+    max_items: int = MAX_ARRAY_ITEMS
 
-
-_SCHEMA: dict[str, _Param] = {
-    param.name: param
-    for param in (
-        _Param("columns", "enum", array=True, choices=COLUMNS),
-        _Param("created_at_gte", "datetime"),
-        _Param("created_at_lte", "datetime"),
-        _Param("created_at_timeframe", "text", max_length=_MAX_TEXT_LENGTH),
-        _Param("customers", "int", array=True, ordered=False, minimum=1),
-        _Param("format", "enum", default="csv", choices=("csv", "json")),
-        _Param("id_gt", "int", minimum=0),
-        # The spec only caps limit at 100; a page of 0 rows answers nothing, so 1 is the floor.
-        _Param("limit", "int", default=50, minimum=1, maximum=100),
-        _Param("offset", "int", default=0, minimum=0),
-        _Param("page", "int", minimum=1),
-        _Param("page_size", "int", minimum=0, maximum=100),
-        _Param("sort", "enum", array=True, choices=COLUMNS, descending_prefix=True),
-    )
-}
 
 _DIGITS = re.compile(r"[0-9]+")
 # C0 and C1 control characters, and lone surrogates (they cannot be encoded as UTF-8).
@@ -104,14 +89,20 @@ _DATETIME = re.compile(
 _DATETIME_FORMAT = "YYYY-MM-DDThh:mm[:ss[.uuuuuu]] followed by Z, +HH:MM or -HH:MM"
 
 
+_BOOLEANS = {"true": True, "1": True, "false": False, "0": False}
+_DATE = re.compile(r"(?P<year>[0-9]{4})-(?P<month>[0-9]{2})-(?P<day>[0-9]{2})")
+
+
 class _Invalid(Exception):
     """A value that breaks the contract; the arguments are the messages for the caller."""
 
 
 @dataclass(frozen=True, slots=True)
 class CanonicalQuery:
-    """A valid query in canonical form: sorted by name, typed values, defaults dropped."""
+    """A valid query of one report in canonical form: sorted by name, typed values, defaults
+    dropped."""
 
+    report: str
     items: tuple[tuple[str, Value], ...]
     _key: str = field(init=False, repr=False, compare=False)
 
@@ -119,14 +110,15 @@ class CanonicalQuery:
         items = tuple(sorted(self.items, key=lambda item: item[0]))
         object.__setattr__(self, "items", items)
         encoded = orjson.dumps([[name, value] for name, value in items])
-        object.__setattr__(self, "_key", "v1:" + hashlib.sha256(encoded).hexdigest())
+        digest = hashlib.sha256(encoded).hexdigest()
+        object.__setattr__(self, "_key", report_key_prefix(self.report) + digest)
 
     def canonical_string(self) -> str:
         """The canonical query string (comma arrays, percent-encoded, header-safe ASCII)."""
         return self.upstream_query("comma")
 
     def cache_key(self) -> str:
-        """`v1:` and the SHA-256 of an unambiguous encoding of the typed values."""
+        """`v2:<report>:` and the SHA-256 of an unambiguous encoding of the typed values."""
         return self._key
 
     def upstream_query(self, style: ArrayStyle) -> str:
@@ -169,63 +161,153 @@ class QueryErrors:
         }
 
 
-def parse_query(raw: MultiMapping[str]) -> CanonicalQuery | QueryErrors:
-    """Validate a decoded query (e.g. aiohttp's `request.query`) and canonicalise it."""
-    errors: dict[str, list[str]] = {}
-    grouped: dict[str, list[str]] = {}
-    for key, text in raw.items():
-        name = key.removesuffix("[]")
-        param = _SCHEMA.get(name)
-        if param is None or (name != key and not param.array):
-            _add(errors, _SURROGATE.sub("\ufffd", key), "Unknown parameter.")
-            continue
-        grouped.setdefault(name, []).append(text)
+@dataclass(frozen=True, slots=True)
+class Contract:
+    """One endpoint's parameters, the `[low, high]` pairs that must be ordered, and its columns."""
 
-    values: dict[str, Value] = {}
-    moments: dict[str, datetime] = {}
-    for name, texts in grouped.items():
-        param = _SCHEMA[name]
-        try:
-            if param.array:
-                values[name] = _parse_array(param, texts)
-            elif len(texts) > 1:
-                raise _Invalid("This parameter may be given only once.")
-            elif param.kind == "datetime":
-                moments[name] = _parse_datetime(_checked(texts[0]))
-                values[name] = _format_datetime(moments[name])
-            else:
-                values[name] = _SCALAR_PARSERS[param.kind](param, _checked(texts[0]))
-        except _Invalid as invalid:
-            for message in invalid.args:
-                _add(errors, name, message)
+    report: str
+    params: Mapping[str, Param]
+    ranges: tuple[tuple[str, str], ...] = ()
+    columns: tuple[str, ...] = ()
 
-    start, end = moments.get("created_at_gte"), moments.get("created_at_lte")
-    if start is not None and end is not None and start > end:
-        _add(errors, "created_at_gte", "Must not be later than created_at_lte.")
+    def parse(self, raw: MultiMapping[str]) -> CanonicalQuery | QueryErrors:
+        """Validate a decoded query (e.g. aiohttp's `request.query`) and canonicalise it."""
+        schema = self.params
+        errors: dict[str, list[str]] = {}
+        grouped: dict[str, list[str]] = {}
+        for key, text in raw.items():
+            name = key.removesuffix("[]")
+            param = schema.get(name)
+            if param is None or (name != key and not param.array):
+                _add(errors, _SURROGATE.sub("\ufffd", key), "Unknown parameter.")
+                continue
+            grouped.setdefault(name, []).append(text)
 
-    if errors:
-        return QueryErrors(dict(sorted(errors.items())))
-    return CanonicalQuery(
-        tuple(
-            (name, value)
-            for name, value in values.items()
-            if _SCHEMA[name].default is None or value != _SCHEMA[name].default
+        values: dict[str, Value] = {}
+        ordered: dict[str, date | datetime] = {}
+        for name, texts in grouped.items():
+            param = schema[name]
+            try:
+                if param.array:
+                    values[name] = _parse_array(param, texts)
+                elif len(texts) > 1:
+                    raise _Invalid("This parameter may be given only once.")
+                elif param.kind == "datetime":
+                    moment = _parse_datetime(_checked(texts[0]))
+                    ordered[name] = moment
+                    values[name] = _format_datetime(moment)
+                elif param.kind == "date":
+                    day = _parse_date(_checked(texts[0]))
+                    ordered[name] = day
+                    values[name] = day.isoformat()
+                else:
+                    values[name] = _SCALAR_PARSERS[param.kind](param, _checked(texts[0]))
+            except _Invalid as invalid:
+                for message in invalid.args:
+                    _add(errors, name, message)
+
+        for name, param in schema.items():
+            if param.required and name not in grouped:
+                _add(errors, name, "This parameter is required.")
+        for low, high in self.ranges:
+            start, end = ordered.get(low), ordered.get(high)
+            if start is not None and end is not None and start > end:
+                _add(errors, low, f"Must not be later than {high}.")
+
+        if errors:
+            return QueryErrors(dict(sorted(errors.items())))
+        return CanonicalQuery(
+            self.report,
+            tuple(
+                (name, value)
+                for name, value in values.items()
+                if schema[name].default is None or value != schema[name].default
+            ),
         )
+
+
+def contract_from_operation(operation: Mapping[str, Any]) -> Contract:
+    """The contract of one OpenAPI operation of `proxy/spec/teamup.json` (see its `x-` keys)."""
+    columns = tuple(operation.get("x-columns", ()))
+    params = {
+        spec["name"]: _param_from_spec(spec, columns)
+        for spec in operation.get("parameters", ())
+        if spec.get("in") == "query"
+    }
+    ranges = tuple((str(low), str(high)) for low, high in operation.get("x-ranges", ()))
+    for low, high in ranges:
+        if low not in params or high not in params:
+            raise ValueError(f"x-ranges names an unknown parameter: {low}, {high}")
+    return Contract(str(operation["x-report"]), params, ranges, columns)
+
+
+def _param_from_spec(spec: Mapping[str, Any], columns: tuple[str, ...]) -> Param:
+    """One `Param` from an OpenAPI parameter object; anything not understood is an error."""
+    name = str(spec["name"])
+    schema = spec["schema"]
+    array = schema.get("type") == "array"
+    item = schema["items"] if array else schema
+    if spec.get("x-sort"):
+        kind: Kind = "enum"
+        choices: tuple[str, ...] = columns
+    else:
+        kind, choices = _kind_of(name, item)
+    if array and spec.get("x-canonical") not in ("set", "ordered"):
+        raise ValueError(f"array parameter {name} needs x-canonical: set or ordered")
+    default = schema.get("default")
+    return Param(
+        name,
+        kind,
+        array=array,
+        ordered=not array or spec.get("x-canonical") == "ordered",
+        default=default,
+        minimum=item.get("minimum"),
+        maximum=item.get("maximum"),
+        choices=choices,
+        descending_prefix=bool(spec.get("x-sort")),
+        max_length=item.get("maxLength") if kind == "text" else None,
+        required=bool(spec.get("required")),
+        min_items=int(schema.get("minItems", 0)) if array else 0,
+        max_items=int(schema.get("maxItems", MAX_ARRAY_ITEMS)) if array else MAX_ARRAY_ITEMS,
     )
 
 
-def _parse_array(param: _Param, texts: list[str]) -> Value:
+def _kind_of(name: str, schema: Mapping[str, Any]) -> tuple[Kind, tuple[str, ...]]:
+    kind = schema.get("type")
+    if kind == "integer":
+        return "int", ()
+    if kind == "boolean":
+        return "bool", ()
+    if kind == "string" and "enum" in schema:
+        return "enum", tuple(str(choice) for choice in schema["enum"])
+    if kind == "string" and schema.get("format") == "date":
+        return "date", ()
+    if kind == "string" and schema.get("format") == "date-time":
+        return "datetime", ()
+    if kind == "string" and "format" not in schema:
+        return "text", ()
+    raise ValueError(f"parameter {name}: schema {dict(schema)} is not one the proxy understands")
+
+
+def _parse_array(param: Param, texts: list[str]) -> Value:
     """Merge every spelling of an array parameter into its canonical tuple."""
     items = [item for text in texts for item in _checked(text).split(",")]
-    if len(items) > MAX_ARRAY_ITEMS:
-        raise _Invalid(f"Ensure this field has no more than {MAX_ARRAY_ITEMS} elements.")
+    if len(items) > param.max_items:
+        raise _Invalid(f"Ensure this field has no more than {param.max_items} elements.")
     if param.kind == "int":
         numbers = _parse_items(param, items, _parse_int)
         return tuple(dict.fromkeys(numbers)) if param.ordered else tuple(sorted(set(numbers)))
-    return tuple(dict.fromkeys(_parse_items(param, items, _parse_enum)))
+    parse = _ITEM_PARSERS.get(param.kind)
+    if parse is None:
+        raise _Invalid("This parameter takes one value, not a list.")
+    words = _parse_items(param, items, parse)
+    unique = tuple(dict.fromkeys(words)) if param.ordered else tuple(sorted(set(words)))
+    if len(unique) < param.min_items:
+        raise _Invalid(f"Ensure this field has at least {param.min_items} elements.")
+    return unique
 
 
-def _parse_items(param: _Param, items: list[str], parse: Callable[[_Param, str], _T]) -> list[_T]:
+def _parse_items(param: Param, items: list[str], parse: Callable[[Param, str], _T]) -> list[_T]:
     """Parse every item, reporting each distinct problem once."""
     parsed: list[_T] = []
     problems: dict[str, None] = {}
@@ -242,12 +324,12 @@ def _parse_items(param: _Param, items: list[str], parse: Callable[[_Param, str],
     return parsed
 
 
-def _parse_int(param: _Param, text: str) -> int:
+def _parse_int(param: Param, text: str) -> int:
     """ASCII digits only; leading zeros allowed; bounds from the schema."""
     if not _DIGITS.fullmatch(text):
         raise _Invalid("A valid integer is required.")
     digits = text.lstrip("0") or "0"
-    ceiling = _INT_CEILING if param.maximum is None else param.maximum
+    ceiling = INT_CEILING if param.maximum is None else param.maximum
     # Comparing lengths first keeps absurdly long digit strings away from int().
     if len(digits) > len(str(ceiling)) or int(digits) > ceiling:
         raise _Invalid(f"Ensure this value is less than or equal to {ceiling}.")
@@ -257,7 +339,7 @@ def _parse_int(param: _Param, text: str) -> int:
     return number
 
 
-def _parse_enum(param: _Param, text: str) -> str:
+def _parse_enum(param: Param, text: str) -> str:
     """One of the schema's choices, ASCII case folded, `-` allowed where it means descending."""
     folded = text.lower() if text.isascii() else text
     prefix = ""
@@ -268,7 +350,7 @@ def _parse_enum(param: _Param, text: str) -> str:
     return prefix + folded
 
 
-def _parse_text(param: _Param, text: str) -> str:
+def _parse_text(param: Param, text: str) -> str:
     """Free text, trimmed, never blank, at most `max_length` characters."""
     stripped = text.strip()
     if not stripped:
@@ -276,6 +358,33 @@ def _parse_text(param: _Param, text: str) -> str:
     if param.max_length is not None and len(stripped) > param.max_length:
         raise _Invalid(f"Ensure this field has no more than {param.max_length} characters.")
     return stripped
+
+
+def _parse_bool(param: Param, text: str) -> bool:
+    """`true`/`false` in any case, or `1`/`0`."""
+    value = _BOOLEANS.get(text.lower()) if text.isascii() else None
+    if value is None:
+        raise _Invalid(f'"{_show(text)}" is not a valid boolean. Use true or false.')
+    return value
+
+
+def _parse_date(text: str) -> date:
+    """`YYYY-MM-DD`, a real calendar date."""
+    match = _DATE.fullmatch(text)
+    if match is None:
+        raise _Invalid("Date has wrong format. Use YYYY-MM-DD.")
+    try:
+        return date(int(match["year"]), int(match["month"]), int(match["day"]))
+    except ValueError:
+        raise _Invalid(f'"{_show(text)}" is not a valid date.') from None
+
+
+def _date_item(param: Param, text: str) -> str:
+    return _parse_date(text).isoformat()
+
+
+def _datetime_item(param: Param, text: str) -> str:
+    return _format_datetime(_parse_datetime(text))
 
 
 def _parse_datetime(text: str) -> datetime:
@@ -318,9 +427,17 @@ def _format_datetime(moment: datetime) -> str:
     return f"{moment.replace(microsecond=0).isoformat()}{fraction}Z"
 
 
-_SCALAR_PARSERS: dict[str, Callable[[_Param, str], str | int]] = {
+_SCALAR_PARSERS: dict[str, Callable[[Param, str], str | int | bool]] = {
     "int": _parse_int,
+    "bool": _parse_bool,
     "enum": _parse_enum,
+    "text": _parse_text,
+}
+# Item parsers for arrays of strings (integer arrays are parsed as numbers, see _parse_array).
+_ITEM_PARSERS: dict[str, Callable[[Param, str], str]] = {
+    "enum": _parse_enum,
+    "date": _date_item,
+    "datetime": _datetime_item,
     "text": _parse_text,
 }
 
@@ -334,8 +451,10 @@ def _checked(text: str) -> str:
     return text
 
 
-def _encode(value: str | int) -> str:
+def _encode(value: str | int | bool) -> str:
     """Percent-encode one value; `:` stays readable, so datetimes do too."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
     return quote(str(value), safe=":")
 
 

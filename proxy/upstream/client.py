@@ -16,13 +16,11 @@ from ..settings import Settings
 
 __all__ = [
     "PASS_RESPONSE_HEADERS",
-    "REPORT_PATH",
     "UpstreamClient",
     "UpstreamResponse",
     "parse_retry_after",
 ]
 
-REPORT_PATH = "/api/v2/reports/customer_credits/data"
 # Response headers that describe the body; everything else (Set-Cookie, hop-by-hop, Server,
 # upstream rate-limit and caching headers) stays behind the proxy.
 PASS_RESPONSE_HEADERS = (
@@ -107,13 +105,16 @@ class UpstreamClient:
             await self._session.close()
             self._session = None
 
-    async def fetch(self, query_string: str, *, fmt: str, request_id: str) -> UpstreamResponse:
-        """GET the report; a failed connect is retried once, nothing else is."""
+    async def fetch(
+        self, path: str, query_string: str, *, fmt: str, request_id: str
+    ) -> UpstreamResponse:
+        """GET one report's `path` (from the endpoint document, never from a caller);
+        a failed connect is retried once, nothing else is."""
         if self._session is None:
             raise RuntimeError("UpstreamClient.start() was not awaited")
         # Already percent-encoded by the query contract: yarl must send it byte for byte.
         url = URL(
-            f"{self.base_url}{REPORT_PATH}" + (f"?{query_string}" if query_string else ""),
+            f"{self.base_url}{path}" + (f"?{query_string}" if query_string else ""),
             encoded=True,
         )
         headers = {

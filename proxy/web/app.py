@@ -19,11 +19,12 @@ from ..backends.limiters import FallbackLimiter, MemoryLimiter, RedisLimiter
 from ..backends.link import REDIS_ERRORS, AnyRedis, RedisLink, connect_redis
 from ..backends.pipelining import AutoPipelineRedis
 from ..backends.stores import FallbackCacheStore, MemoryCacheStore, RedisCacheStore
+from ..core.endpoints import load_endpoints
 from ..core.gcra import Rate
 from ..metrics import METRICS, Metrics, metrics_handler
 from ..service import ReportService
 from ..settings import Settings
-from ..upstream.client import REPORT_PATH, UpstreamClient
+from ..upstream.client import UpstreamClient
 from ..upstream.guard import UpstreamGuard
 from .auth import ClientDirectory
 from .errors import error_response
@@ -37,10 +38,14 @@ KEY_PREFIX = "teamup-proxy:"
 # The L1 holds only hot entries for about a second: a few dozen MiB covers any hot set.
 L1_BYTES = 32 * 1024 * 1024
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$")
+REPORT_ROUTE = "/api/v2/reports/{report}/data"
+# Every route, once: its path (as aiohttp's canonical form) and the metrics label.
 _ROUTES = {
-    REPORT_PATH: "report",
-    REPORT_PATH.replace("/v2/", "/v2//", 1): "report",
+    REPORT_ROUTE: "report",
+    REPORT_ROUTE.replace("/v2/", "/v2//", 1): "report",
     "/admin/cache": "admin",
+    "/admin/cache/{report}": "admin",
+    "/admin/cache/{report}/{data:data}": "admin",
     "/healthz": "health",
     "/readyz": "health",
     "/metrics": "metrics",
@@ -89,9 +94,11 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
     response.headers["X-Request-ID"] = request_id
     response.headers["Server"] = "teamup-proxy"
     elapsed = time.perf_counter() - started
-    route = _ROUTES.get(request.path, "other")
+    resource = request.match_info.route.resource
+    route = _ROUTES.get(resource.canonical, "other") if resource is not None else "other"
+    report = str(fields.get("report", "none"))
     request.app[METRICS].count_request(
-        route, response.status, str(fields.get("cache", "none")), elapsed
+        route, report, response.status, str(fields.get("cache", "none")), elapsed
     )
     if route not in ("health", "metrics", "docs"):
         access_log.info(
@@ -101,6 +108,7 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
                 "client": fields.get("client"),
                 "method": request.method,
                 "path": request.path,
+                "report": fields.get("report"),
                 "key": fields.get("key"),
                 "cache": fields.get("cache"),
                 "upstream_status": fields.get("upstream_status"),
@@ -198,6 +206,7 @@ def create_app(
                 await client.ping()
             except REDIS_ERRORS as exc:
                 link.failed(exc, "startup")
+        endpoints = load_endpoints().only(settings.enabled_reports)
         service = ReportService(
             settings,
             store=store,
@@ -207,6 +216,7 @@ def create_app(
             upstream=up,
             limiter=limiter,
             metrics=m,
+            endpoints=endpoints,
             clock=clock,
             batched_writes=isinstance(hot, AutoPipelineRedis),
         )
@@ -215,6 +225,7 @@ def create_app(
             directory=ClientDirectory(settings.clients),
             link=link,
             service=service,
+            endpoints=endpoints,
         )
         app[STATE] = state
         state.ready = True
@@ -232,9 +243,14 @@ def create_app(
                 await link.close()
 
     app.cleanup_ctx.append(resources)
-    for path in (REPORT_PATH, REPORT_PATH.replace("/v2/", "/v2//", 1)):
-        app.router.add_get(path, report, allow_head=False)
-    app.router.add_delete("/admin/cache", purge)
+    for path, label in _ROUTES.items():
+        if label == "report":
+            # One route for every report: the handler looks the name up among the endpoints
+            # that are switched on (anything else is a 404), and TeamUp's URL comes from the
+            # document, never from the caller's path.
+            app.router.add_get(path, report, allow_head=False)
+        elif label == "admin":
+            app.router.add_delete(path, purge)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_handler)

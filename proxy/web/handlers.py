@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import math
 from dataclasses import dataclass, field
 
@@ -10,7 +9,8 @@ import orjson
 from aiohttp import web
 
 from ..backends.link import RedisLink
-from ..core.contract import MAX_QUERY_BYTES, CanonicalQuery, QueryErrors, parse_query
+from ..core.contract import MAX_QUERY_BYTES, CanonicalQuery, QueryErrors
+from ..core.endpoints import Endpoint, Endpoints
 from ..core.gcra import Rate, RateDecision
 from ..service import Caller, ReportService
 from ..settings import Settings
@@ -25,19 +25,22 @@ class ParsedQueries:
 
     def __init__(self, size: int = 4096) -> None:
         self.size = size
-        self._data: dict[str, tuple[CanonicalQuery | QueryErrors, str]] = {}
+        self._data: dict[tuple[str, str], tuple[CanonicalQuery | QueryErrors, str]] = {}
 
-    def parse(self, request: web.Request) -> tuple[CanonicalQuery | QueryErrors, str]:
-        """The request's query parsed, and its canonical string ("" for errors)."""
-        raw = request.rel_url.raw_query_string
-        found = self._data.get(raw)
+    def parse(
+        self, endpoint: Endpoint, request: web.Request
+    ) -> tuple[CanonicalQuery | QueryErrors, str]:
+        """The request's query parsed by the endpoint's contract, and its canonical string
+        ("" for errors)."""
+        memo = (endpoint.report, request.rel_url.raw_query_string)
+        found = self._data.get(memo)
         if found is None:
-            parsed = parse_query(request.query)
+            parsed = endpoint.contract.parse(request.query)
             canonical = "" if isinstance(parsed, QueryErrors) else parsed.canonical_string()
             found = (parsed, canonical)
             if len(self._data) >= self.size:
                 self._data.clear()
-            self._data[raw] = found
+            self._data[memo] = found
         return found
 
 
@@ -49,6 +52,7 @@ class ProxyState:
     directory: ClientDirectory
     link: RedisLink
     service: ReportService
+    endpoints: Endpoints
     queries: ParsedQueries = field(default_factory=ParsedQueries)
     ready: bool = False
     draining: bool = False
@@ -57,6 +61,8 @@ class ProxyState:
 STATE = web.AppKey("state", ProxyState)
 LOG = web.RequestKey("log", dict[str, object])  # access-log fields, filled by handlers
 REQUEST_ID = web.RequestKey("request_id", str)
+# `DELETE /admin/cache?<query>` predates every report but this one; it keeps meaning it.
+LEGACY_PURGE_REPORT = "customer_credits"
 
 
 def ratelimit_headers(rate: Rate, decision: RateDecision) -> dict[str, str]:
@@ -74,10 +80,20 @@ def invalid_query(errors: QueryErrors, headers: dict[str, str] | None = None) ->
     )
 
 
+def _endpoint(request: web.Request) -> Endpoint:
+    """The endpoint the path names; anything else (unknown or switched off) is a 404."""
+    endpoint = request.app[STATE].endpoints.get(request.match_info["report"])
+    if endpoint is None:
+        raise web.HTTPNotFound()
+    return endpoint
+
+
 async def report(request: web.Request) -> web.StreamResponse:
-    """`GET /api/v2/reports/customer_credits/data`: authenticate, limit, validate, answer."""
+    """`GET /api/v2/reports/<report>/data`: authenticate, authorise, limit, validate, answer."""
     state = request.app[STATE]
+    endpoint = _endpoint(request)
     fields = request[LOG]
+    fields["report"] = endpoint.report
     if len(request.rel_url.raw_query_string) > MAX_QUERY_BYTES:
         return error_response(
             414, "query_too_long", f"The query string is longer than {MAX_QUERY_BYTES} bytes."
@@ -93,54 +109,42 @@ async def report(request: web.Request) -> web.StreamResponse:
         )
     caller = Caller(*found)
     fields["client"] = caller.name
-    state.service.metrics.count_client(caller.name)
-
-    rate = caller.config.rate or state.settings.rate_limit
-    parsed, canonical = state.queries.parse(request)
-    service = state.service
-    bypass = service.bypasses("no-cache" in request.headers.get("Cache-Control", "").lower())
-    answer = None
-    cached = None
-    if isinstance(parsed, QueryErrors):
-        decision = await state.service.limiter.hit(f"client:{caller.name}", rate)
-    else:
-        key = parsed.cache_key()
-        fields["key"] = key
-        answer = None if bypass else service.l1_hit(key)
-        if answer is not None:
-            decision = await state.service.limiter.hit(f"client:{caller.name}", rate)
-        else:
-            # Both go out in one Redis round trip (auto-pipelining); a refused caller wastes a GET.
-            decision, cached = await asyncio.gather(
-                state.service.limiter.hit(f"client:{caller.name}", rate), service.lookup(key)
-            )
-    limit_headers = ratelimit_headers(rate, decision)
-    if not decision.allowed:
-        state.service.metrics.rejections.labels(caller.name, "client").inc()
+    if not caller.config.may_read(endpoint.report):
         fields["cache"] = "rejected"
         return error_response(
-            429,
-            "rate_limited",
-            f"Client {caller.name!r} is over its rate of {rate}. Retry later.",
-            headers={**limit_headers, "Retry-After": decision.retry_after_header},
+            403,
+            "permission_denied",
+            f"Client {caller.name!r} may not read the {endpoint.report} report. "
+            "Operators: see `reports` in PROXY_CLIENTS.",
         )
-
-    if isinstance(parsed, QueryErrors):
-        fields["cache"] = "rejected"
-        return invalid_query(parsed, limit_headers)
-    if answer is None:
-        answer = await service.answer(caller, parsed, request[REQUEST_ID], cached, bypass=bypass)
+    service = state.service
+    service.metrics.count_client(caller.name, endpoint.report)
+    parsed, canonical = state.queries.parse(endpoint, request)
+    bypass = service.bypasses("no-cache" in request.headers.get("Cache-Control", "").lower())
+    rate, decision, answer = await service.serve(caller, parsed, request[REQUEST_ID], bypass=bypass)
     fields["cache"] = answer.cache
+    if isinstance(parsed, CanonicalQuery):
+        fields["key"] = parsed.cache_key()
     fields["upstream_status"] = answer.upstream_status
     fields["upstream_ms"] = None if answer.upstream_ms is None else round(answer.upstream_ms, 2)
     headers = answer.headers
-    headers.update(limit_headers)
-    headers["X-Proxy-Canonical-Query"] = canonical
+    headers.update(ratelimit_headers(rate, decision))
+    headers["X-Proxy-Report"] = endpoint.report
+    if decision.allowed and canonical:
+        headers["X-Proxy-Canonical-Query"] = canonical
+    elif decision.allowed and isinstance(parsed, CanonicalQuery):
+        headers["X-Proxy-Canonical-Query"] = ""
     return web.Response(status=answer.status, body=answer.body, headers=headers)
 
 
 async def purge(request: web.Request) -> web.Response:
-    """`DELETE /admin/cache[?<report query>]`: drop one canonical entry, or everything."""
+    """`DELETE /admin/cache[/<report>[/data]][?<query>]`: drop one canonical entry, every entry
+    of one report, or everything.
+
+    `/admin/cache` everything; `/admin/cache/<report>` that report's entries;
+    `/admin/cache/<report>/data?<query>` the one entry of that query (mirrors the report URL);
+    `/admin/cache?<query>` the customer_credits entry (the form from before every report).
+    """
     state = request.app[STATE]
     admin_hash = state.settings.admin_key_sha256
     if admin_hash is None:
@@ -151,14 +155,31 @@ async def purge(request: web.Request) -> web.Response:
             return error_response(403, "permission_denied", "This key may not purge the cache.")
         return error_response(401, "not_authenticated", "The admin key is missing or wrong.")
     request[LOG]["client"] = "admin"
-    if request.rel_url.raw_query_string:
-        parsed = parse_query(request.query)
-        if isinstance(parsed, QueryErrors):
-            return invalid_query(parsed)
-        removed = await state.service.purge(parsed.cache_key())
-        body = {"purged": removed, "canonical_query": parsed.canonical_string()}
-    else:
+    report = request.match_info.get("report")
+    one_entry = request.match_info.get("data") is not None
+    if report is None and request.rel_url.raw_query_string:
+        report, one_entry = LEGACY_PURGE_REPORT, True
+    body: dict[str, object]
+    if report is None:
         body = {"purged": await state.service.purge()}
+    else:
+        endpoint = state.endpoints.get(report)
+        if endpoint is None:
+            return error_response(404, "not_found", f"No report {report[:64]!r} is routed.")
+        request[LOG]["report"] = endpoint.report
+        if not one_entry:
+            removed = await state.service.purge(report=endpoint.report)
+            body = {"purged": removed, "report": endpoint.report}
+        else:
+            parsed = endpoint.contract.parse(request.query)
+            if isinstance(parsed, QueryErrors):
+                return invalid_query(parsed)
+            removed = await state.service.purge(parsed.cache_key())
+            body = {
+                "purged": removed,
+                "report": endpoint.report,
+                "canonical_query": parsed.canonical_string(),
+            }
     return web.Response(body=orjson.dumps(body), content_type="application/json")
 
 

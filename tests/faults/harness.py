@@ -22,9 +22,9 @@ import orjson
 import redis.asyncio as aioredis
 from multidict import MultiDict
 
-from proxy.core.contract import CanonicalQuery, parse_query
+from proxy.core.contract import CanonicalQuery
 from proxy.core.entry import CachedResponse
-from tests.e2e import REPORT, TOKEN
+from tests.e2e import REPORT, TOKEN, parse_query
 from tests.support import free_port, wait_for_port
 
 __all__ = [
