@@ -69,6 +69,7 @@ class Param:
     choices: tuple[str, ...] = ()
     descending_prefix: bool = False
     max_length: int | None = None
+    pattern: str | None = None
     required: bool = False
     min_items: int = 0
     max_items: int = MAX_ARRAY_ITEMS
@@ -266,6 +267,7 @@ def _param_from_spec(spec: Mapping[str, Any], columns: tuple[str, ...]) -> Param
         choices=choices,
         descending_prefix=bool(spec.get("x-sort")),
         max_length=item.get("maxLength") if kind == "text" else None,
+        pattern=item.get("pattern") if kind == "text" else None,
         required=bool(spec.get("required")),
         min_items=int(schema.get("minItems", 0)) if array else 0,
         max_items=int(schema.get("maxItems", MAX_ARRAY_ITEMS)) if array else MAX_ARRAY_ITEMS,
@@ -357,6 +359,8 @@ def _parse_text(param: Param, text: str) -> str:
         raise _Invalid("This field may not be blank.")
     if param.max_length is not None and len(stripped) > param.max_length:
         raise _Invalid(f"Ensure this field has no more than {param.max_length} characters.")
+    if param.pattern is not None and re.fullmatch(param.pattern, stripped, re.ASCII) is None:
+        raise _Invalid(f'"{_show(text)}" does not match {param.pattern}.')
     return stripped
 
 
