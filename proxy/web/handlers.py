@@ -89,9 +89,18 @@ def _endpoint(request: web.Request) -> Endpoint:
 
 
 async def report(request: web.Request) -> web.StreamResponse:
-    """`GET /api/v2/reports/<report>/data`: authenticate, authorise, limit, validate, answer."""
-    state = request.app[STATE]
+    """`GET /api/v2/reports/<report>/data`: authenticate, authorise, limit, validate, answer.
+
+    Every answer of a routed report names it in `X-Proxy-Report`.
+    """
     endpoint = _endpoint(request)
+    response = await _report(request, endpoint)
+    response.headers["X-Proxy-Report"] = endpoint.report
+    return response
+
+
+async def _report(request: web.Request, endpoint: Endpoint) -> web.Response:
+    state = request.app[STATE]
     fields = request[LOG]
     fields["report"] = endpoint.report
     if len(request.rel_url.raw_query_string) > MAX_QUERY_BYTES:
@@ -129,7 +138,6 @@ async def report(request: web.Request) -> web.StreamResponse:
     fields["upstream_ms"] = None if answer.upstream_ms is None else round(answer.upstream_ms, 2)
     headers = answer.headers
     headers.update(ratelimit_headers(rate, decision))
-    headers["X-Proxy-Report"] = endpoint.report
     if decision.allowed and canonical:
         headers["X-Proxy-Canonical-Query"] = canonical
     elif decision.allowed and isinstance(parsed, CanonicalQuery):
