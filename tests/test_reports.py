@@ -437,3 +437,12 @@ def test_changing_one_meaningful_value_changes_the_key(report: str, data: st.Dat
     before = valid(report, data.draw(spellings(meaning)))
     after = valid(report, data.draw(spellings(changed)))
     assert before.cache_key() != after.cache_key(), (meaning, changed)
+
+
+def test_readmes_table_of_reports_is_the_documents() -> None:
+    from pathlib import Path
+
+    from proxy.core.reports_table import markdown_table
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert markdown_table() in readme
