@@ -26,7 +26,7 @@ def markdown_table(endpoints: Endpoints | None = None) -> str:
 
 
 def _names(names: list[str]) -> str:
-    return ", ".join(f"`{name}`" for name in names) or "–"
+    return ", ".join(f"`{name}`" for name in names) or "\u2013"  # an en dash: none
 
 
 if __name__ == "__main__":
