@@ -138,10 +138,8 @@ async def _report(request: web.Request, endpoint: Endpoint) -> web.Response:
     fields["upstream_ms"] = None if answer.upstream_ms is None else round(answer.upstream_ms, 2)
     headers = answer.headers
     headers.update(ratelimit_headers(rate, decision))
-    if decision.allowed and canonical:
+    if decision.allowed and isinstance(parsed, CanonicalQuery):
         headers["X-Proxy-Canonical-Query"] = canonical
-    elif decision.allowed and isinstance(parsed, CanonicalQuery):
-        headers["X-Proxy-Canonical-Query"] = ""
     return web.Response(status=answer.status, body=answer.body, headers=headers)
 
 
