@@ -630,7 +630,10 @@ async def test_state_endpoint(client: Client) -> None:
     assert len(body["requests"]) == 1
     assert body["requests"][0]["query_string"] == "limit=1"
     assert body["requests"][0]["headers"]["Accept"] == "text/csv"
-    assert set(body) == {"calls", "requests"}
+    assert set(body) == {"calls", "requests", "report_calls"}
+    assert body["report_calls"] == {"customer_credits": 1}
+    assert body["requests"][0]["path"] == REPORT_PATH
+    assert body["requests"][0]["report"] == "customer_credits"
 
 
 async def test_put_faults_replaces(client: Client) -> None:

@@ -1,4 +1,5 @@
-"""A faithful fake TeamUp customer-credits report: the demo backend and the test double."""
+"""A faithful fake TeamUp reports API (every report data endpoint of proxy/spec/teamup.json):
+the demo backend and the test double."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import hmac
 import io
 import random
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
 from http import HTTPStatus
@@ -19,6 +20,22 @@ from typing import Any
 import orjson
 from aiohttp import web
 from multidict import MultiMapping
+
+from .data import (
+    END,
+    FIRST_NAMES,
+    LAST_NAMES,
+    START,
+    Row,
+    csv_value,
+    group,
+    label,
+    matcher,
+    rows,
+    sort_key,
+)
+from .data import money as _money
+from .document import Endpoint, Param, endpoints
 
 __all__ = [
     "DEFAULT_COLUMNS",
@@ -32,7 +49,6 @@ __all__ = [
 ]
 
 REPORT_PATH = "/api/v2/reports/customer_credits/data"
-_DOUBLE_SLASH_PATH = "/api/v2//reports/customer_credits/data"
 
 
 @dataclass
@@ -55,6 +71,8 @@ class RecordedRequest:
 
     query_string: str
     headers: dict[str, str]
+    path: str = ""  # as received, e.g. /api/v2//reports/customers.grouped/data
+    report: str = ""  # the report it asked for, e.g. customers.grouped
 
 
 @dataclass
@@ -65,15 +83,18 @@ class MockState:
     faults: Faults
     calls: int = 0
     requests: list[RecordedRequest] = field(default_factory=list)
+    report_calls: dict[str, int] = field(default_factory=dict)  # calls by report name
 
     def reset(self) -> None:
         """Forget calls and requests; faults back to their defaults (the same object)."""
         self.calls = 0
         self.requests.clear()
+        self.report_calls.clear()
         _assign_faults(self.faults, Faults())
 
 
 MOCK_STATE = web.AppKey("mock_state", MockState)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _RELEASE_HANGS = web.AppKey("mock_release_hangs", asyncio.Event)
 _SEED = web.AppKey("mock_seed", int)
 
@@ -87,17 +108,7 @@ def _assign_faults(target: Faults, source: Faults) -> None:
 
 _N_CREDITS = 3000
 _N_CUSTOMERS = 300
-_START = int(datetime(2023, 1, 1, tzinfo=UTC).timestamp())
-_END = int(datetime(2024, 12, 31, 23, 59, 59, tzinfo=UTC).timestamp())
-# A few apostrophes, hyphens and non-ASCII letters so CSV quoting and UTF-8 get exercised.
-_FIRST = (
-    "Amelia Oliver Isla George Ava Noah Mia Arthur Zoë Leo Freya Oscar Siobhán Harry Ivy "
-    "Jack Grace Theo Ella Finn Chloé Rory Maya Jonas Priya Omar Aoife Luca Nia Kai"
-).split()
-_LAST = (
-    "Smith Jones Taylor Brown Williams Wilson Johnson Davies Patel Wright O'Brien Walker "
-    "Thompson Robinson Smith-Jones Evans Hughes Müller Green Khan Lewis Clarke Byrne Hall"
-).split()
+_START, _END, _FIRST, _LAST = START, END, FIRST_NAMES, LAST_NAMES
 _TOP_UPS = (500, 1000, 1250, 2000, 2500, 4500, 5000, 10000)
 _USES = (500, 1000, 1250, 1500)
 _TOP_UP_MEMOS = (
@@ -120,18 +131,6 @@ class _Credit:
     amount: dict[str, Any]
     balance: dict[str, Any]
     memo: str
-
-
-def _money(cents: int) -> dict[str, Any]:
-    units, rest = divmod(abs(cents), 100)
-    text = f"{'-' if cents < 0 else ''}£{units}" + (f".{rest:02d}" if rest else "")
-    return {
-        "decimal": cents / 100 if rest else cents // 100,
-        "string": text,
-        "iso_currency_code": "gbp",
-        "currency_symbol": "£",
-        "currency_symbol_position": "before",
-    }
 
 
 @functools.cache
@@ -172,86 +171,65 @@ def _credits(seed: int) -> tuple[_Credit, ...]:
     return tuple(out)
 
 
-# --- columns --------------------------------------------------------------------------------
+# --- rows -----------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class _Column:
-    key: str
-    label: str
-    holds_customer_id: bool
-    value: Callable[[_Credit], Any]
-    csv_value: Callable[[_Credit], Any] | None = None  # None: the JSON value
-    sort_key: Callable[[_Credit], Any] | None = None  # None: the CSV value
-
-
-def _name(credit: _Credit) -> Any:
-    return credit.customer["name"]
-
-
-_COLUMNS: dict[str, _Column] = {
-    c.key: c
-    for c in (
-        _Column("customer.id", "Customer ID", True, lambda c: c.customer["id"]),
-        _Column("customer", "Customer", True, lambda c: c.customer, csv_value=_name),
-        _Column("customer.name", "Customer Name", False, _name),
-        _Column("customer.email", "Customer Email", False, lambda c: c.customer["email"]),
-        _Column("created_at", "Created At", False, lambda c: c.created_at),
-        _Column(
-            "amount",
-            "Amount",
-            False,
-            lambda c: c.amount,
-            csv_value=lambda c: c.amount["string"],
-            sort_key=lambda c: c.amount_cents,
-        ),
-        _Column(
-            "balance",
-            "Balance",
-            False,
-            lambda c: c.balance,
-            csv_value=lambda c: c.balance["string"],
-            sort_key=lambda c: c.balance_cents,
-        ),
-        _Column("memo", "Memo", False, lambda c: c.memo),
+@functools.cache
+def _credit_rows(seed: int) -> tuple[Row, ...]:
+    """The customer-credits rows in the shape every report's rows have."""
+    return tuple(
+        Row(
+            credit.id,
+            {
+                "customer.id": credit.customer["id"],
+                "customer": credit.customer,
+                "customer.name": credit.customer["name"],
+                "customer.email": credit.customer["email"],
+                "created_at": credit.created_at,
+                "amount": credit.amount,
+                "balance": credit.balance,
+                "memo": credit.memo,
+            },
+            {"created_at": float(credit.created_ts)},
+        )
+        for credit in _credits(seed)
     )
-}
-_ALIASES = {
-    **{key: key for key in _COLUMNS},
-    "customer_id": "customer.id",
-    "customer_name": "customer.name",
-    "customer_email": "customer.email",
-}
-# The columns a report has when `columns` is not given (the spec example's).
-DEFAULT_COLUMNS = (
-    "customer.id",
-    "customer.name",
-    "customer.email",
-    "created_at",
-    "amount",
-    "balance",
-    "memo",
-)
+
+
+def _table(seed: int, endpoint: Endpoint) -> tuple[Row, ...]:
+    if endpoint.report == "customer_credits":
+        return _credit_rows(seed)
+    return rows(seed, endpoint.report)
+
+
+# The columns a report has when `columns` is not given (the document's x-default-columns).
+DEFAULT_COLUMNS = endpoints()["customer_credits"].default_columns
 
 
 # --- the query ------------------------------------------------------------------------------
 
 _DIGITS = re.compile(r"[0-9]+")
+_NUMBER = re.compile(r"-?[0-9]+(?:\.[0-9]+)?")
+_DAY = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
 _INT_REQUIRED = "A valid integer is required."
 _DATETIME_FORMAT = (
     "Datetime has wrong format. Use one of these formats instead: "
     "YYYY-MM-DDThh:mm[:ss[.uuuuuu]][+HH:MM|-HH:MM|Z]."
 )
+_DATE_FORMAT = "Date has wrong format. Use one of these formats instead: YYYY-MM-DD."
+# Django REST framework's BooleanField spellings.
+_TRUE = frozenset({"t", "T", "y", "Y", "yes", "Yes", "YES", "true", "True", "TRUE", "on", "On"})
+_TRUE |= {"ON", "1"}
+_FALSE = frozenset({"f", "F", "n", "N", "no", "No", "NO", "false", "False", "FALSE", "off", "Off"})
+_FALSE |= {"OFF", "0"}
+_PAGING = frozenset({"limit", "offset", "page", "page_size"})
 
 
 @dataclass(frozen=True, slots=True)
 class _Query:
     columns: tuple[str, ...]
     sort: tuple[tuple[str, bool], ...]
-    customers: frozenset[int] | None
-    created_gte: float | None
-    created_lte: float | None
-    id_gt: int | None
+    given: Mapping[str, Any]  # the other parameters given, parsed
     offset: int
     limit: int
     format: str
@@ -263,10 +241,18 @@ class _InvalidParams(Exception):
         self.errors = errors
 
 
+class _Bad:
+    """A value that failed (its errors are recorded)."""
+
+
+_BAD = _Bad()
+
+
 class _Parser:
     """Reads one parameter at a time, collecting every error (as DRF does)."""
 
-    def __init__(self, query: MultiMapping[str]) -> None:
+    def __init__(self, endpoint: Endpoint, query: MultiMapping[str]) -> None:
+        self.endpoint = endpoint
         self.query = query
         self.errors: dict[str, list[str]] = {}
 
@@ -282,129 +268,175 @@ class _Parser:
         values = self.query.getall(name, [])
         return [item for value in values for item in value.split(",")] if values else None
 
-    def integer(self, name: str, text: str, low: int | None = None, high: int | None = None) -> int:
-        if not _DIGITS.fullmatch(text):
-            self.fail(name, _INT_REQUIRED)
-            return 0
-        number = int(text)
-        if low is not None and number < low:
-            self.fail(name, f"Ensure this value is greater than or equal to {low}.")
-        if high is not None and number > high:
-            self.fail(name, f"Ensure this value is less than or equal to {high}.")
-        return number
+    def bounds(self, param: Param, name: str, number: float) -> None:
+        if param.minimum is not None and number < param.minimum:
+            self.fail(name, f"Ensure this value is greater than or equal to {param.minimum}.")
+        if param.maximum is not None and number > param.maximum:
+            self.fail(name, f"Ensure this value is less than or equal to {param.maximum}.")
 
-    def int_param(
-        self, name: str, default: int | None, low: int | None = None, high: int | None = None
-    ) -> int | None:
-        text = self.scalar(name)
-        return default if text is None else self.integer(name, text, low, high)
+    def value(self, param: Param, text: str) -> Any:
+        """One value (or array item) of a parameter's kind, or _BAD."""
+        name, kind = param.name, param.kind
+        if kind == "integer":
+            if not _DIGITS.fullmatch(text):
+                self.fail(name, _INT_REQUIRED)
+                return _BAD
+            self.bounds(param, name, int(text))
+            return int(text)
+        if kind == "number":
+            if not _NUMBER.fullmatch(text):
+                self.fail(name, "A valid number is required.")
+                return _BAD
+            self.bounds(param, name, float(text))
+            return float(text)
+        if kind == "boolean":
+            if text in _TRUE or text in _FALSE:
+                return text in _TRUE
+            self.fail(name, "Must be a valid boolean.")
+            return _BAD
+        if kind == "date":
+            try:
+                day = datetime.fromisoformat(text) if _DAY.fullmatch(text) else None
+            except ValueError:
+                day = None
+            if day is None:
+                self.fail(name, _DATE_FORMAT)
+                return _BAD
+            return day.replace(tzinfo=UTC).timestamp()
+        if kind == "date-time":
+            try:
+                moment = datetime.fromisoformat(text)
+            except ValueError:
+                self.fail(name, _DATETIME_FORMAT)
+                return _BAD
+            if moment.tzinfo is None:
+                self.fail(name, "Datetime must include a UTC offset or Z.")
+                return _BAD
+            return moment.timestamp()
+        if param.enum is not None and text not in param.enum:
+            self.fail(name, f'"{text}" is not a valid choice.')
+            return _BAD
+        if param.max_length is not None and len(text) > param.max_length:
+            self.fail(name, f"Ensure this field has no more than {param.max_length} characters.")
+        if param.min_length is not None and len(text) < param.min_length:
+            self.fail(name, f"Ensure this field has at least {param.min_length} characters.")
+        return text
 
-    def datetime_param(self, name: str) -> float | None:
-        text = self.scalar(name)
-        if text is None:
-            return None
-        try:
-            moment = datetime.fromisoformat(text)
-        except ValueError:
-            self.fail(name, _DATETIME_FORMAT)
-            return None
-        if moment.tzinfo is None:
-            self.fail(name, "Datetime must include a UTC offset or Z.")
-            return None
-        return moment.timestamp()
+    def count(self, param: Param, items: Sequence[str]) -> None:
+        if param.min_items is not None and len(items) < param.min_items:
+            self.fail(param.name, f"Ensure this field has at least {param.min_items} elements.")
+        if param.max_items is not None and len(items) > param.max_items:
+            self.fail(param.name, f"Ensure this field has no more than {param.max_items} elements.")
 
     def parse(self) -> _Query:
-        columns = self.columns()
-        sort = self.sort()
-        customer_items = self.items("customers")
-        customers = (
-            None
-            if customer_items is None
-            else frozenset(self.integer("customers", item) for item in customer_items)
-        )
-        created_gte = self.datetime_param("created_at_gte")
-        created_lte = self.datetime_param("created_at_lte")
-        id_gt = self.int_param("id_gt", None)
-        limit = self.int_param("limit", 50, high=100)
-        offset = self.int_param("offset", 0, low=0)
-        page = self.int_param("page", None, low=1)
-        page_size = self.int_param("page_size", None, low=0, high=100)
-        fmt = self.scalar("format")
-        fmt = "csv" if fmt is None else fmt
-        if fmt not in ("csv", "json"):
-            self.fail("format", f'"{fmt}" is not a valid choice.')
+        endpoint = self.endpoint
+        columns = tuple(dict.fromkeys(endpoint.aliases[c] for c in endpoint.default_columns))
+        sort: tuple[tuple[str, bool], ...] = ()
+        given: dict[str, Any] = {}
+        for param in endpoint.params.values():
+            if param.name == "columns":
+                columns = self.columns(param) or columns
+            elif param.sort:
+                sort = self.sort(param)
+            elif param.array:
+                items = self.items(param.name)
+                if items is None:
+                    if param.required:
+                        self.fail(param.name, "This field is required.")
+                    continue
+                self.count(param, items)
+                given[param.name] = frozenset(self.value(param, item) for item in items)
+            else:
+                text = self.scalar(param.name)
+                if text is None:
+                    if param.required:
+                        self.fail(param.name, "This field is required.")
+                    elif param.default is not None and param.name in _PAGING | {"format"}:
+                        given[param.name] = param.default
+                    continue
+                given[param.name] = self.value(param, text)
         if self.errors:
             raise _InvalidParams(self.errors)
-        assert limit is not None and offset is not None
+        limit = int(given.pop("limit", 50))
+        offset = int(given.pop("offset", 0))
+        page, page_size = given.pop("page", None), given.pop("page_size", None)
         if page is not None or page_size is not None:
-            limit = limit if page_size is None else page_size
+            limit = limit if page_size is None else int(page_size)
             offset = ((page or 1) - 1) * limit
-        return _Query(columns, sort, customers, created_gte, created_lte, id_gt, offset, limit, fmt)
+        fmt = str(given.pop("format", "csv"))
+        return _Query(columns, sort, given, offset, limit, fmt)
 
-    def columns(self) -> tuple[str, ...]:
+    def columns(self, param: Param) -> tuple[str, ...]:
         items = self.items("columns")
         if items is None:
-            return DEFAULT_COLUMNS
+            if param.required:
+                self.fail("columns", "This field is required.")
+            return ()
+        self.count(param, items)
         keys: dict[str, None] = {}
         for item in items:
-            key = _ALIASES.get(item)
-            if key is None:
+            key = self.endpoint.aliases.get(item)
+            if key is None or (param.enum is not None and item not in param.enum):
                 self.fail("columns", f'"{item}" is not a valid choice.')
             else:
                 keys.setdefault(key)
         return tuple(keys)
 
-    def sort(self) -> tuple[tuple[str, bool], ...]:
-        items = self.items("sort")
+    def sort(self, param: Param) -> tuple[tuple[str, bool], ...]:
+        items = self.items(param.name)
         if items is None:
             return ()
+        self.count(param, items)
         keys: dict[str, bool] = {}
         for item in items:
             descending = item.startswith("-")
-            key = _ALIASES.get(item[1:] if descending else item)
+            key = self.endpoint.aliases.get(item[1:] if descending else item)
             if not item:
-                self.fail("sort", "This field may not be blank.")
+                self.fail(param.name, "This field may not be blank.")
             elif key is None:
-                self.fail("sort", f'"{item}" is not a valid choice.')
+                self.fail(param.name, f'"{item}" is not a valid choice.')
             else:
                 keys.setdefault(key, descending)
         return tuple(keys.items())
 
 
-def _select(credits: Sequence[_Credit], query: _Query) -> tuple[int, Sequence[_Credit]]:
+def _by(key: str) -> Callable[[Row], tuple[bool, Any]]:
+    return lambda row: sort_key(row.values.get(key))
+
+
+def _select(seed: int, endpoint: Endpoint, query: _Query) -> tuple[int, Sequence[Row]]:
     """The total matching the filters, and the page of it to answer."""
-    rows: Sequence[_Credit] = credits
-    customers, gte, lte, id_gt = query.customers, query.created_gte, query.created_lte, query.id_gt
-    if customers is not None or gte is not None or lte is not None or id_gt is not None:
-        rows = [
-            c
-            for c in credits
-            if (customers is None or c.customer["id"] in customers)
-            and (gte is None or c.created_ts >= gte)
-            and (lte is None or c.created_ts <= lte)
-            and (id_gt is None or c.id > id_gt)
-        ]
+    table = _table(seed, endpoint)
+    match = matcher(endpoint.report, query.given)
+    selected: Sequence[Row] = table if match is None else [row for row in table if match(row)]
+    if endpoint.grouped:
+        selected = group(endpoint, selected, query.columns)
     if query.sort:
-        ordered = list(rows)
+        ordered = list(selected)
         # Stable sorts from the lowest priority up; ties keep id order.
         for key, descending in reversed(query.sort):
-            column = _COLUMNS[key]
-            sort_key = column.sort_key or column.csv_value or column.value
-            ordered.sort(key=sort_key, reverse=descending)
-        rows = ordered
-    return len(rows), rows[query.offset : query.offset + query.limit]
+            ordered.sort(key=_by(key), reverse=descending)
+        selected = ordered
+    return len(selected), selected[query.offset : query.offset + query.limit]
 
 
-def _column_headers(query: _Query) -> list[dict[str, Any]]:
+def _holds_customer_id(endpoint: Endpoint, key: str) -> bool:
+    if key == "id":
+        return endpoint.report.removesuffix(".grouped") == "customers"
+    head = key.removesuffix(".id").removesuffix("_id")
+    is_entity = head != key or endpoint.types.get(key) == "object"
+    return is_entity and head.rsplit(".", 1)[-1].endswith("customer")
+
+
+def _column_headers(endpoint: Endpoint, query: _Query) -> list[dict[str, Any]]:
     priorities = {key: (i, descending) for i, (key, descending) in enumerate(query.sort)}
     headers = []
     for key in query.columns:
-        column = _COLUMNS[key]
         header: dict[str, Any] = {
-            "label": column.label,
+            "label": label(key),
             "key": key,
             "sortable": True,
-            "holds_customer_id": column.holds_customer_id,
+            "holds_customer_id": _holds_customer_id(endpoint, key),
             "required": False,
         }
         if key in priorities:
@@ -414,37 +446,53 @@ def _column_headers(query: _Query) -> list[dict[str, Any]]:
     return headers
 
 
-def _json_row(credit: _Credit, columns: Sequence[str]) -> dict[str, Any]:
-    row: dict[str, Any] = {}
-    for key in columns:
-        value = _COLUMNS[key].value(credit)
-        if key == "customer":
-            row.setdefault("customer", {}).update(value)
-        elif key.startswith("customer."):
-            row.setdefault("customer", {})[key[9:]] = value
+def _merge(node: dict[str, Any], value: Mapping[str, Any]) -> None:
+    """Copy an object's fields into a row's object (never into the shared table)."""
+    for name, part in value.items():
+        if isinstance(part, dict):
+            if not isinstance(node.get(name), dict):
+                node[name] = {}
+            _merge(node[name], part)
         else:
-            row[key] = value
-    return row
+            node[name] = part
 
 
-def _render(query: _Query, total: int, page: Sequence[_Credit]) -> web.Response:
+def _json_row(row: Row, columns: Sequence[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key in columns:
+        *path, last = key.split(".")
+        node = out
+        for part in path:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        value = row.values.get(key)
+        if isinstance(value, dict):
+            if not isinstance(node.get(last), dict):
+                node[last] = {}
+            _merge(node[last], value)
+        else:
+            node[last] = value
+    return out
+
+
+def _render(endpoint: Endpoint, query: _Query, total: int, page: Sequence[Row]) -> web.Response:
     if query.format == "json":
         body = {
             "total": total,
-            "column_headers": _column_headers(query),
-            "rows": [_json_row(credit, query.columns) for credit in page],
+            "column_headers": _column_headers(endpoint, query),
+            "rows": [_json_row(row, query.columns) for row in page],
         }
         return web.Response(body=orjson.dumps(body), content_type="application/json")
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    cells = [_COLUMNS[key].csv_value or _COLUMNS[key].value for key in query.columns]
-    writer.writerow([_COLUMNS[key].label for key in query.columns])
-    writer.writerows([cell(credit) for cell in cells] for credit in page)
+    writer.writerow([label(key) for key in query.columns])
+    writer.writerows([csv_value(row.values.get(key)) for key in query.columns] for row in page)
     return web.Response(
         body=buffer.getvalue().encode(),
         content_type="text/csv",
         charset="utf-8",
-        headers={"Content-Disposition": 'attachment; filename="customer_credits.csv"'},
+        headers={"Content-Disposition": f'attachment; filename="{endpoint.report}.csv"'},
     )
 
 
@@ -535,20 +583,22 @@ def _authorised(request: web.Request, token: str) -> bool:
     )
 
 
-def _record(request: web.Request) -> RecordedRequest:
+def _record(request: web.Request, report: str) -> RecordedRequest:
     headers: dict[str, str] = {}
     spelling: dict[str, str] = {}
     for name, value in request.headers.items():
         first = spelling.setdefault(name.lower(), str(name))
         headers[first] = f"{headers[first]}, {value}" if first in headers else value
-    return RecordedRequest(request.raw_path.partition("?")[2], headers)
+    path, _, query = request.raw_path.partition("?")
+    return RecordedRequest(query, headers, path, report)
 
 
-async def _report(request: web.Request) -> web.Response:
+async def _report(request: web.Request, endpoint: Endpoint) -> web.Response:
     state = request.app[MOCK_STATE]
     state.calls += 1
+    state.report_calls[endpoint.report] = state.report_calls.get(endpoint.report, 0) + 1
     call = state.calls
-    state.requests.append(_record(request))
+    state.requests.append(_record(request, endpoint.report))
     faults = state.faults
     fault = _take_fault(faults)
     extra = {"X-Mock-Calls": str(call), **faults.extra_headers}
@@ -566,7 +616,7 @@ async def _report(request: web.Request) -> web.Response:
         response = _fault_response(_Fault(401, None, False, False))
     else:
         try:
-            query = _Parser(request.query).parse()
+            query = _Parser(endpoint, request.query).parse()
         except _InvalidParams as exc:
             names = list(exc.errors)
             message = (
@@ -584,8 +634,8 @@ async def _report(request: web.Request) -> web.Response:
                 },
             )
         else:
-            total, page = _select(_credits(request.app[_SEED]), query)
-            response = _render(query, total, page)
+            total, page = _select(request.app[_SEED], endpoint, query)
+            response = _render(endpoint, query, total, page)
     response.headers.update(extra)
     if cookie:
         response.headers.add("Set-Cookie", "sessionid=abc; HttpOnly")
@@ -594,7 +644,11 @@ async def _report(request: web.Request) -> web.Response:
 
 async def _state(request: web.Request) -> web.Response:
     state = request.app[MOCK_STATE]
-    body = {"calls": state.calls, "requests": [asdict(r) for r in state.requests]}
+    body = {
+        "calls": state.calls,
+        "requests": [asdict(r) for r in state.requests],
+        "report_calls": state.report_calls,
+    }
     return web.Response(body=orjson.dumps(body), content_type="application/json")
 
 
@@ -658,15 +712,33 @@ async def _release_hangs(app: web.Application) -> None:
     app[_RELEASE_HANGS].set()
 
 
+@web.middleware
+async def _not_found(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """A path that is no report (nor a control endpoint): 404 in TeamUp's (DRF's) shape."""
+    try:
+        return await handler(request)
+    except web.HTTPNotFound:
+        return _json_error(404, {"detail": "Not found."})
+
+
+def _handler(endpoint: Endpoint) -> Handler:
+    async def report(request: web.Request) -> web.Response:
+        return await _report(request, endpoint)
+
+    return report
+
+
 def create_mock_app(token: str, *, latency: float = 0.0, seed: int = 7) -> web.Application:
-    """A fake TeamUp answering the customer-credits report with generated data."""
-    app = web.Application()
+    """A fake TeamUp answering every report of proxy/spec/teamup.json with generated data."""
+    app = web.Application(middlewares=[_not_found])
     app[MOCK_STATE] = MockState(token=token, faults=Faults(latency=latency))
     app[_SEED] = seed
     app[_RELEASE_HANGS] = asyncio.Event()
-    _credits(seed)  # generate now, not during the first request
-    app.router.add_route("GET", REPORT_PATH, _report)
-    app.router.add_route("GET", _DOUBLE_SLASH_PATH, _report)
+    _credit_rows(seed)  # generate now, not during the first request (the others: on first use)
+    for endpoint in endpoints().values():
+        handler = _handler(endpoint)
+        app.router.add_route("GET", endpoint.path, handler)
+        app.router.add_route("GET", endpoint.path.replace("/api/v2/", "/api/v2//", 1), handler)
     app.router.add_route("GET", "/_mock/state", _state)
     app.router.add_route("PUT", "/_mock/faults", _put_faults)
     app.router.add_route("POST", "/_mock/reset", _reset)
@@ -693,6 +765,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=7, help="seed of the generated data")
     args = parser.parse_args(argv)
     app = create_mock_app(args.token, latency=args.latency, seed=args.seed)
+    for endpoint in endpoints().values():
+        _table(args.seed, endpoint)  # every report's rows now, not during its first request
     web.run_app(
         app,
         host=args.host,

@@ -1,0 +1,181 @@
+"""The mock's reading of proxy/spec/teamup.json: each report endpoint as TeamUp's pages state it.
+
+Deliberately separate from proxy/core/contract.py (a mock that shares the code under test proves
+nothing): both are built from the same document, each on its own. The mock is as lenient as
+TeamUp, so the bounds a parameter's `x-tightened` names (the proxy's own strictness) are dropped
+here, except that a grouped report's `columns` stay required (TeamUp cannot group by nothing).
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+import orjson
+
+__all__ = ["Endpoint", "Param", "endpoints"]
+
+# `x-tightened` is `<bound> <value>: <why>; …`; the why may itself hold a `; `.
+_TIGHTENED = re.compile(
+    r"^(?P<items>items )?(?P<key>minimum|maximum|minLength|maxLength|minItems|maxItems|required)\b"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Param:
+    """One query parameter: its kind (of each item, for an array) and TeamUp's bounds."""
+
+    name: str
+    kind: str  # integer | number | boolean | date | date-time | string
+    array: bool
+    required: bool
+    enum: tuple[str, ...] | None
+    minimum: int | None
+    maximum: int | None
+    min_length: int | None
+    max_length: int | None
+    min_items: int | None
+    max_items: int | None
+    default: Any
+    sort: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """One report data endpoint: its columns, their types and its parameters."""
+
+    report: str
+    path: str
+    grouped: bool
+    columns: tuple[str, ...]  # x-columns: every spelling `columns` accepts
+    types: Mapping[str, str]  # x-column-types
+    default_columns: tuple[str, ...]
+    ranges: tuple[tuple[str, str], ...]
+    # In the order TeamUp reports their errors: columns, sort, other arrays, scalars, format.
+    params: Mapping[str, Param]
+    # Every spelling of a column → the key its values are answered under (`customer_id` →
+    # `customer.id`); a key maps to itself.
+    aliases: Mapping[str, str]
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        """The distinct column keys, in document order."""
+        return tuple(dict.fromkeys(self.aliases[column] for column in self.columns))
+
+
+def _relaxed(param: Mapping[str, Any]) -> tuple[set[str], set[str]]:
+    """The bounds `x-tightened` names: on the schema, and on the items."""
+    on_schema: set[str] = set()
+    on_items: set[str] = set()
+    for clause in str(param.get("x-tightened", "")).split("; "):
+        match = _TIGHTENED.match(clause)
+        if match is not None:
+            (on_items if match["items"] else on_schema).add(match["key"])
+    return on_schema, on_items
+
+
+def _kind(schema: Mapping[str, Any]) -> str:
+    kind = str(schema.get("type", "string"))
+    if kind == "string" and schema.get("format") in ("date", "date-time"):
+        return str(schema["format"])
+    return kind
+
+
+def _param(raw: Mapping[str, Any], grouped: bool) -> Param:
+    name = str(raw["name"])
+    schema: Mapping[str, Any] = raw.get("schema", {})
+    array = schema.get("type") == "array"
+    items: Mapping[str, Any] = schema.get("items", {}) if array else schema
+    on_schema, on_items = _relaxed(raw)
+    if grouped and name == "columns":
+        on_schema -= {"required", "minItems"}
+    value_bounds = on_items if array else on_schema
+
+    def bound(where: Mapping[str, Any], key: str, relaxed: set[str]) -> int | None:
+        value = where.get(key)
+        return None if value is None or key in relaxed else int(value)
+
+    enum = items.get("enum")
+    return Param(
+        name=name,
+        kind=_kind(items),
+        array=array,
+        required=bool(raw.get("required", False)) and "required" not in on_schema,
+        enum=None if enum is None else tuple(str(value) for value in enum),
+        minimum=bound(items, "minimum", value_bounds),
+        maximum=bound(items, "maximum", value_bounds),
+        min_length=bound(items, "minLength", value_bounds),
+        max_length=bound(items, "maxLength", value_bounds),
+        min_items=bound(schema, "minItems", on_schema) if array else None,
+        max_items=bound(schema, "maxItems", on_schema) if array else None,
+        default=schema.get("default"),
+        sort=bool(raw.get("x-sort", False)),
+    )
+
+
+def _order(param: Param) -> int:
+    if param.name in ("columns", "format"):
+        return 0 if param.name == "columns" else 4
+    if param.sort:
+        return 1
+    return 2 if param.array else 3
+
+
+def _aliases(columns: tuple[str, ...], types: Mapping[str, str]) -> dict[str, str]:
+    """`a_b` answers as `a.b` when both are columns; `membership_id` as the dotted column just
+    after it (`customer_membership.membership.id`) when that one ends in `.id` and has its type."""
+    aliases = {column: column for column in columns}
+    underscored = {column.replace(".", "_"): column for column in columns if "." in column}
+    for index, column in enumerate(columns):
+        if "." in column:
+            continue
+        twin = underscored.get(column)
+        if twin is None and index + 1 < len(columns):
+            after = columns[index + 1]
+            leaf = after.rsplit(".", 1)[-1]
+            if (
+                "." in after
+                and column.endswith(f"_{leaf}")
+                and types.get(column) == types.get(after)
+                and types.get(column) != "object"
+            ):
+                twin = after
+        if twin is not None:
+            aliases[column] = twin
+    return aliases
+
+
+def _endpoint(path: str, operation: Mapping[str, Any]) -> Endpoint:
+    grouped = bool(operation.get("x-grouped", False))
+    columns = tuple(str(column) for column in operation.get("x-columns", ()))
+    types = {str(key): str(value) for key, value in operation.get("x-column-types", {}).items()}
+    params = [_param(raw, grouped) for raw in operation.get("parameters", ())]
+    ordered = sorted(params, key=_order)  # stable: document order within each group
+    return Endpoint(
+        report=str(operation["x-report"]),
+        path=path,
+        grouped=grouped,
+        columns=columns,
+        types=types,
+        default_columns=tuple(str(c) for c in operation.get("x-default-columns", ())),
+        ranges=tuple((str(low), str(high)) for low, high in operation.get("x-ranges", ())),
+        params={param.name: param for param in ordered},
+        aliases=_aliases(columns, types),
+    )
+
+
+@functools.cache
+def endpoints() -> Mapping[str, Endpoint]:
+    """Every report data endpoint of the document, by report name (read once)."""
+    document = orjson.loads(resources.files("proxy.spec").joinpath("teamup.json").read_bytes())
+    found: dict[str, Endpoint] = {}
+    for path, item in document.get("paths", {}).items():
+        operation = item.get("get")
+        if operation is not None and "x-report" in operation:
+            endpoint = _endpoint(str(path), operation)
+            found[endpoint.report] = endpoint
+    return found
