@@ -153,7 +153,7 @@ def csv_value(value: Any) -> Any:
 
 def sort_key(value: Any) -> tuple[bool, Any]:
     """How a value orders: nulls last (first when descending), a price by its amount, an entity
-    by its name, a list by its CSV text."""
+    by its name, a list by its CSV text, digits as a number."""
     if value is None:
         return (True, 0)
     if isinstance(value, dict):
@@ -164,6 +164,12 @@ def sort_key(value: Any) -> tuple[bool, Any]:
         return (False, str(csv_value(value)))
     if isinstance(value, list):
         return (False, str(csv_value(value)))
+    if isinstance(value, str):
+        # Digits order as numbers (a page may type a count or a year as a string).
+        return (
+            False,
+            (0, int(value), "") if value.isascii() and value.isdigit() else (1, 0, value),
+        )
     return (False, value)
 
 
