@@ -17,7 +17,9 @@ from aiohttp.test_utils import TestClient
 from pytest_aiohttp import AiohttpClient
 
 import proxy.spec
-from proxy.testing.mock import MOCK_STATE, create_mock_app
+from proxy.testing.mock import MOCK_STATE, MockState, create_mock_app
+from tests.conftest import MakeProxy
+from tests.e2e import auth
 
 Client = TestClient[web.Request, web.Application]
 TOKEN = "s3cret"
@@ -239,6 +241,7 @@ BAD = {
     "date": "2024-02-30",
     "date-time": "2024-01-01T00:00:00",
     "enum": "not-a-choice",
+    "pattern": "not matching",
 }
 
 
@@ -247,6 +250,8 @@ def kind_of(param: dict[str, Any]) -> str:
     item = schema.get("items", schema)
     if "enum" in item:
         return "enum"
+    if "pattern" in item:
+        return "pattern"
     return str(item.get("format", item["type"]))
 
 
@@ -283,7 +288,7 @@ async def test_bad_value_is_400_naming_it(
 def good_cases() -> Iterator[tuple[str, str]]:
     """(report, query): a valid value for every parameter of every report, all at once."""
     good = {"integer": "3", "number": "1.5", "boolean": "true", "date": "2024-01-01"}
-    good["date-time"] = "2024-01-01T00:00:00Z"
+    good |= {"date-time": "2024-01-01T00:00:00Z", "pattern": "none"}
     for report in REPORTS:
         parts = []
         for param in OPERATIONS[report]["parameters"]:
@@ -521,3 +526,24 @@ async def test_same_seed_same_data(aiohttp_client: AiohttpClient) -> None:
         bodies.append(await response.read())
     assert bodies[0] == bodies[1]
     assert bodies[0] != bodies[2]
+
+
+# --- behind the proxy -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("report", "query"), list(good_cases()))
+async def test_behind_the_proxy(
+    make_proxy: MakeProxy, mock_state: MockState, report: str, query: str
+) -> None:
+    """The proxy's canonical form of a query setting every parameter is one the mock accepts, and
+    the mock's answer is one the proxy passes on, in both formats."""
+    proxy = await make_proxy()
+    grouped = f"columns={grouping(report)}&" if OPERATIONS[report]["x-grouped"] else ""
+    for fmt in ("json", "csv"):
+        response = await proxy.get(f"{PATHS[report]}?{grouped}{query}&format={fmt}", headers=auth())
+        assert response.status == 200, await response.text()
+        assert response.headers["Content-Type"].startswith(
+            "application/json" if fmt == "json" else "text/csv"
+        )
+    assert mock_state.report_calls == {report: 2}
+    assert [r.report for r in mock_state.requests] == [report, report]

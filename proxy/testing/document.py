@@ -34,6 +34,7 @@ class Param:
     array: bool
     required: bool
     enum: tuple[str, ...] | None
+    pattern: re.Pattern[str] | None
     minimum: int | None
     maximum: int | None
     min_length: int | None
@@ -106,6 +107,7 @@ def _param(raw: Mapping[str, Any], grouped: bool) -> Param:
         array=array,
         required=bool(raw.get("required", False)) and "required" not in on_schema,
         enum=None if enum is None else tuple(str(value) for value in enum),
+        pattern=None if "pattern" not in items else re.compile(str(items["pattern"])),
         minimum=bound(items, "minimum", value_bounds),
         maximum=bound(items, "maximum", value_bounds),
         min_length=bound(items, "minLength", value_bounds),

@@ -316,6 +316,9 @@ class _Parser:
         if param.enum is not None and text not in param.enum:
             self.fail(name, f'"{text}" is not a valid choice.')
             return _BAD
+        if param.pattern is not None and param.pattern.search(text) is None:
+            self.fail(name, "Enter a valid value.")
+            return _BAD
         if param.max_length is not None and len(text) > param.max_length:
             self.fail(name, f"Ensure this field has no more than {param.max_length} characters.")
         if param.min_length is not None and len(text) < param.min_length:
