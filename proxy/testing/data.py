@@ -26,13 +26,19 @@ import orjson
 from .document import Endpoint, Param, endpoints
 
 __all__ = [
+    "END",
+    "FIRST_NAMES",
+    "LAST_NAMES",
+    "START",
     "Filter",
     "Row",
     "csv_value",
+    "entity_id",
     "filters",
     "group",
     "is_aggregate",
     "label",
+    "matcher",
     "money",
     "rows",
     "sort_key",
