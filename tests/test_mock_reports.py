@@ -170,10 +170,8 @@ async def test_every_column_typed(client: Client, report: str) -> None:
     check_rows(report, body, columns)
 
 
-@pytest.mark.parametrize("report", PLAIN)
+@pytest.mark.parametrize("report", [r for r in PLAIN if "columns" in params(r)])
 async def test_some_columns_in_order(client: Client, report: str) -> None:
-    if "columns" not in params(report):
-        pytest.skip("this report takes no columns")
     columns = [c for c in OPERATIONS[report]["x-columns"] if "." in c or "_" not in c][-2:]
     body = await get_json(client, report, f"columns={columns[1]}&columns={columns[0]}&limit=5")
     assert [h["key"] for h in body["column_headers"]] == columns[::-1]
