@@ -202,3 +202,32 @@ async def test_the_report_is_in_metrics_and_access_logs(
     )
     access = [r for r in json_logs.records() if r.get("logger") == "teamup_proxy.access"]
     assert [r["report"] for r in access] == ["customer_credits", "customers.grouped"]
+
+
+async def test_every_report_is_reachable_validated_and_cached_under_its_own_key(
+    make_proxy: MakeProxy, mock_state: MockState, redis_url: str
+) -> None:
+    from proxy.core.endpoints import load_endpoints
+
+    client = aioredis.Redis.from_url(redis_url)
+    proxy = await make_proxy(redis_client=client)
+    endpoints = load_endpoints()
+    for report, endpoint in endpoints.items():
+        columns = endpoint.contract.columns
+        query = "format=json&limit=2"
+        if endpoint.grouped:
+            query += f"&columns={columns[0]}"
+        first = await proxy.get(f"{endpoint.path}?{query}", headers=auth())
+        assert first.status == 200, (report, await first.text())
+        assert first.headers["X-Proxy-Report"] == report
+        assert "fwd=uri-miss" in first.headers["Cache-Status"]
+        body = await first.json()
+        assert set(body) == {"total", "column_headers", "rows"}
+        respelled = query.replace("limit=2", "limit=02").replace("format=json", "format=JSON")
+        again = await proxy.get(f"{endpoint.doubled_path}?{respelled}", headers=auth())
+        assert again.headers["Cache-Status"].startswith("teamup-proxy; hit"), report
+        assert await again.json() == body
+    assert mock_state.calls == len(endpoints) == 32
+    assert [r.path for r in mock_state.requests] == [e.path for e in endpoints.values()]
+    assert len([k async for k in client.scan_iter(match="teamup-proxy:c:*")]) == 32
+    await client.aclose()
