@@ -29,7 +29,7 @@ from ..upstream.guard import UpstreamGuard
 from .auth import ClientDirectory
 from .errors import error_response
 from .handlers import LOG, REQUEST_ID, STATE, ProxyState, healthz, purge, readyz, report
-from .openapi import openapi_handler
+from .openapi import openapi_context, openapi_handler
 
 __all__ = ["SETTINGS", "create_app"]
 
@@ -243,6 +243,7 @@ def create_app(
                 await link.close()
 
     app.cleanup_ctx.append(resources)
+    app.cleanup_ctx.append(openapi_context)  # after `resources`: it needs the endpoints
     for path, label in _ROUTES.items():
         if label == "report":
             # One route for every report: the handler looks the name up among the endpoints

@@ -1,21 +1,277 @@
-"""`GET /openapi.json`: the proxy's OpenAPI document (upstream spec plus our headers, errors)."""
+"""`GET /openapi.json`: the proxy's own OpenAPI 3.1 document, built at start-up.
+
+Everything that is not a report (info, security, headers, error responses, admin and health
+paths) is data in `proxy/spec/proxy-openapi.template.json`; every report path is generated from
+the routed `Endpoints` — each parameter from its `Param`, i.e. from what the proxy accepts
+(enums in either case, integers in bounds, arrays in any spelling), which is not quite what
+TeamUp documents. Nothing here names a report but the legacy purge form.
+"""
 
 from __future__ import annotations
 
+import copy
 import functools
+from collections.abc import AsyncIterator, Mapping
 from importlib import resources
+from typing import Any
 
+import orjson
 from aiohttp import web
 
-__all__ = ["openapi_handler"]
+from ..core.contract import INT_CEILING, Param
+from ..core.endpoints import Endpoint, Endpoints
+from .handlers import LEGACY_PURGE_REPORT, STATE
+
+__all__ = ["OPENAPI", "build_document", "load_template", "openapi_context", "openapi_handler"]
+
+OPENAPI = web.AppKey("openapi", bytes)
+
+_RESPONSES = {
+    "200": "Report",
+    "400": "BadRequest",
+    "401": "Unauthorized",
+    "403": "ReportForbidden",
+    "404": "NotFound",
+    "405": "MethodNotAllowed",
+    "414": "URITooLong",
+    "429": "TooManyRequests",
+    "502": "BadGateway",
+    "503": "ServiceUnavailable",
+    "504": "GatewayTimeout",
+}
+# The answers the report handler makes after it knows the report: they carry X-Proxy-Report
+# (a 400 the HTTP parser makes never reaches the handler, so there it is optional).
+_NAMED = {"200": True, "400": False, "429": True, "502": True, "503": True, "504": True}
+_SECURITY: list[dict[str, list[str]]] = [{"TokenAuth": []}, {"ApiKeyAuth": []}]
+
+_DESCRIPTION = (
+    "TeamUp's `GET {path}` ({summary}), answered from the cache when it can. Call it exactly as "
+    "you would call TeamUp, with your own proxy key. Every parameter is validated (a bad one is "
+    "a 400 naming it, and nothing reaches TeamUp) and canonicalised: parameter order, array "
+    "spellings, leading zeros, datetime offsets and enum case do not change the answer or the "
+    "cache key{defaults}. A stale copy is served (`Cache-Status: …; fwd=stale`) when TeamUp "
+    "fails or the budget is spent. Other 4xx answers from TeamUp are passed through as they are."
+)
+_SPELLINGS = (
+    "Accepted as repeated keys (`{name}=a&{name}=b`), as `{name}[]=` and comma-separated "
+    "(`{name}=a,b`), in any mix; all spellings are the same question."
+)
 
 
 @functools.cache
-def load_document() -> bytes:
-    """The document shipped inside the package (read once per process)."""
-    return resources.files("proxy.spec").joinpath("proxy-openapi.json").read_bytes()
+def load_template() -> Mapping[str, Any]:
+    """Everything of the document that is not per report (read once per process)."""
+    data: Mapping[str, Any] = orjson.loads(
+        resources.files("proxy.spec").joinpath("proxy-openapi.template.json").read_bytes()
+    )
+    return data
+
+
+def build_document(endpoints: Endpoints) -> dict[str, Any]:
+    """The proxy's document for the reports it routes: the template plus two path items each
+    (single and doubled slash) sharing the report's parameters and responses (components named
+    `<report>.<name>`), and the admin purge forms limited to those reports."""
+    document = copy.deepcopy(dict(load_template()))
+    components = document["components"]
+    paths: dict[str, Any] = {}
+    for endpoint in endpoints.values():
+        for param in _parameters(endpoint):
+            components["parameters"][f"{endpoint.report}.{param['name']}"] = param
+        components["responses"].update(_responses(endpoint.report))
+        paths[endpoint.path] = {"get": _operation(endpoint, doubled=False)}
+        paths[endpoint.doubled_path] = {"get": _operation(endpoint, doubled=True)}
+    admin: dict[str, Any] = document["paths"]
+    if endpoints:
+        for path in ("/admin/cache/{report}", "/admin/cache/{report}/data"):
+            admin[path]["delete"]["parameters"][0] = _report_parameter(endpoints)
+    else:
+        del admin["/admin/cache/{report}"], admin["/admin/cache/{report}/data"]
+    legacy = endpoints.get(LEGACY_PURGE_REPORT)
+    if legacy is not None:
+        admin["/admin/cache"]["delete"]["parameters"] = _parameter_refs(legacy)
+    del components["parameters"]["report"]
+    document["paths"] = {**paths, **admin}
+    return document
+
+
+def _parameter_refs(endpoint: Endpoint) -> list[dict[str, str]]:
+    return [
+        {"$ref": f"#/components/parameters/{endpoint.report}.{name}"}
+        for name in sorted(endpoint.contract.params)
+    ]
+
+
+def _report_parameter(endpoints: Endpoints) -> dict[str, Any]:
+    return {
+        "name": "report",
+        "in": "path",
+        "required": True,
+        "description": "A report this proxy routes (`PROXY_REPORTS_ENABLED`).",
+        "schema": {"type": "string", "enum": list(endpoints)},
+    }
+
+
+def _camel(report: str) -> str:
+    """`customers.grouped` → `CustomersGrouped`."""
+    return "".join(word.capitalize() for word in report.replace(".", "_").split("_"))
+
+
+def _operation(endpoint: Endpoint, *, doubled: bool) -> dict[str, Any]:
+    """One report's GET operation, at its single- or doubled-slash path."""
+    summary = str(endpoint.operation.get("summary") or f"Rows of the {endpoint.report} report")
+    defaults = [
+        f"`{p.name}={_shown(p.default)}`"
+        for p in endpoint.contract.params.values()
+        if p.default is not None
+    ]
+    dropped = f"; documented defaults ({', '.join(defaults)}) are dropped" if defaults else ""
+    description = _DESCRIPTION.format(
+        path=endpoint.path, summary=summary[:1].lower() + summary[1:], defaults=dropped
+    )
+    operation_id = f"get{_camel(endpoint.report)}ReportData"
+    if doubled:
+        operation_id += "DoubleSlash"
+        summary += ", at the doubled-slash path TeamUp's docs print"
+    return {
+        "operationId": operation_id,
+        "summary": summary,
+        "description": description,
+        "tags": ["report"],
+        "security": copy.deepcopy(_SECURITY),
+        "parameters": [
+            *_parameter_refs(endpoint),
+            {"$ref": "#/components/parameters/X-Request-ID"},
+        ],
+        "responses": {
+            code: {"$ref": f"#/components/responses/{_response_name(endpoint.report, code)}"}
+            for code in _RESPONSES
+        },
+    }
+
+
+def _response_name(report: str, code: str) -> str:
+    return f"{report}.{_RESPONSES[code]}" if code in _NAMED else _RESPONSES[code]
+
+
+def _responses(report: str) -> dict[str, Any]:
+    """The template's responses that the handler answers once it knows the report, with
+    `X-Proxy-Report` (exactly this report), by component name."""
+    template = load_template()["components"]["responses"]
+    responses: dict[str, Any] = {}
+    for code, required in _NAMED.items():
+        response = copy.deepcopy(template[_RESPONSES[code]])
+        response["headers"]["X-Proxy-Report"] = {
+            "description": f"The report that answered: `{report}`.",
+            "required": required,
+            "schema": {"type": "string", "const": report},
+        }
+        responses[_response_name(report, code)] = response
+    return responses
+
+
+def _parameters(endpoint: Endpoint) -> list[dict[str, Any]]:
+    """One OpenAPI query parameter per `Param` of the endpoint's contract, by name."""
+    upstream = {
+        str(spec["name"]): spec
+        for spec in endpoint.operation.get("parameters", ())
+        if spec.get("in") == "query"
+    }
+    later = {low: high for low, high in endpoint.contract.ranges}
+    earlier = {high: low for low, high in endpoint.contract.ranges}
+    found = []
+    for name in sorted(endpoint.contract.params):
+        param = endpoint.contract.params[name]
+        spec = upstream.get(name, {})
+        notes = [str(spec.get("description", "")).strip()]
+        if name in later:
+            notes.append(f"Must not be later than `{later[name]}`.")
+        if name in earlier:
+            notes.append(f"Must not be earlier than `{earlier[name]}`.")
+        item, note = _item_schema(param, spec)
+        notes.append(note)
+        schema: dict[str, Any]
+        result: dict[str, Any] = {"name": name, "in": "query"}
+        if param.array:
+            # An array that is present has at least one item: an empty item is an error.
+            schema = {
+                "type": "array",
+                "items": item,
+                "minItems": max(1, param.min_items),
+                "maxItems": param.max_items,
+            }
+            notes.append(
+                "Ordered: the order of the items is meaningful; exact duplicates are dropped."
+                if param.ordered
+                else "A set: order and duplicates carry no meaning."
+            )
+            notes.append(_SPELLINGS.format(name=name))
+            result.update(style="form", explode=True)
+        else:
+            schema = item
+        if param.required:
+            result["required"] = True
+            notes.append("Required.")
+        if param.default is not None:
+            schema["default"] = param.default
+        result["description"] = " ".join(note for note in notes if note)
+        result["schema"] = schema
+        found.append(result)
+    return found
+
+
+def _item_schema(param: Param, spec: Mapping[str, Any]) -> tuple[dict[str, Any], str]:
+    """The JSON Schema of one value (an array's item) as the proxy reads it, and a note."""
+    if param.kind == "int":
+        low = 0 if param.minimum is None else max(0, param.minimum)
+        high = INT_CEILING if param.maximum is None else param.maximum
+        note = "Plain digits; leading zeros are fine."
+        return {"type": "integer", "minimum": low, "maximum": high}, note
+    if param.kind == "bool":
+        note = "`true` or `false`; `1` and `0` and any case are accepted too."
+        return {"type": "boolean"}, note
+    if param.kind == "date":
+        return {"type": "string", "format": "date"}, "`YYYY-MM-DD`."
+    if param.kind == "datetime":
+        note = (
+            "RFC 3339 with `Z` or an offset (an offset is required); at most microsecond "
+            "precision; converted to UTC."
+        )
+        return {"type": "string", "format": "date-time"}, note
+    if param.kind == "enum":
+        choices = list(param.choices)
+        if param.descending_prefix:
+            choices += [f"-{choice}" for choice in param.choices]
+        upper = [c.upper() for c in choices if c.isascii() and c.upper() != c]
+        note = "Case-insensitive."
+        if param.descending_prefix:
+            note = "Column keys; a leading `-` sorts descending; case-insensitive."
+        return {"type": "string", "enum": list(dict.fromkeys(choices + upper))}, note
+    text: dict[str, Any] = {"type": "string", "minLength": 1}
+    note = "Free text: trimmed, not blank, no control characters"
+    if param.max_length is not None:
+        text["maxLength"] = param.max_length
+        note += f", at most {param.max_length} characters"
+    note += "."
+    item = spec.get("schema", {})
+    pattern = (item.get("items", {}) if param.array else item).get("pattern")
+    if pattern:
+        note += f" TeamUp expects values matching `{pattern}`; the proxy forwards any."
+    return text, note
+
+
+def _shown(value: str | int | bool) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+async def openapi_context(app: web.Application) -> AsyncIterator[None]:
+    """Build and encode the document once per app, for the endpoints it routes (after the
+    proxy's own cleanup context has made them)."""
+    app[OPENAPI] = orjson.dumps(build_document(app[STATE].endpoints))
+    yield
 
 
 async def openapi_handler(request: web.Request) -> web.Response:
     """Serve the document."""
-    return web.Response(body=load_document(), content_type="application/json")
+    return web.Response(body=request.app[OPENAPI], content_type="application/json")
