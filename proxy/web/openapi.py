@@ -1,7 +1,7 @@
 """`GET /openapi.json`: the proxy's own OpenAPI 3.1 document, built at start-up.
 
 Everything that is not a report (info, security, headers, error responses, admin and health
-paths) is data in `proxy/spec/proxy-openapi.template.json`; every report path is generated from
+paths) is data in `proxy/spec/proxy-openapi.json`; every report path is generated from
 the routed `Endpoints` — each parameter from its `Param`, i.e. from what the proxy accepts
 (enums in either case, integers in bounds, arrays in any spelling), which is not quite what
 TeamUp documents. Nothing here names a report but the legacy purge form.
@@ -62,7 +62,7 @@ _SPELLINGS = (
 def load_template() -> Mapping[str, Any]:
     """Everything of the document that is not per report (read once per process)."""
     data: Mapping[str, Any] = orjson.loads(
-        resources.files("proxy.spec").joinpath("proxy-openapi.template.json").read_bytes()
+        resources.files("proxy.spec").joinpath("proxy-openapi.json").read_bytes()
     )
     return data
 
