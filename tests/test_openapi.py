@@ -53,8 +53,8 @@ CHECKS = [
     response_headers_conformance,
     response_schema_conformance,
 ]
-# The answers the report handler makes once it knows the report: they name it.
-NAMED = {"200", "400", "429", "502", "503", "504"}
+# Every answer of the report handler names the report (a 405 comes from the router).
+NAMED = {"200", "400", "401", "403", "404", "414", "429", "502", "503", "504"}
 
 
 def resolve(node: dict[str, Any], document: dict[str, Any] = DOCUMENT) -> dict[str, Any]:
@@ -145,6 +145,8 @@ def expected_item(rule: Param) -> dict[str, Any]:
         text: dict[str, Any] = {"type": "string", "minLength": 1}
         if rule.max_length is not None:
             text["maxLength"] = rule.max_length
+        if rule.pattern is not None:
+            text["pattern"] = rule.pattern  # the contract's patterns are anchored already
         return text
     allowed = [*rule.choices, *(f"-{c}" for c in rule.choices if rule.descending_prefix)]
     return {"type": "string", "enum": allowed}
@@ -310,6 +312,9 @@ async def test_a_client_limited_to_other_reports_gets_the_documented_403(
     body = await response.json()
     documented = resolve(operation_of(REPORT)["responses"]["403"])
     assert body["code"] == "permission_denied" and body["code"] in documented["description"]
+    assert response.headers["X-Proxy-Report"] == "customer_credits"
+    unknown = await proxy.get(REPORT, headers=auth("no-such-key"))
+    assert unknown.status == 401 and unknown.headers["X-Proxy-Report"] == "customer_credits"
     allowed = await proxy.get(REPORT, headers=auth(KEY), params={"format": "json"})
     assert allowed.status == 200
     assert allowed.headers["X-Proxy-Report"] == "customer_credits"

@@ -39,9 +39,9 @@ _RESPONSES = {
     "503": "ServiceUnavailable",
     "504": "GatewayTimeout",
 }
-# The answers the report handler makes after it knows the report: they carry X-Proxy-Report
-# (a 400 the HTTP parser makes never reaches the handler, so there it is optional).
-_NAMED = {"200": True, "400": False, "429": True, "502": True, "503": True, "504": True}
+# Every answer of the report handler names the report; a 405 comes from the router, and a 400
+# the HTTP parser makes never reaches the handler (so there the header is optional).
+_NAMED = {code: code != "400" for code in _RESPONSES if code != "405"}
 _SECURITY: list[dict[str, list[str]]] = [{"TokenAuth": []}, {"ApiKeyAuth": []}]
 
 _DESCRIPTION = (
@@ -187,7 +187,7 @@ def _parameters(endpoint: Endpoint) -> list[dict[str, Any]]:
             notes.append(f"Must not be later than `{later[name]}`.")
         if name in earlier:
             notes.append(f"Must not be earlier than `{earlier[name]}`.")
-        item, note = _item_schema(param, spec)
+        item, note = _item_schema(param)
         notes.append(note)
         schema: dict[str, Any]
         result: dict[str, Any] = {"name": name, "in": "query"}
@@ -219,7 +219,7 @@ def _parameters(endpoint: Endpoint) -> list[dict[str, Any]]:
     return found
 
 
-def _item_schema(param: Param, spec: Mapping[str, Any]) -> tuple[dict[str, Any], str]:
+def _item_schema(param: Param) -> tuple[dict[str, Any], str]:
     """The JSON Schema of one value (an array's item) as the proxy reads it, and a note."""
     if param.kind == "int":
         low = 0 if param.minimum is None else max(0, param.minimum)
@@ -251,11 +251,13 @@ def _item_schema(param: Param, spec: Mapping[str, Any]) -> tuple[dict[str, Any],
     if param.max_length is not None:
         text["maxLength"] = param.max_length
         note += f", at most {param.max_length} characters"
+    if param.pattern is not None:
+        # The contract matches the whole (trimmed) value; a JSON Schema pattern may match
+        # anywhere, so one that is not anchored is.
+        anchored = param.pattern.startswith("^") and param.pattern.endswith("$")
+        text["pattern"] = param.pattern if anchored else f"^(?:{param.pattern})$"
+        note += f", matching `{param.pattern}`"
     note += "."
-    item = spec.get("schema", {})
-    pattern = (item.get("items", {}) if param.array else item).get("pattern")
-    if pattern:
-        note += f" TeamUp expects values matching `{pattern}`; the proxy forwards any."
     return text, note
 
 
