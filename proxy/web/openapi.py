@@ -244,7 +244,7 @@ def _item_schema(param: Param) -> tuple[dict[str, Any], str]:
         upper = [c.upper() for c in choices if c.isascii() and c.upper() != c]
         note = "Case-insensitive."
         if param.descending_prefix:
-            note = "Column keys; a leading `-` sorts descending; case-insensitive."
+            note = "The report's column keys, case-insensitive; a leading `-` sorts descending."
         return {"type": "string", "enum": list(dict.fromkeys(choices + upper))}, note
     text: dict[str, Any] = {"type": "string", "minLength": 1}
     note = "Free text: trimmed, not blank, no control characters"
