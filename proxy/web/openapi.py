@@ -1,4 +1,4 @@
-"""`GET /openapi.json`: the proxy's own OpenAPI 3.1 document, built at start-up.
+"""`GET /openapi.json`: the proxy's own OpenAPI 3.1 document, built once per app on first use.
 
 Everything that is not a report (info, security, headers, error responses, admin and health
 paths) is data in `proxy/spec/proxy-openapi.json`; every report path is generated from
@@ -22,9 +22,14 @@ from ..core.contract import INT_CEILING, Param
 from ..core.endpoints import Endpoint, Endpoints
 from .handlers import LEGACY_PURGE_REPORT, STATE
 
-__all__ = ["OPENAPI", "build_document", "load_template", "openapi_context", "openapi_handler"]
-
-OPENAPI = web.AppKey("openapi", bytes)
+__all__ = [
+    "OPENAPI",
+    "OpenAPIDocument",
+    "build_document",
+    "load_template",
+    "openapi_context",
+    "openapi_handler",
+]
 
 _RESPONSES = {
     "200": "Report",
@@ -267,13 +272,33 @@ def _shown(value: str | int | bool) -> str:
     return str(value)
 
 
+class OpenAPIDocument:
+    """One app's document: built and encoded on first use, then served as the same bytes
+    (most apps in tests, and many workers, are never asked for it)."""
+
+    __slots__ = ("_body", "_endpoints")
+
+    def __init__(self, endpoints: Endpoints) -> None:
+        self._endpoints = endpoints
+        self._body: bytes | None = None
+
+    @property
+    def body(self) -> bytes:
+        if self._body is None:
+            self._body = orjson.dumps(build_document(self._endpoints))
+        return self._body
+
+
+OPENAPI = web.AppKey("openapi", OpenAPIDocument)
+
+
 async def openapi_context(app: web.Application) -> AsyncIterator[None]:
-    """Build and encode the document once per app, for the endpoints it routes (after the
-    proxy's own cleanup context has made them)."""
-    app[OPENAPI] = orjson.dumps(build_document(app[STATE].endpoints))
+    """The document of the endpoints this app routes (after the proxy's own cleanup context
+    has chosen them)."""
+    app[OPENAPI] = OpenAPIDocument(app[STATE].endpoints)
     yield
 
 
 async def openapi_handler(request: web.Request) -> web.Response:
     """Serve the document."""
-    return web.Response(body=request.app[OPENAPI], content_type="application/json")
+    return web.Response(body=request.app[OPENAPI].body, content_type="application/json")
