@@ -1,43 +1,58 @@
-# syntax=docker/dockerfile:1
-# teamup-proxy image: `docker build -t teamup-proxy:0.1.0 .` (BuildKit, the default since Docker 23).
-# Pin by digest for production builds: python:3.11-slim@sha256:<digest>.
+# teamup-proxy image: Debian bookworm's own python3 (3.11), a venv in /opt/venv installed from
+# the hashed lock, running as uid 10001. The base is any bookworm with python3, python3-venv and
+# ca-certificates; scripts/container-check makes `teamup-proxy-base:bookworm` locally with
+# debootstrap (no registry needed) and builds with
+#   docker build --network host --build-arg BASE_IMAGE=teamup-proxy-base:bookworm -t teamup-proxy .
+# Pin the base by digest for production builds: --build-arg BASE_IMAGE=<repo>@sha256:<digest>.
+ARG BASE_IMAGE=teamup-proxy-base:bookworm
 
-# --- builder: wheels for the project and every dependency (all ship manylinux wheels) ---
-FROM python:3.11-slim AS builder
+# --- builder: the venv, from the lock (every file hash-checked), then the project itself ---
+FROM ${BASE_IMAGE} AS builder
 
+# Where pip finds packages is the builder's business (index, CA bundle), passed as build args;
+# nothing of it reaches the runtime stage.
+ARG PIP_INDEX_URL
+ARG PIP_EXTRA_INDEX_URL
+ARG PIP_CERT
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1
 
 WORKDIR /src
+COPY requirements.lock ./
+# Wheels only (all dependencies ship manylinux wheels): no compiler in any stage.
+RUN python3 -m venv /opt/venv \
+ && /opt/venv/bin/pip install --quiet --require-hashes --only-binary :all: -r requirements.lock
 COPY pyproject.toml README.md ./
 COPY proxy ./proxy
-RUN pip wheel --no-cache-dir --wheel-dir /wheels .
+# setuptools (the build backend) came from the lock too, so no unpinned build environment.
+RUN /opt/venv/bin/pip install --quiet --no-deps --no-build-isolation . \
+ && /opt/venv/bin/pip uninstall --quiet --yes setuptools \
+ && /opt/venv/bin/pip check
 
-# --- runtime: the wheels installed into a slim image, no compilers, running as UID 10001 ---
-FROM python:3.11-slim AS runtime
+# --- runtime: the base plus the venv; no pip cache, no build tools, no root ---
+FROM ${BASE_IMAGE} AS runtime
 
 LABEL org.opencontainers.image.title="teamup-proxy" \
-      org.opencontainers.image.description="Caching reverse proxy for TeamUp's customer credits report"
+      org.opencontainers.image.description="Caching reverse proxy for TeamUp's reporting API"
 
-ENV PYTHONDONTWRITEBYTECODE=1 \
-    PYTHONUNBUFFERED=1 \
-    PIP_NO_CACHE_DIR=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1
+# The whole PATH, not `:$PATH`: an imported base image may carry no environment at all.
+ENV PATH=/opt/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+    LANG=C.UTF-8 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1
+
+# Debian's base-passwd already has a `proxy` group (uid 13): ours is `teamup`, 10001:10001.
+RUN groupadd --system --gid 10001 teamup \
+ && useradd --system --uid 10001 --gid 10001 --no-create-home \
+      --home-dir /nonexistent --shell /usr/sbin/nologin teamup
+
+COPY --from=builder /opt/venv /opt/venv
 
 # Secrets: files in /run/secrets (the code's default secrets directory, PROXY_SECRETS_DIR),
 # e.g. /run/secrets/PROXY_UPSTREAM_TOKEN mounted by compose or Kubernetes; never baked in.
-RUN groupadd --system --gid 10001 proxy \
- && useradd --system --uid 10001 --gid 10001 --no-create-home \
-      --home-dir /nonexistent --shell /usr/sbin/nologin proxy
-
-# The wheels are bind-mounted from the builder, so they never become a layer of this image.
-RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
-    pip install --no-cache-dir --no-index --find-links=/wheels /wheels/teamup_proxy-*.whl \
- && pip uninstall --yes setuptools wheel \
- && pip check
-
-# No .env here: configuration comes from PROXY_* variables and files in /run/secrets.
+# No .env either: configuration comes from PROXY_* variables. The root filesystem may be
+# read-only; with several workers the metrics files go to /tmp (mount a tmpfs there).
 WORKDIR /app
 USER 10001:10001
 

@@ -3,19 +3,41 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+# -qq: errors only (this machine's pip config points at local indexes that pip warns about).
+PIP    := $(BIN)/python -m pip -qq
+PORT   ?= 8080
+# `make lock` refreshes both locks to the newest versions pyproject.toml allows (LOCK_ARGS= keeps
+# the current pins and only adds what changed). uv resolves for every Python >= 3.11 and platform
+# at once, so a lock made on a newer 3.11 still installs on Debian's 3.11.2.
+LOCK_ARGS ?= --upgrade
+UV_VERSION := 0.13.8
+BUILD_IN := $(VENV)/build-system.in
+COMPILE = $(BIN)/uv pip compile --quiet --universal --python-version 3.11 --generate-hashes \
+	--custom-compile-command 'make lock' $(LOCK_ARGS) pyproject.toml $(BUILD_IN)
 
-.PHONY: install demo test lint deploy-lint check bench soak clean
+.PHONY: install lock demo test lint deploy-lint container-check check bench soak clean
 
-$(STAMP): pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+# Hash-checked install from the lock; a second run is a no-op until pyproject or the lock change.
+$(STAMP): pyproject.toml requirements-dev.lock
+	@echo "make: installing into $(VENV) from requirements-dev.lock (the first time takes ~45 s)"
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --require-hashes --only-binary :all: -r requirements-dev.lock
+	$(PIP) install --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
 install: $(STAMP)
 
+# The build backend (pyproject's build-system.requires) is locked too: installs use
+# --no-build-isolation, so nothing unhashed is ever fetched.
+lock: $(STAMP)
+	$(PIP) install uv==$(UV_VERSION)
+	$(BIN)/python -c 'import tomllib; print(*tomllib.load(open("pyproject.toml", "rb"))["build-system"]["requires"], sep="\n")' >$(BUILD_IN)
+	$(COMPILE) --output-file requirements.lock
+	$(COMPILE) --extra dev --output-file requirements-dev.lock
+	sed -i 's|via -r $(BUILD_IN)|via pyproject.toml (build-system.requires)|' requirements.lock requirements-dev.lock
+
 demo: $(STAMP)
-	$(BIN)/teamup-proxy demo
+	$(BIN)/teamup-proxy demo --port $(PORT)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
@@ -27,6 +49,9 @@ lint: $(STAMP)
 
 deploy-lint: $(STAMP)
 	VENV=$(VENV) scripts/lint-deploy
+
+container-check: $(STAMP)
+	VENV=$(VENV) scripts/container-check
 
 check: lint test deploy-lint
 
