@@ -20,7 +20,7 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
 
-from proxy.auth import hash_key
+from proxy.web.auth import hash_key
 from tests.e2e import ADMIN_KEY, KEY, OTHER_KEY, REPORT, auth
 from tests.procs import ProxyProcess
 from tests.support import free_port, wait_for_port
@@ -183,8 +183,10 @@ async def test_prometheus_scrapes_every_dashboard_panel(proxy: ProxyProcess) -> 
                 return result
 
             # A first scrape before the load, so rates have a "before".
-            for _ in range(150):
-                if await query('up{job="teamup-proxy"} == 1'):
+            for _ in range(150):  # ready (its storage is open), then one scrape done
+                async with http.get(f"{prometheus.url}/-/ready") as response:
+                    ready = response.status == 200
+                if ready and await query('up{job="teamup-proxy"} == 1'):
                     break
                 await asyncio.sleep(0.2)
             else:
