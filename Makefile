@@ -19,11 +19,11 @@ COMPILE = $(BIN)/uv pip compile --quiet --universal --python-version 3.11 --gene
 
 # Hash-checked install from the lock; a second run is a no-op until pyproject or the lock change.
 $(STAMP): pyproject.toml requirements-dev.lock
-	@echo "make: installing into $(VENV) from requirements-dev.lock (the first time takes ~45 s)"
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(PIP) install --require-hashes --only-binary :all: -r requirements-dev.lock
-	$(PIP) install --no-deps --no-build-isolation -e .
-	touch $(STAMP)
+	@echo "make: installing into $(VENV) from requirements-dev.lock (once: ~20-45 s)"
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@$(PIP) install --require-hashes --only-binary :all: -r requirements-dev.lock
+	@$(PIP) install --no-deps --no-build-isolation -e .
+	@touch $(STAMP)
 
 install: $(STAMP)
 

@@ -11,6 +11,7 @@ import os
 import secrets
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import time
@@ -136,6 +137,31 @@ def _supervise(overrides: dict[str, Any], host: str, port: int, workers: int) ->
     return 1 if failed else 0
 
 
+def _port_in_use(host: str, port: int, flag: str, *, reuse_port: bool = False) -> str | None:
+    """One line saying `host:port` cannot be bound, naming the flag to change; None if it can.
+
+    Checked before anything is printed or started, so a taken port is one clear line instead of
+    a banner followed by a traceback (or a supervisor restarting workers that cannot bind).
+    """
+    if port == 0:
+        return None
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError:
+        return None  # let the server report the bad address itself
+    family, kind, proto, _name, address = infos[0]
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as aiohttp binds
+        if reuse_port and hasattr(socket, "SO_REUSEPORT"):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        try:
+            sock.bind(address)
+        except OSError as exc:
+            reason = exc.strerror or type(exc).__name__
+            return f"teamup-proxy: port {port} on {host} is not available ({reason}); {flag}"
+    return None
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     """`teamup-proxy serve`: flags win over `PROXY_HOST`, `PROXY_PORT`, `PROXY_WORKERS`."""
     overrides = {
@@ -148,6 +174,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     setup_logging(settings.log_level, settings.log_format)
     workers = settings.workers or os.cpu_count() or 1
+    busy = _port_in_use(
+        settings.host, settings.port, "choose another with --port or PROXY_PORT", reuse_port=True
+    )
+    if busy is not None:
+        print(busy, file=sys.stderr)
+        return 2
     if workers == 1:
         _run_worker(overrides, settings.host, settings.port, False)
         return 0
@@ -203,6 +235,10 @@ async def _demo(port: int) -> None:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """`teamup-proxy demo`: mock TeamUp + proxy + embedded store, ready to curl."""
+    busy = _port_in_use("127.0.0.1", args.port, "choose another with --port N (make demo PORT=N)")
+    if busy is not None:
+        print(busy, file=sys.stderr)
+        return 2
     _install_uvloop()
     asyncio.run(_demo(args.port))
     return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
 from typing import TypeAlias
@@ -77,10 +78,14 @@ def connect_redis(url: str, *, timeout: float, max_connections: int) -> AnyRedis
 
 
 class RedisLink:
-    """Whether Redis is usable now: after one failure every caller skips it until a probe succeeds.
+    """Whether Redis is usable now, known by every process whether it has traffic or not.
 
-    That is what keeps a dead or paused Redis from adding its timeout to every request: only the
-    requests already talking to it when it went away pay, the rest go straight to the fallbacks.
+    A health task pings Redis every `retry_interval`, always (not only while it is down): a
+    worker with no traffic still learns within one interval that Redis went away or came back,
+    so `/readyz` tells the truth on every worker. A failed call on the request path marks Redis
+    down at once; from then on every caller skips it until a ping succeeds. That is what keeps a
+    dead or paused Redis from adding its timeout to every request: only the requests already
+    talking to it when it went away pay, the rest go straight to the fallbacks.
     """
 
     def __init__(
@@ -96,7 +101,7 @@ class RedisLink:
         self._down = False
         self._on_change = on_change
         self._on_error = on_error
-        self._probe: asyncio.Task[None] | None = None
+        self._health: asyncio.Task[None] | None = None
 
     @property
     def embedded(self) -> bool:
@@ -113,8 +118,13 @@ class RedisLink:
         """`ok`, `down` or `embedded`, as `/readyz` reports it."""
         return "embedded" if self.client is None else ("down" if self._down else "ok")
 
+    def start(self) -> None:
+        """Start the health task (once; needs a running event loop)."""
+        if self.client is not None and self._health is None:
+            self._health = asyncio.get_running_loop().create_task(self._watch())
+
     def failed(self, exc: BaseException, op: str) -> None:
-        """Record a failed Redis call; the first one logs and starts the background probe.
+        """Record a failed Redis call; the first one takes the process off Redis and logs.
 
         A command error (Redis answered, with an error) fails that one call over to the
         fallback; only an unreachable, paused or timing-out Redis takes the process off Redis.
@@ -123,6 +133,36 @@ class RedisLink:
             self._on_error(op)
         if self._down or self.client is None or isinstance(exc, ResponseError):
             return
+        self._mark_down(exc, op)
+
+    async def check(self) -> bool:
+        """One health ping now (bounded by one interval); updates the state. True: it answered.
+
+        On a Cluster every primary must answer (a dead primary's slots are unusable until its
+        replica is promoted); a Sentinel client asks the sentinels for the master on connect.
+        """
+        assert self.client is not None
+        try:
+            async with asyncio.timeout(max(self.retry_interval, 0.05)):
+                if isinstance(self.client, RedisCluster):
+                    await self.client.ping(target_nodes=RedisCluster.PRIMARIES)
+                else:
+                    await self.client.ping()
+        except REDIS_ERRORS as exc:
+            # Even a command error counts here (NOAUTH, LOADING): Redis cannot serve us.
+            if not self._down:
+                if self._on_error is not None:
+                    self._on_error("health")
+                self._mark_down(exc, "health")
+            return False
+        if self._down:
+            self._down = False
+            log.warning("redis reachable again", extra={"event": "redis_up"})
+            if self._on_change is not None:
+                self._on_change(True)
+        return True
+
+    def _mark_down(self, exc: BaseException, op: str) -> None:
         self._down = True
         log.warning(
             "redis unreachable; serving from in-process fallbacks",
@@ -130,29 +170,23 @@ class RedisLink:
         )
         if self._on_change is not None:
             self._on_change(False)
-        self._probe = asyncio.get_running_loop().create_task(self._wait_for_redis())
+        self.start()  # a link that was never started still finds its way back
 
-    async def _wait_for_redis(self) -> None:
-        assert self.client is not None
+    async def _watch(self) -> None:
         while True:
             await asyncio.sleep(self.retry_interval)
-            try:
-                await self.client.ping()
-            except REDIS_ERRORS:
-                continue
-            self._down = False
-            log.warning("redis reachable again", extra={"event": "redis_up"})
-            if self._on_change is not None:
-                self._on_change(True)
-            return
+            await self.check()
+
+    async def stop(self) -> None:
+        """Stop the health task."""
+        task, self._health = self._health, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
     async def close(self) -> None:
-        """Stop probing and close the client's connections."""
-        if self._probe is not None:
-            self._probe.cancel()
-            try:
-                await self._probe
-            except asyncio.CancelledError:
-                pass
+        """Stop the health task and close the client's connections."""
+        await self.stop()
         if self.client is not None:
             await self.client.aclose()

@@ -206,6 +206,7 @@ def create_app(
                 await client.ping()
             except REDIS_ERRORS as exc:
                 link.failed(exc, "startup")
+            link.start()  # pings every PROXY_REDIS_RETRY_INTERVAL from now on, traffic or not
         endpoints = load_endpoints().only(settings.enabled_reports)
         service = ReportService(
             settings,
@@ -239,6 +240,7 @@ def create_app(
             state.ready = False
             await service.close()
             await up.close()
+            await link.stop()
             if redis_client is None:
                 await link.close()
 
