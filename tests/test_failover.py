@@ -122,7 +122,16 @@ class ReplicatedCluster:
 
     def __init__(self) -> None:
         self.nodes = [
-            RedisServer("--cluster-enabled", "yes", "--cluster-node-timeout", "1000")
+            # Validity factor 0: a replica always stands for election, however long ago it
+            # last heard from its master (on a loaded machine that may be "too long").
+            RedisServer(
+                "--cluster-enabled",
+                "yes",
+                "--cluster-node-timeout",
+                "1000",
+                "--cluster-replica-validity-factor",
+                "0",
+            )
             for _ in range(6)
         ]
         for node, port in zip(self.nodes, cluster_ports(6), strict=True):
@@ -166,7 +175,14 @@ class ReplicatedCluster:
         if not self.state_ok():
             return False
         rows = self.nodes_info().values()
-        return len([r for r in rows if "slave" in r["flags"] and r["connected"]]) == 3
+        if len([r for r in rows if "slave" in r["flags"] and r["connected"]]) != 3:
+            return False
+        for node in self.nodes:  # every replica done with its first sync
+            with redis.Redis(port=node.port, socket_timeout=0.5) as client:
+                info = client.info("replication")
+            if info["role"] == "slave" and info.get("master_link_status") != "up":
+                return False
+        return True
 
     def masters(self) -> list[RedisServer]:
         """The nodes that are masters now (not failed)."""

@@ -70,6 +70,7 @@ async def test_every_worker_knows_redis_state_without_traffic(
         own_redis.start()
         up_after = await seconds_until_all(http, proxy, "ok")
         assert up_after < WITHIN, up_after
+        print(f"readiness: every worker down after {down_after:.2f} s, ok after {up_after:.2f} s")
 
         query = f"{proxy.url}{REPORT}?format=json&limit=7&offset=4242"
         async with http.get(query, headers=auth()) as first:
