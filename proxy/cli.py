@@ -214,6 +214,7 @@ async def _demo(port: int) -> None:
     setup_logging("INFO", "text")
     base = f"http://127.0.0.1:{port}"
     report = f"{base}/api/v2/reports/customer_credits/data"
+    grouped = f"{base}/api/v2/reports/customers.grouped/data"
     print(
         "teamup-proxy demo: a mock TeamUp (80 ms latency) behind the proxy, embedded store.\n"
         f"  proxy      {base}\n"
@@ -224,6 +225,11 @@ async def _demo(port: int) -> None:
         f"  curl -si -H 'Authorization: Token {caller_key}' "
         f"'{report}?limit=3&format=JSON'\n"
         f"  curl -si -H 'X-API-Key: {caller_key}' '{report}?format=json&limit=003&offset=0'\n"
+        "Another report, grouped (one entry for both spellings; without columns it is a 400):\n"
+        f"  curl -si -H 'X-API-Key: {caller_key}' "
+        f"'{grouped}?format=json&columns=gender,count&is_active=TRUE'\n"
+        f"  curl -si -H 'X-API-Key: {caller_key}' "
+        f"'{grouped}?is_active=1&columns=gender&columns=count&format=json'\n"
         "Ctrl-C stops it.",
         flush=True,
     )
