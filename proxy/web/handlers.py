@@ -17,7 +17,17 @@ from ..settings import Settings
 from .auth import ClientDirectory, presented_key
 from .errors import JSON, error_response
 
-__all__ = ["LOG", "REQUEST_ID", "STATE", "ProxyState", "healthz", "purge", "readyz", "report"]
+__all__ = [
+    "LOG",
+    "REQUEST_ID",
+    "STATE",
+    "ProxyState",
+    "circuit",
+    "healthz",
+    "purge",
+    "readyz",
+    "report",
+]
 
 
 class ParsedQueries:
@@ -186,6 +196,26 @@ async def purge(request: web.Request) -> web.Response:
                 "report": endpoint.report,
                 "canonical_query": parsed.canonical_string(),
             }
+    return web.Response(body=orjson.dumps(body), content_type="application/json")
+
+
+async def circuit(request: web.Request) -> web.Response:
+    """`GET /admin/circuit` shows the shared upstream circuit; `DELETE` closes it everywhere."""
+    state = request.app[STATE]
+    admin_hash = state.settings.admin_key_sha256
+    if admin_hash is None:
+        return error_response(404, "not_found", "Not found. (Set PROXY_ADMIN_KEY_SHA256.)")
+    key = presented_key(request.headers)
+    if not state.directory.matches(key, admin_hash):
+        if state.directory.identify(key) is not None:
+            return error_response(403, "permission_denied", "This key may not manage the circuit.")
+        return error_response(401, "not_authenticated", "The admin key is missing or wrong.")
+    request[LOG]["client"] = "admin"
+    guard = state.service.guard
+    if request.method == "DELETE":
+        body = {"closed": await guard.close_circuit(), **await guard.describe()}
+    else:
+        body = await guard.describe()
     return web.Response(body=orjson.dumps(body), content_type="application/json")
 
 
