@@ -16,6 +16,7 @@ from ..service import Caller, ReportService
 from ..settings import Settings
 from .auth import ClientDirectory, presented_key
 from .errors import JSON, error_response
+from .sending import PacedResponse
 
 __all__ = [
     "LOG",
@@ -150,7 +151,15 @@ async def _report(request: web.Request, endpoint: Endpoint) -> web.Response:
     headers.update(ratelimit_headers(rate, decision))
     if decision.allowed and isinstance(parsed, CanonicalQuery):
         headers["X-Proxy-Canonical-Query"] = canonical
-    return web.Response(status=answer.status, body=answer.body, headers=headers)
+    return PacedResponse(
+        request,
+        status=answer.status,
+        body=answer.body,
+        headers=headers,
+        timeout=state.settings.client_write_timeout,
+        counter=state.service.metrics.client_write_timeouts,
+        request_id=request[REQUEST_ID],
+    )
 
 
 async def purge(request: web.Request) -> web.Response:
