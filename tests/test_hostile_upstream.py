@@ -83,9 +83,10 @@ async def proxy(fake: FakeUpstream, redis_server: RedisServer) -> AsyncIterator[
         client.flushall()
     process = ProxyProcess(fake.url, workers=2, **hostile_settings(redis_server.url))
     await process.start()
-    await both_workers(process)
+    pids = await both_workers(process)
     try:
         yield process
+        print("module proxy VmHWM (MiB):", {pid: vm_kib(pid, "VmHWM") // 1024 for pid in pids})
     finally:
         if process.process is not None and process.process.returncode is None:
             await process.stop()
@@ -531,7 +532,7 @@ async def test_callers_that_never_read_are_cut_off_and_cost_bounded_memory(
         if line.startswith(b"{") and orjson.loads(line).get("event") == "client_write_timeout"
     ]
     assert len(events) == SLOW_READERS
-    print(f"| {SLOW_READERS} callers never read a cached 5.6 MB answer | {SLOW_READERS} | ", end="")
+    print(f"| {SLOW_READERS} callers never read a cached 6.5 MB answer | {SLOW_READERS} | ", end="")
     print(
         f"{SLOW_READERS} cut | {sampler.peak_mib:.0f} MiB |",
         {p: round(v) for p, v in peaks.items()},
