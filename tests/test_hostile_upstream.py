@@ -12,6 +12,7 @@ import email.utils
 import itertools
 import socket
 import time
+import zlib
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -388,6 +389,42 @@ async def test_an_answer_that_is_not_what_was_asked_is_refused_never_cached_stal
     if "credential" in case:
         await until(lambda: b"upstream_echoed_credential" in proxy.stderr)
         assert TOKEN.encode() not in proxy.stderr
+
+
+def deflated(data: bytes, wbits: int) -> bytes:
+    packer = zlib.compressobj(6, zlib.DEFLATED, wbits)
+    return packer.compress(data) + packer.flush()
+
+
+ENCODED: dict[str, tuple[bytes, bytes, int, str | None]] = {
+    "gzip": (b"gzip", deflated(CSV, 16 + zlib.MAX_WBITS), 200, None),
+    "deflate": (b"deflate", deflated(CSV, zlib.MAX_WBITS), 200, None),
+    "truncated gzip": (
+        b"gzip",
+        deflated(CSV * 50, 16 + zlib.MAX_WBITS)[:-12],
+        502,
+        "upstream_invalid_response",
+    ),
+    "corrupt gzip": (b"gzip", b"\x1f\x8b\x08\x00garbage", 502, "upstream_invalid_response"),
+    "br": (b"br", b"\x0b\x02\x80", 502, "upstream_invalid_response"),
+    "gzip, gzip": (b"gzip, gzip", b"whatever", 502, "upstream_invalid_response"),
+}
+
+
+@MODULE_LOOP
+@pytest.mark.parametrize("case", list(ENCODED))
+async def test_compressed_answers_are_decoded_by_the_proxy_or_refused(
+    case: str, fake: FakeUpstream, proxy: ProxyProcess, http: aiohttp.ClientSession
+) -> None:
+    coding, body, status, code = ENCODED[case]
+    fake.set(headers=[b"Content-Encoding: " + coding], body=body)
+    got = await get(http, proxy.url + REPORT + fresh_query())
+    assert got.status == status
+    if code is None:
+        assert got.body == CSV  # decoded: the caller never sees TeamUp's encoding
+        assert "Content-Encoding" not in got.headers
+    else:
+        assert got.error()["code"] == code
 
 
 @MODULE_LOOP

@@ -240,6 +240,6 @@ async def readyz(request: web.Request) -> web.Response:
         status = "draining" if state is not None and state.draining else "starting"
         return web.json_response({"status": status}, status=503)
     redis = state.link.status
-    circuit = "circuit-open" if state.service.guard.open_locally_for() > 0 else "ok"
+    circuit = "circuit-open" if await state.service.guard.circuit_wait() > 0 else "ok"
     overall = "degraded" if redis == "down" or circuit != "ok" else "ok"
     return web.json_response({"status": overall, "checks": {"redis": redis, "upstream": circuit}})
