@@ -220,6 +220,20 @@ async def test_deleting_the_redis_key_closes_the_circuit_everywhere(
 
 
 @MODULE_LOOP
+async def test_a_circuit_key_without_expiry_is_bounded_by_the_cap(
+    proxy: ProxyProcess, http: aiohttp.ClientSession, redis_server: RedisServer
+) -> None:
+    with redis_server.client() as client:
+        client.set("teamup-proxy:circuit", b"set by hand")
+        assert (await get(http, proxy.url + REPORT + fresh_query())).status == 503
+        assert 0 < client.pttl("teamup-proxy:circuit") <= CIRCUIT_MAX * 1000
+    state = await admin(http, proxy.url, "GET")
+    assert state["open"] is True and state["retry_after"] <= CIRCUIT_MAX
+    assert (await admin(http, proxy.url, "DELETE"))["closed"] is True
+    await asyncio.sleep(RECHECK + 0.3)  # the other worker too, before the next test
+
+
+@MODULE_LOOP
 async def test_admin_circuit_wants_the_admin_key(
     proxy: ProxyProcess, http: aiohttp.ClientSession
 ) -> None:

@@ -66,11 +66,14 @@ class UpstreamGuard:
         assert self.client is not None
         try:
             pttl = await self.client.pttl(self.circuit_key)
+            if pttl == -1 and self.link.client is not None:
+                # A key without expiry (not ours) would hold forever: bound it to the cap.
+                await self.link.client.pexpire(self.circuit_key, int(self.max_wait * 1000))
         except REDIS_ERRORS as exc:
             self.link.failed(exc, "circuit")
             return self.open_locally_for()
         self._checked = time.monotonic()
-        # -2: no circuit; -1: a key without expiry (not ours) would hold forever: the cap applies.
+        # -2: no circuit; -1: bounded just now to the cap.
         seconds = self.max_wait if pttl == -1 else max(0, pttl) / 1000
         self._open_until = self._clock() + min(seconds, self.max_wait) if seconds > 0 else 0.0
         return self.open_locally_for()
