@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
+import struct
 import weakref
 
 from aiohttp import web
@@ -16,6 +18,7 @@ log = logging.getLogger("teamup_proxy")
 # send them: a stalled caller then holds a transport buffer, not its own copy of the answer.
 LARGE = 64 * 1024
 CHUNK = 64 * 1024
+_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST, discards the queue
 
 
 class BodyPool:
@@ -102,5 +105,10 @@ class PacedResponse(web.Response):
             )
             transport = self._request.transport
             if transport is not None:
+                sock = transport.get_extra_info("socket")
+                try:  # a reset, so the kernel drops what is queued too (no orphaned FIN-WAIT)
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
+                except (AttributeError, OSError):
+                    pass
                 transport.abort()
             raise ConnectionResetError("the caller stopped reading") from None
