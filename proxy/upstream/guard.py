@@ -132,11 +132,11 @@ class UpstreamGuard:
             except REDIS_ERRORS as exc:
                 self.link.failed(exc, "circuit")
                 raw, pttl = None, self.open_locally_for()
-            if raw is not None:
-                try:
-                    state["opened_by"] = orjson.loads(raw)
-                except orjson.JSONDecodeError:
-                    state["opened_by"] = None
+            try:
+                opened_by = orjson.loads(raw) if raw is not None else None
+            except orjson.JSONDecodeError:
+                opened_by = None  # a value written by hand, or by an older version
+            state["opened_by"] = opened_by if isinstance(opened_by, dict) else None
             wait = pttl
         else:
             wait = self.open_locally_for()
