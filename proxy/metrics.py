@@ -96,6 +96,11 @@ class Metrics:
             buckets=_SIZES,
             registry=r,
         )
+        self.client_write_timeouts = Counter(
+            "teamup_proxy_client_write_timeouts_total",
+            "Answers abandoned because the caller read nothing for PROXY_CLIENT_WRITE_TIMEOUT",
+            registry=r,
+        )
 
     def count_request(
         self, route: str, report: str, status: int, cache: str, seconds: float

@@ -301,12 +301,7 @@ class ReportService:
 
     async def _fetch(self, key: str, query: CanonicalQuery, request_id: str) -> Fetched:
         """One upstream call, if the circuit and the global budget allow it (stores nothing)."""
-        wait = self.guard.open_locally_for()
-        decision = None
-        if wait <= 0:
-            # One round trip for both (auto-pipelined). Only the first miss after another
-            # replica opened the circuit spends a unit it then does not use.
-            wait, decision = await asyncio.gather(self.guard.circuit_wait(), self.guard.take())
+        wait, decision = await self.guard.admit()
         if wait > 0 or decision is None:
             raise UpstreamFailure(
                 FailureKind.CIRCUIT,
@@ -339,7 +334,7 @@ class ReportService:
         self.metrics.upstream_seconds.observe(response.elapsed)
         upstream_ms = response.elapsed * 1000
         if response.status == 429:
-            wait = await self.guard.open_circuit(response.retry_after)
+            wait = await self.guard.open_circuit(response.retry_after, raw=response.retry_after_raw)
             raise UpstreamFailure(
                 FailureKind.RATE_LIMITED,
                 503,

@@ -122,6 +122,8 @@ class Settings(BaseSettings):
     upstream_timeout: float = Field(10.0, gt=0, le=300)
     upstream_array_style: Literal["comma", "repeat"] = "comma"
     upstream_circuit_default: float = Field(30.0, gt=0, le=3600)
+    upstream_circuit_max: float = Field(300.0, gt=0, le=86400)
+    upstream_max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)
 
     redis_url: str | None = None
     redis_timeout: float = Field(0.1, gt=0, le=10)
@@ -159,6 +161,7 @@ class Settings(BaseSettings):
     shutdown_timeout: float = Field(15.0, ge=0, le=600)
     drain_delay: float = Field(0.0, ge=0, le=600)
     client_header_timeout: float = Field(75.0, gt=0, le=3600)
+    client_write_timeout: float = Field(30.0, gt=0, le=3600)
 
     @field_validator("upstream_url")
     @classmethod

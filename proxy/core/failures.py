@@ -20,6 +20,8 @@ class FailureKind(StrEnum):
     CIRCUIT = "circuit"
     UPSTREAM_ERROR = "upstream_error"
     REFRESHING_ELSEWHERE = "refreshing_elsewhere"
+    TOO_LARGE = "too_large"
+    INVALID_RESPONSE = "invalid_response"
 
     @property
     def code(self) -> str:
@@ -35,6 +37,8 @@ _CODES = {
     FailureKind.BUDGET: "upstream_budget_exhausted",
     FailureKind.CIRCUIT: "upstream_rate_limited",
     FailureKind.UPSTREAM_ERROR: "upstream_error",
+    FailureKind.TOO_LARGE: "upstream_response_too_large",
+    FailureKind.INVALID_RESPONSE: "upstream_invalid_response",
 }
 
 

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
+import email.utils
 import logging
-import math
+import re
 import time
+import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
+import orjson
 from yarl import URL
 
 from ..core.failures import FailureKind, UpstreamFailure
@@ -18,6 +24,8 @@ __all__ = [
     "PASS_RESPONSE_HEADERS",
     "UpstreamClient",
     "UpstreamResponse",
+    "check_report_body",
+    "is_text_header",
     "parse_retry_after",
 ]
 
@@ -33,6 +41,13 @@ PASS_RESPONSE_HEADERS = (
 _ACCEPT = {"json": "application/json", "csv": "text/csv"}
 # Connections opened at start-up: a cold pool made the first burst of misses pay the handshakes.
 _WARM_CONNECTIONS = 4
+_DELTA = re.compile(r"[0-9]{1,9}(?:\.[0-9]{1,6})?")
+# A Retry-After of more than a day is a broken upstream, not a plan: the default wait applies.
+_ABSURD_WAIT = 86400.0
+_PRINTABLE = re.compile(r"[\x20-\x7e]*")
+_CHUNK = 64 * 1024
+# Statuses the proxy reads a body for: the report, and TeamUp's own 4xx that are passed on.
+_NOT_PASSED_4XX = (401, 403, 429)
 
 log = logging.getLogger("teamup_proxy")
 
@@ -48,17 +63,117 @@ class UpstreamResponse:
     cache_control: str
     set_cookie: bool
     retry_after: float | None
+    retry_after_raw: str | None = None
 
 
-def parse_retry_after(value: str | None) -> float | None:
-    """Seconds from a `Retry-After` given in seconds (HTTP dates are rare here and ignored)."""
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds from a `Retry-After` of delta-seconds or an HTTP-date (RFC 9110 section 10.2.3).
+
+    None for anything the proxy should not believe: garbage, a negative or non-finite number, a
+    date in the past, or more than a day (the caller then waits its default, capped).
+    """
     if value is None:
         return None
-    try:
-        seconds = float(value.strip())
-    except ValueError:
+    text = value.strip()
+    if _DELTA.fullmatch(text):
+        seconds = float(text)
+    else:
+        try:
+            when = email.utils.parsedate_to_datetime(text)
+        except (TypeError, ValueError, IndexError, OverflowError):
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=dt.UTC)
+        seconds = when.timestamp() - (time.time() if now is None else now)
+    return seconds if 0 < seconds <= _ABSURD_WAIT else None
+
+
+def is_text_header(value: str) -> bool:
+    """Whether a header value is printable ASCII (aiohttp hands other bytes over as str)."""
+    return _PRINTABLE.fullmatch(value) is not None
+
+
+class _Body:
+    """The body as it arrives, decoded (gzip or deflate) chunk by chunk, never past `limit`."""
+
+    def __init__(self, encoding: str, limit: int, elapsed: Callable[[], float]) -> None:
+        coding = encoding.strip().lower()
+        self._elapsed = elapsed
+        self._z: Any = None
+        if coding in ("gzip", "x-gzip"):
+            self._z = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        elif coding == "deflate":
+            self._z = zlib.decompressobj(zlib.MAX_WBITS)
+        elif coding not in ("", "identity"):
+            raise invalid("TeamUp sent a body in an encoding the proxy does not read", elapsed())
+        self.limit = limit
+        self.size = 0
+        self._parts: list[bytes] = []
+
+    def feed(self, data: bytes) -> None:
+        if self._z is None:
+            self._add(data)
+            return
+        try:
+            while data:
+                self._add(self._z.decompress(data, self.limit - self.size + 1))
+                data = self._z.unconsumed_tail
+        except zlib.error:
+            raise invalid("TeamUp sent a corrupt compressed body", self._elapsed()) from None
+
+    def finish(self) -> bytes:
+        if self._z is not None:
+            try:
+                self._add(self._z.flush())
+            except zlib.error:
+                raise invalid("TeamUp sent a corrupt compressed body", self._elapsed()) from None
+            if not self._z.eof:
+                raise invalid("TeamUp sent a truncated compressed body", self._elapsed())
+        body = b"".join(self._parts)
+        self._parts.clear()
+        return body
+
+    def _add(self, data: bytes) -> None:
+        self.size += len(data)
+        if self.size > self.limit:
+            self._parts.clear()
+            raise UpstreamFailure(
+                FailureKind.TOO_LARGE,
+                502,
+                f"TeamUp's answer is larger than the proxy accepts ({self.limit} bytes)",
+                elapsed=self._elapsed(),
+            )
+        if data:
+            self._parts.append(data)
+
+
+def invalid(
+    message: str, elapsed: float | None = None, status: int | None = None
+) -> UpstreamFailure:
+    """The failure for an answer that is not what the contract promises."""
+    return UpstreamFailure(
+        FailureKind.INVALID_RESPONSE, 502, message, upstream_status=status, elapsed=elapsed
+    )
+
+
+def check_report_body(fmt: str, content_type: str, body: bytes) -> str | None:
+    """Why a 200's body is not the report that was asked for (None when it is)."""
+    expected = _ACCEPT.get(fmt, "text/csv")
+    if content_type.split(";")[0].strip().lower() != expected:
+        return f"TeamUp answered a {fmt} report with another content type"
+    if expected == "application/json":
+        try:
+            orjson.loads(body)
+        except orjson.JSONDecodeError:
+            return "TeamUp answered with a body that is not valid JSON"
         return None
-    return seconds if math.isfinite(seconds) and seconds >= 0 else None
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        return "TeamUp answered with CSV that is not UTF-8 text"
+    if "\0" in text or text.lstrip()[:15].lower().startswith(("<!doctype", "<html")):
+        return "TeamUp answered with a body that is not CSV"
+    return None
 
 
 class UpstreamClient:
@@ -67,6 +182,8 @@ class UpstreamClient:
     def __init__(self, settings: Settings) -> None:
         self.base_url = settings.upstream_url
         self._headers = settings.upstream_headers
+        self._token = settings.upstream_token.get_secret_value()
+        self._max_body = settings.upstream_max_body_bytes
         self._timeout = aiohttp.ClientTimeout(
             total=settings.upstream_timeout, connect=min(3.0, settings.upstream_timeout)
         )
@@ -78,7 +195,7 @@ class UpstreamClient:
         self._session = aiohttp.ClientSession(
             connector=connector,
             timeout=self._timeout,
-            auto_decompress=True,
+            auto_decompress=False,  # decoded here, under the body cap (see `_Body`)
             cookie_jar=aiohttp.DummyCookieJar(),
             raise_for_status=False,
         )
@@ -120,6 +237,7 @@ class UpstreamClient:
         headers = {
             **self._headers,
             "Accept": _ACCEPT.get(fmt, "text/csv"),
+            "Accept-Encoding": "identity",
             "User-Agent": "teamup-proxy",
         }
         headers["X-Request-ID"] = request_id
@@ -129,20 +247,11 @@ class UpstreamClient:
                 async with self._session.get(
                     url, headers=headers, allow_redirects=False
                 ) as response:
-                    body = await response.read()
-                    return UpstreamResponse(
-                        status=response.status,
-                        headers=tuple(
-                            (name, response.headers[name])
-                            for name in PASS_RESPONSE_HEADERS
-                            if name in response.headers
-                        ),
-                        body=body,
-                        elapsed=time.perf_counter() - started,
-                        cache_control=response.headers.get("Cache-Control", ""),
-                        set_cookie="Set-Cookie" in response.headers,
-                        retry_after=parse_retry_after(response.headers.get("Retry-After")),
-                    )
+                    try:
+                        return await self._answer(response, fmt, started)
+                    except BaseException:
+                        response.close()  # half read or refused: never back to the pool
+                        raise
             except TimeoutError:
                 raise UpstreamFailure(
                     FailureKind.TIMEOUT,
@@ -168,3 +277,83 @@ class UpstreamClient:
                     elapsed=time.perf_counter() - started,
                 ) from None
         raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _answer(
+        self, response: aiohttp.ClientResponse, fmt: str, started: float
+    ) -> UpstreamResponse:
+        """What TeamUp answered, refused unless it is what the contract lets the proxy pass on."""
+
+        def elapsed() -> float:
+            return time.perf_counter() - started
+
+        status = response.status
+        if not (status == 200 or 400 <= status <= 599):
+            # 1xx/101, 204, 206, 3xx, 304, other 2xx: not an answer to a report query.
+            raise invalid(f"TeamUp answered {status}, not a report", elapsed(), status)
+        body = b""
+        if status == 200 or (status < 500 and status not in _NOT_PASSED_4XX):
+            body = await self._read_body(response, elapsed)
+        passed = []
+        for name in PASS_RESPONSE_HEADERS:
+            value = response.headers.get(name)
+            if value is None:
+                continue
+            if self._token in value:
+                raise self._echoed(f"header:{name}", status, elapsed())
+            if is_text_header(value):
+                passed.append((name, value))
+            else:
+                log.warning(
+                    "TeamUp sent a header that is not text; dropped",
+                    extra={"event": "upstream_header_dropped", "header": name},
+                )
+        if self._token.encode() in body:
+            raise self._echoed("body", status, elapsed())
+        if status == 200:
+            content_type = response.headers.get("Content-Type", "")
+            problem = check_report_body(fmt, content_type, body)
+            if problem is not None:
+                log.warning(
+                    "TeamUp's answer is not what was asked for; refused",
+                    extra={"event": "upstream_invalid_response", "upstream_status": status},
+                )
+                raise invalid(problem, elapsed(), status)
+        return UpstreamResponse(
+            status=status,
+            headers=tuple(passed),
+            body=body,
+            elapsed=elapsed(),
+            cache_control=response.headers.get("Cache-Control", ""),
+            set_cookie="Set-Cookie" in response.headers,
+            retry_after=parse_retry_after(response.headers.get("Retry-After")),
+            retry_after_raw=response.headers.get("Retry-After"),
+        )
+
+    async def _read_body(
+        self, response: aiohttp.ClientResponse, elapsed: Callable[[], float]
+    ) -> bytes:
+        """The body in chunks, decoded, abandoned as soon as it passes the cap."""
+        encoding = response.headers.get("Content-Encoding", "")
+        declared = response.content_length
+        if not encoding and declared is not None and declared > self._max_body:
+            raise UpstreamFailure(
+                FailureKind.TOO_LARGE,
+                502,
+                f"TeamUp's answer is larger than the proxy accepts ({self._max_body} bytes)",
+                elapsed=elapsed(),
+            )
+        reader = _Body(encoding, self._max_body, elapsed)
+        async for chunk in response.content.iter_chunked(_CHUNK):
+            reader.feed(chunk)
+        return reader.finish()
+
+    def _echoed(self, where: str, status: int, elapsed: float) -> UpstreamFailure:
+        log.error(
+            "TeamUp echoed the proxy's credential in its answer; refused",
+            extra={
+                "event": "upstream_echoed_credential",
+                "where": where,
+                "upstream_status": status,
+            },
+        )
+        return invalid("TeamUp's answer carried the proxy's credential; refused", elapsed, status)

@@ -28,7 +28,7 @@ from ..upstream.client import UpstreamClient
 from ..upstream.guard import UpstreamGuard
 from .auth import ClientDirectory
 from .errors import error_response
-from .handlers import LOG, REQUEST_ID, STATE, ProxyState, healthz, purge, readyz, report
+from .handlers import LOG, REQUEST_ID, STATE, ProxyState, circuit, healthz, purge, readyz, report
 from .openapi import openapi_context, openapi_handler
 
 __all__ = ["SETTINGS", "create_app"]
@@ -46,6 +46,7 @@ _ROUTES = {
     "/admin/cache": "admin",
     "/admin/cache/{report}": "admin",
     "/admin/cache/{report}/{data:data}": "admin",
+    "/admin/circuit": "admin",
     "/healthz": "health",
     "/readyz": "health",
     "/metrics": "metrics",
@@ -184,6 +185,7 @@ def create_app(
             settings.upstream_budget,
             KEY_PREFIX,
             default_wait=settings.upstream_circuit_default,
+            max_wait=settings.upstream_circuit_max,
             clock=clock,
             client=hot,
         )
@@ -252,6 +254,9 @@ def create_app(
             # that are switched on (anything else is a 404), and TeamUp's URL comes from the
             # document, never from the caller's path.
             app.router.add_get(path, report, allow_head=False)
+        elif path == "/admin/circuit":
+            app.router.add_get(path, circuit)
+            app.router.add_delete(path, circuit)
         elif label == "admin":
             app.router.add_delete(path, purge)
     app.router.add_get("/healthz", healthz)

@@ -16,8 +16,19 @@ from ..service import Caller, ReportService
 from ..settings import Settings
 from .auth import ClientDirectory, presented_key
 from .errors import JSON, error_response
+from .sending import PacedResponse
 
-__all__ = ["LOG", "REQUEST_ID", "STATE", "ProxyState", "healthz", "purge", "readyz", "report"]
+__all__ = [
+    "LOG",
+    "REQUEST_ID",
+    "STATE",
+    "ProxyState",
+    "circuit",
+    "healthz",
+    "purge",
+    "readyz",
+    "report",
+]
 
 
 class ParsedQueries:
@@ -140,7 +151,15 @@ async def _report(request: web.Request, endpoint: Endpoint) -> web.Response:
     headers.update(ratelimit_headers(rate, decision))
     if decision.allowed and isinstance(parsed, CanonicalQuery):
         headers["X-Proxy-Canonical-Query"] = canonical
-    return web.Response(status=answer.status, body=answer.body, headers=headers)
+    return PacedResponse(
+        request,
+        status=answer.status,
+        body=answer.body,
+        headers=headers,
+        timeout=state.settings.client_write_timeout,
+        counter=state.service.metrics.client_write_timeouts,
+        request_id=request[REQUEST_ID],
+    )
 
 
 async def purge(request: web.Request) -> web.Response:
@@ -189,6 +208,26 @@ async def purge(request: web.Request) -> web.Response:
     return web.Response(body=orjson.dumps(body), content_type="application/json")
 
 
+async def circuit(request: web.Request) -> web.Response:
+    """`GET /admin/circuit` shows the shared upstream circuit; `DELETE` closes it everywhere."""
+    state = request.app[STATE]
+    admin_hash = state.settings.admin_key_sha256
+    if admin_hash is None:
+        return error_response(404, "not_found", "Not found. (Set PROXY_ADMIN_KEY_SHA256.)")
+    key = presented_key(request.headers)
+    if not state.directory.matches(key, admin_hash):
+        if state.directory.identify(key) is not None:
+            return error_response(403, "permission_denied", "This key may not manage the circuit.")
+        return error_response(401, "not_authenticated", "The admin key is missing or wrong.")
+    request[LOG]["client"] = "admin"
+    guard = state.service.guard
+    if request.method == "DELETE":
+        body = {"closed": await guard.close_circuit(), **await guard.describe()}
+    else:
+        body = await guard.describe()
+    return web.Response(body=orjson.dumps(body), content_type="application/json")
+
+
 async def healthz(request: web.Request) -> web.Response:
     """The process is alive."""
     return web.json_response({"status": "ok"})
@@ -201,6 +240,6 @@ async def readyz(request: web.Request) -> web.Response:
         status = "draining" if state is not None and state.draining else "starting"
         return web.json_response({"status": status}, status=503)
     redis = state.link.status
-    circuit = "circuit-open" if state.service.guard.open_locally_for() > 0 else "ok"
+    circuit = "circuit-open" if await state.service.guard.circuit_wait() > 0 else "ok"
     overall = "degraded" if redis == "down" or circuit != "ok" else "ok"
     return web.json_response({"status": overall, "checks": {"redis": redis, "upstream": circuit}})
