@@ -18,6 +18,8 @@ from prometheus_client import multiprocess as prom_multiprocess
 __all__ = ["Metrics", "metrics_handler", "multiprocess_dir"]
 
 _LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+# Seconds a miss waits in the fair queue: up to PROXY_UPSTREAM_QUEUE_TIMEOUT (5 s by default).
+_WAITS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 3, 5, 10, 30)
 _SIZES = (1e3, 4e3, 16e3, 64e3, 256e3, 1e6, 4e6, 16e6)
 
 
@@ -99,6 +101,34 @@ class Metrics:
         self.client_write_timeouts = Counter(
             "teamup_proxy_client_write_timeouts_total",
             "Answers abandoned because the caller read nothing for PROXY_CLIENT_WRITE_TIMEOUT",
+            registry=r,
+        )
+
+        self.queue_length = Gauge(
+            "teamup_proxy_upstream_queue_length",
+            "Misses waiting in the fair queue for a unit of the global budget, by client",
+            ["client"],
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.queue_wait = Histogram(
+            "teamup_proxy_upstream_queue_wait_seconds",
+            "Time a miss waited in the fair queue before its upstream call, by client",
+            ["client"],
+            buckets=_WAITS,
+            registry=r,
+        )
+        self.queue_timeouts = Counter(
+            "teamup_proxy_upstream_queue_timeouts_total",
+            "Misses the fair queue could not serve within PROXY_UPSTREAM_QUEUE_TIMEOUT, by client "
+            "and when (upfront: the budget's wait was already too long; waited: the time ran out)",
+            ["client", "when"],
+            registry=r,
+        )
+        self.queue_abandoned = Counter(
+            "teamup_proxy_upstream_queue_abandoned_total",
+            "Queued misses whose callers all left before their turn (no budget unit spent)",
+            ["client"],
             registry=r,
         )
 

@@ -6,7 +6,7 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import orjson
@@ -23,6 +23,7 @@ from .metrics import Metrics
 from .settings import ClientConfig, Settings
 from .upstream.client import UpstreamClient
 from .upstream.guard import UpstreamGuard
+from .upstream.queue import Abandoned, Turn
 from .web.errors import JSON, error_body
 
 __all__ = ["Answer", "Caller", "Fetched", "ReportService"]
@@ -51,6 +52,7 @@ class Answer:
     cache: str
     upstream_status: int | None = None
     upstream_ms: float | None = None
+    queued_ms: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +64,7 @@ class Fetched:
     collapsed: bool
     upstream_status: int | None
     upstream_ms: float | None
+    queued_ms: float | None = None  # waited in the fair queue for a budget unit
 
 
 def retry_after_header(seconds: float) -> str:
@@ -97,6 +100,7 @@ class ReportService:
         self.metrics = metrics
         self.clock = clock
         self._flight: LocalFlight[Fetched] = LocalFlight()
+        self._callers: dict[str, int] = {}  # callers waiting on each running fetch
         # True when the store and the leases share one auto-pipelined client (see _fetch_shared).
         self._batched_writes = batched_writes
         self._background: set[asyncio.Task[None]] = set()
@@ -220,9 +224,11 @@ class ReportService:
         # Waiting on another replica's fetch, only an entry newer than what we found will do
         # (what we found may be past its stale window and still physically in Redis).
         newer_than = now if bypass else (cached.stored_at if cached is not None else None)
+        # A caller with a stale copy never queues: it is answered now (below).
+        turn = Turn(caller.name, caller.config.weight, wait=usable is None, key=key)
         try:
-            fetched, collapsed = await self._flight.run(
-                key, lambda: self._fetch_shared(key, query, request_id, newer_than, wait=True)
+            fetched, collapsed = await self._join(
+                key, lambda: self._fetch_shared(key, query, request_id, newer_than, turn, wait=True)
             )
         except UpstreamFailure as failure:
             if failure.kind in (FailureKind.BUDGET, FailureKind.CIRCUIT):
@@ -235,9 +241,28 @@ class ReportService:
                 )
                 answer = self._stale(usable, self.clock(), reason)
                 answer.upstream_status = failure.upstream_status
+                if failure.kind is FailureKind.BUDGET:  # the refresh takes its turn in the queue
+                    self._refresh_in_background(key, query, caller, request_id, usable)
                 return answer
             return self._failure(failure)
         return self._fetched(fetched, collapsed or fetched.collapsed, bypass)
+
+    async def _join(self, key: str, work: Callable[[], Awaitable[Fetched]]) -> tuple[Fetched, bool]:
+        """Run or join the fetch of `key`; when its last caller leaves while it still waits in
+        the fair queue, it gives up its place (a fetch nobody awaits must not spend the budget)."""
+        self._callers[key] = self._callers.get(key, 0) + 1
+        try:
+            while True:
+                try:
+                    return await self._flight.run(key, work)
+                except Abandoned:
+                    continue  # joined a fetch its callers had just left: queue it again
+        finally:
+            left = self._callers.pop(key) - 1
+            if left:
+                self._callers[key] = left
+            else:
+                self.guard.queue.abandon(key)
 
     async def close(self) -> None:
         """Let background refreshes finish briefly, then cancel what is left."""
@@ -246,6 +271,7 @@ class ReportService:
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
+        await self.guard.queue.close()
 
     async def _fetch_shared(
         self,
@@ -253,6 +279,7 @@ class ReportService:
         query: CanonicalQuery,
         request_id: str,
         newer_than: float | None,
+        turn: Turn,
         *,
         wait: bool,
     ) -> Fetched:
@@ -272,7 +299,7 @@ class ReportService:
                 return Fetched(waited, False, True, None, None)
             token = await self.leases.acquire(key)
         try:
-            fetched = await self._fetch(key, query, request_id)
+            fetched = await self._fetch(key, query, request_id, turn)
         except UpstreamFailure as failure:
             if token is not None:
                 await self.leases.release(key, token, failure.to_bytes())
@@ -299,24 +326,13 @@ class ReportService:
             self._remember(key, fetched.entry, self.clock())
         return fetched
 
-    async def _fetch(self, key: str, query: CanonicalQuery, request_id: str) -> Fetched:
-        """One upstream call, if the circuit and the global budget allow it (stores nothing)."""
-        wait, decision = await self.guard.admit()
-        if wait > 0 or decision is None:
-            raise UpstreamFailure(
-                FailureKind.CIRCUIT,
-                503,
-                "TeamUp asked the proxy to slow down; no calls until it allows them again",
-                retry_after=wait,
-            )
-        self.metrics.budget_remaining.set(decision.remaining)
-        if not decision.allowed:
-            raise UpstreamFailure(
-                FailureKind.BUDGET,
-                503,
-                "The shared TeamUp budget is spent for now; retry later",
-                retry_after=decision.retry_after,
-            )
+    async def _fetch(self, key: str, query: CanonicalQuery, request_id: str, turn: Turn) -> Fetched:
+        """One upstream call, once the circuit and the global budget allow it (stores nothing).
+
+        Without a free unit the call waits its client's turn in the fair queue, or raises
+        (circuit open, budget spent for longer than the queue waits)."""
+        slot = await self.guard.acquire_slot(turn)
+        self.metrics.budget_remaining.set(slot.decision.remaining)
         fmt = query.get("format")
         try:
             response = await self.upstream.fetch(
@@ -380,7 +396,7 @@ class ReportService:
         stored = physical_ttl > 0 and is_cacheable(
             response.status, headers, len(response.body), self.settings.cache_max_body_bytes
         )
-        return Fetched(entry, stored, False, response.status, upstream_ms)
+        return Fetched(entry, stored, False, response.status, upstream_ms, slot.queued_ms)
 
     def _refresh_in_background(
         self,
@@ -418,7 +434,8 @@ class ReportService:
         # another replica. A foreground miss meanwhile waits on this refresh's lease instead.
         self._refreshing.add(key)
         try:
-            await self._fetch_shared(key, query, request_id, stale.stored_at, wait=False)
+            turn = Turn(caller.name, caller.config.weight)
+            await self._fetch_shared(key, query, request_id, stale.stored_at, turn, wait=False)
         except UpstreamFailure as failure:
             if failure.kind is not FailureKind.REFRESHING_ELSEWHERE:
                 # While TeamUp fails, stale answers must not each cost a refresh attempt.
@@ -465,12 +482,22 @@ class ReportService:
             parts.append("stored")
         if collapsed:
             parts.append("collapsed")
+        if fetched.queued_ms is not None:
+            parts.append("detail=queued")
         headers = dict(entry.header_map)
         headers["Cache-Status"] = "; ".join(parts)
+        if fetched.queued_ms is not None:
+            headers["Server-Timing"] = f"queue;dur={fetched.queued_ms}"
         headers["Age"] = str(entry.age(self.clock()))
         outcome = "collapsed" if collapsed else ("bypass" if bypass else "miss")
         return Answer(
-            entry.status, entry.body, headers, outcome, fetched.upstream_status, fetched.upstream_ms
+            entry.status,
+            entry.body,
+            headers,
+            outcome,
+            fetched.upstream_status,
+            fetched.upstream_ms,
+            fetched.queued_ms,
         )
 
     def _failure(self, failure: UpstreamFailure) -> Answer:

@@ -60,6 +60,8 @@ class ClientConfig(BaseModel):
     key_sha256: str
     rate: RateSetting | None = None
     upstream_rate: RateSetting | None = None
+    # Units of the shared budget this client gets per round of the fair queue.
+    weight: int = Field(1, ge=1, le=1000)
     # None: every enabled report. Least privilege: list only what the app needs.
     reports: tuple[str, ...] | None = None
 
@@ -124,6 +126,7 @@ class Settings(BaseSettings):
     upstream_circuit_default: float = Field(30.0, gt=0, le=3600)
     upstream_circuit_max: float = Field(300.0, gt=0, le=86400)
     upstream_max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)
+    upstream_queue_timeout: float = Field(5.0, ge=0, le=300)
 
     redis_url: str | None = None
     redis_timeout: float = Field(0.1, gt=0, le=10)
@@ -275,13 +278,15 @@ class Settings(BaseSettings):
 
     @property
     def lease_ms(self) -> int:
-        """The cross-replica fetch lease: a little longer than one upstream call may take."""
-        return self.flight_lease_ms or int((self.upstream_timeout + 1.0) * 1000)
+        """The cross-replica fetch lease: a little longer than a queued upstream call may take."""
+        # The holder may first wait its turn in the fair queue.
+        call = self.upstream_queue_timeout + self.upstream_timeout
+        return self.flight_lease_ms or int((call + 1.0) * 1000)
 
     @property
     def lease_wait(self) -> float:
         """How long a replica waits for another's fetch before fetching itself."""
-        return self.flight_wait_timeout or self.upstream_timeout + 0.5
+        return self.flight_wait_timeout or self.upstream_queue_timeout + self.upstream_timeout + 0.5
 
     @property
     def processes(self) -> int:

@@ -233,7 +233,10 @@ async def test_limits_and_circuit_hold_across_two_processes(
 async def test_the_global_budget_bursts_only_upstream_burst(
     make_proxy: MakeProxy, mock_state: MockState
 ) -> None:
-    proxy = await make_proxy(upstream_rate_limit="240/minute", upstream_burst=10)
+    # Fail-fast (no queue), so that the 11th call finds the burst spent instead of waiting.
+    proxy = await make_proxy(
+        upstream_rate_limit="240/minute", upstream_burst=10, upstream_queue_timeout=0
+    )
     responses = [await proxy.get(REPORT + f"?limit={n}", headers=auth()) for n in range(1, 31)]
     assert sum(r.status == 200 for r in responses) == 10
     assert mock_state.calls == 10

@@ -111,7 +111,8 @@ class FairScheduler(Generic[T]):
                 return queued
             # Its turns after the current one, up to and including the one that serves it.
             turns = (queued - self._left) // weight + 1
-            return queued + sum(min(n, turns * w) for n, w in zip(lengths[1:], weights[1:]))
+            others = zip(lengths[1:], weights[1:], strict=True)
+            return queued + sum(min(n, turns * w) for n, w in others)
         position = ring.index(client) if client in self._queues else len(ring)
         turns = queued // weight + 1
         total = queued + min(lengths[0], self._left + (turns - 1) * weights[0])

@@ -11,6 +11,7 @@ import hmac
 import io
 import random
 import re
+import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
@@ -73,6 +74,7 @@ class RecordedRequest:
     headers: dict[str, str]
     path: str = ""  # as received, e.g. /api/v2//reports/customers.grouped/data
     report: str = ""  # the report it asked for, e.g. customers.grouped
+    at: float = field(default_factory=time.time)  # when it arrived (wall clock)
 
 
 @dataclass

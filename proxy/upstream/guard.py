@@ -1,4 +1,5 @@
-"""The guard in front of TeamUp: the company-wide budget on the credential and the circuit."""
+"""The guard in front of TeamUp: the company-wide budget on the credential, its fair queue and
+the circuit."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ from ..backends import keys
 from ..backends.limiters import FallbackLimiter
 from ..backends.link import REDIS_ERRORS, AnyRedis, RedisLink
 from ..core.gcra import Rate, RateDecision
+from ..metrics import Metrics
+from .queue import BudgetQueue, Slot, Turn
 
 __all__ = ["UpstreamGuard"]
 
@@ -40,6 +43,8 @@ class UpstreamGuard:
         max_wait: float = 300.0,
         clock: Callable[[], float] = time.time,
         client: AnyRedis | None = None,
+        queue_timeout: float = 0.0,
+        metrics: Metrics | None = None,
     ) -> None:
         self.link = link
         self.client = client if client is not None else link.client
@@ -52,6 +57,7 @@ class UpstreamGuard:
         self._open_until = 0.0
         self._checked = -RECHECK_SECONDS  # time.monotonic() of the last PTTL read
         self._opener = f"{socket.gethostname()}:{os.getpid()}"
+        self.queue = BudgetQueue(self.admit, rate.interval, queue_timeout, metrics=metrics)
 
     def _shared(self) -> bool:
         return self.link.up and self.client is not None
@@ -157,6 +163,12 @@ class UpstreamGuard:
                 self.link.failed(exc, "circuit")
         log.warning("circuit closed by an operator", extra={"event": "circuit_closed"})
         return was_open
+
+    async def acquire_slot(self, turn: Turn) -> Slot:
+        """A unit of the budget for `turn`'s client: now, or after its turn in the fair queue.
+
+        Raises UpstreamFailure (circuit open; budget spent for longer than the queue waits)."""
+        return await self.queue.acquire(turn)
 
     async def take(self) -> RateDecision:
         """Spend one unit of the global budget, if one is left."""

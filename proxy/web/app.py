@@ -114,6 +114,7 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
                 "cache": fields.get("cache"),
                 "upstream_status": fields.get("upstream_status"),
                 "upstream_ms": fields.get("upstream_ms"),
+                "queued_ms": fields.get("queued_ms"),
                 "total_ms": round(elapsed * 1000, 2),
                 "status": response.status,
             },
@@ -188,6 +189,8 @@ def create_app(
             max_wait=settings.upstream_circuit_max,
             clock=clock,
             client=hot,
+            queue_timeout=settings.upstream_queue_timeout,
+            metrics=m,
         )
         l1 = (
             MemoryCacheStore(4096, clock=clock, max_bytes=L1_BYTES)

@@ -147,6 +147,7 @@ async def _report(request: web.Request, endpoint: Endpoint) -> web.Response:
         fields["key"] = parsed.cache_key()
     fields["upstream_status"] = answer.upstream_status
     fields["upstream_ms"] = None if answer.upstream_ms is None else round(answer.upstream_ms, 2)
+    fields["queued_ms"] = answer.queued_ms
     headers = answer.headers
     headers.update(ratelimit_headers(rate, decision))
     if decision.allowed and isinstance(parsed, CanonicalQuery):
