@@ -51,6 +51,9 @@ async def _serve_app(
         keepalive_timeout=settings.client_header_timeout,
         # Room for a query of MAX_QUERY_BYTES and more, so too-long queries get our JSON 414.
         max_line_size=16 * 1024,
+        # A caller that hangs up cancels its handler, so a miss waiting in the fair queue gives
+        # up its place (fetches run in shielded tasks: the cache and other callers lose nothing).
+        handler_cancellation=True,
     )
     await runner.setup()
     site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None, backlog=2048)

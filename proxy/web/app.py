@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import re
@@ -78,6 +79,22 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
     response: web.StreamResponse
     try:
         response = await handler(request)
+    except asyncio.CancelledError:
+        # The caller hung up (logged as 499, NGINX's "client closed request"); the cancel goes on.
+        access_log.info(
+            "request",
+            extra={
+                "request_id": request_id,
+                "client": fields.get("client"),
+                "method": request.method,
+                "path": request.path,
+                "report": fields.get("report"),
+                "cache": "gone",
+                "total_ms": round((time.perf_counter() - started) * 1000, 2),
+                "status": 499,
+            },
+        )
+        raise
     except web.HTTPMethodNotAllowed as exc:
         response = error_response(
             405,
