@@ -350,3 +350,19 @@ async def test_identical_queued_misses_share_one_call(
     assert all("detail=queued" in status for status in statuses)
     assert sum("collapsed" in status for status in statuses) == 2
     assert len({orjson.dumps(body) for _, _, body in replies}) == 1
+
+
+async def test_waiters_that_cannot_outlast_an_opened_circuit_are_answered_at_once(
+    make_proxy: MakeProxy, mock_state: MockState
+) -> None:
+    proxy = await make_proxy(upstream_rate_limit="2/second", upstream_burst=1)
+    assert (await ask_app(proxy, 1))[0] == 200
+    mock_state.faults.status, mock_state.faults.retry_after, mock_state.faults.times = 429, 30, 1
+    first, second = await asyncio.gather(ask_app(proxy, 2), ask_app(proxy, 3))
+    # One of them got the next unit and TeamUp's 429; the other was still queued and is told
+    # when the circuit closes instead of waiting 5 s for nothing.
+    for status, headers, body in (first, second):
+        assert status == 503 and body["code"] == "upstream_rate_limited"
+        assert int(headers["Retry-After"]) >= 20
+    assert mock_state.calls == 2
+    assert len(queue_of(proxy)) == 0
