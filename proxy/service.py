@@ -72,6 +72,14 @@ def retry_after_header(seconds: float) -> str:
     return str(max(1, math.ceil(seconds)))
 
 
+async def _unless_abandoned(work: Callable[[], Awaitable[Fetched]]) -> Fetched:
+    """The fetch; one the queue dropped (nobody awaits it) ends as a cancelled task, silently."""
+    try:
+        return await work()
+    except Abandoned:
+        raise asyncio.CancelledError from None
+
+
 class ReportService:
     """Answers a validated report query from the cache or from TeamUp, never both at once."""
 
@@ -254,9 +262,12 @@ class ReportService:
         try:
             while True:
                 try:
-                    return await self._flight.run(key, work)
-                except Abandoned:
-                    continue  # joined a fetch its callers had just left: queue it again
+                    return await self._flight.run(key, lambda: _unless_abandoned(work))
+                except asyncio.CancelledError:
+                    task = asyncio.current_task()
+                    if task is None or task.cancelling():
+                        raise  # this caller hung up
+                    # It joined a fetch whose callers had all just left: queue it again.
         finally:
             left = self._callers.pop(key) - 1
             if left:

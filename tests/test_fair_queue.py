@@ -198,6 +198,8 @@ async def test_a_caller_that_hangs_up_gives_its_place_back(
     async with http.get(proxy.url + "/metrics") as reply:
         text = await reply.text()
     assert metric(text, "teamup_proxy_upstream_queue_abandoned_total", client="billing") == 1
+    await proxy.stop()
+    assert b"never retrieved" not in proxy.stderr  # the dropped fetch ends quietly
 
 
 async def _at_least(value: Awaitable[float], bound: float) -> bool:
