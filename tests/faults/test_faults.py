@@ -51,10 +51,12 @@ pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
 
 UPSTREAM_TIMEOUT = 1.0
 FLIGHT_WAIT = 1.5
+QUEUE_TIMEOUT = 0.5  # a miss may wait this long in the fair queue for a budget unit
 BUDGET = parse_rate("80/second")
 # The whole suite runs one proxy with these; short timeouts keep every fault cheap to watch.
 PROXY_SETTINGS: dict[str, Any] = {
     "upstream_timeout": UPSTREAM_TIMEOUT,
+    "upstream_queue_timeout": QUEUE_TIMEOUT,
     "redis_retry_interval": 0.2,
     "cache_ttl": 1,
     "cache_stale_ttl": 300,
@@ -62,7 +64,7 @@ PROXY_SETTINGS: dict[str, Any] = {
     "upstream_circuit_default": 2,
     "shutdown_timeout": 10,
 }
-LATENCY_BOUND = UPSTREAM_TIMEOUT + 1.0
+LATENCY_BOUND = QUEUE_TIMEOUT + UPSTREAM_TIMEOUT + 1.0
 CLIENTS = [auth(KEY), {"X-API-Key": OTHER_KEY}]
 OUT = Path(__file__).resolve().parents[2] / "bench" / "out"
 SECRETS = {
@@ -461,6 +463,7 @@ async def test_budget_holds_while_redis_is_down(stack: Stack) -> None:
         workers=2,
         redis_url=redis.url,
         upstream_timeout=UPSTREAM_TIMEOUT,
+        upstream_queue_timeout=QUEUE_TIMEOUT,
         upstream_rate_limit=str(budget),
     )
     await proxy.start()
@@ -512,6 +515,7 @@ async def test_an_orphaned_lease_does_not_stall_requests(stack: Stack) -> None:
         workers=1,
         redis_url=stack.redis.url.rsplit("/", 1)[0] + "/1",
         upstream_timeout=UPSTREAM_TIMEOUT,
+        upstream_queue_timeout=QUEUE_TIMEOUT,
     )
     await proxy.start()
     client = aioredis.Redis.from_url(stack.redis.url.rsplit("/", 1)[0] + "/1")
