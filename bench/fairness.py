@@ -1,4 +1,4 @@
-"""`python bench/fairness.py`: two apps on one budget, fail-fast vs the fair queue (~50 s).
+"""`python bench/fairness.py`: two apps on one budget, fail-fast vs the fair queue (~55 s).
 
 The load, the same for every setup: the budget is 10 calls/second (burst 5); the mock TeamUp
 answers in 50 ms. App `flood` asks 240 new questions, 30 a second for 8 s (three times the
@@ -7,7 +7,7 @@ so every one needs a TeamUp call. Per app: answered, failed, and the latency of 
 ones; per setup: TeamUp calls and the most in any one second (the budget allows 10 + 5).
 Setups: fail-fast (`PROXY_UPSTREAM_QUEUE_TIMEOUT=0`, the behaviour before the queue, first
 come first served), the fair queue (timeout 5 s), and the fair queue on two replicas sharing
-Redis, both apps spread over both.
+Redis: both apps spread over both, then the quiet app on only one of them.
 """
 
 from __future__ import annotations
@@ -111,7 +111,9 @@ async def one(
             result.failed += 1
 
 
-async def load(bases: Sequence[str], first_question: int) -> dict[str, AppResult]:
+async def load(
+    bases: Sequence[str], first_question: int, quiet_everywhere: bool
+) -> dict[str, AppResult]:
     results = {app: AppResult() for app in KEYS}
     connector = aiohttp.TCPConnector(limit=0)
     timeout = aiohttp.ClientTimeout(total=30)
@@ -123,7 +125,7 @@ async def load(bases: Sequence[str], first_question: int) -> dict[str, AppResult
         ] + [(QUIET_START + n * QUIET_EVERY, "quiet", 10_000 + n) for n in range(QUIET_COUNT)]
         for n, (at, app, question) in enumerate(sorted(schedule)):
             await asyncio.sleep(max(0.0, start + at - time.monotonic()))
-            base = bases[n % len(bases)]
+            base = bases[n % len(bases)] if app == "flood" or quiet_everywhere else bases[0]
             tasks.append(
                 asyncio.ensure_future(one(http, base, app, first_question + question, results[app]))
             )
@@ -132,19 +134,25 @@ async def load(bases: Sequence[str], first_question: int) -> dict[str, AppResult
 
 
 def run_setup(
-    label: str, workdir: Path, mock: Mock, redis_server: Redis, timeout: float, replicas: int
+    label: str,
+    workdir: Path,
+    mock: Mock,
+    redis_server: Redis,
+    timeout: float,
+    replicas: int,
+    quiet_everywhere: bool,
 ) -> list[str]:
     redis.Redis(port=redis_server.port).flushdb()
     mock.reset()
     proxies = [
-        Proxy(workdir, f"proxy-{label[:4]}-{n}", mock, redis_server.url, timeout)
+        Proxy(workdir, f"proxy-{sum(map(ord, label))}-{n}", mock, redis_server.url, timeout)
         for n in range(replicas)
     ]
     try:
         for proxy in proxies:
             proxy.start()
         first_question = sum(map(ord, label)) * 100_000
-        results = asyncio.run(load([p.base for p in proxies], first_question))
+        results = asyncio.run(load([p.base for p in proxies], first_question, quiet_everywhere))
     finally:
         for proxy in proxies:
             proxy.stop()
@@ -175,12 +183,15 @@ def main() -> int:
         redis_server.start()
         mock.start()
         rows = []
-        for label, timeout, replicas in (
-            ("fail-fast (queue timeout 0)", 0.0, 1),
-            ("fair queue (timeout 5 s)", 5.0, 1),
-            ("fair queue, 2 replicas", 5.0, 2),
+        for label, timeout, replicas, quiet_everywhere in (
+            ("fail-fast (queue timeout 0) = first come, first served", 0.0, 1, True),
+            ("fair queue (timeout 5 s)", 5.0, 1, True),
+            ("fair queue, 2 replicas on one Redis (both apps over both)", 5.0, 2, True),
+            ("fair queue, 2 replicas (flood over both, quiet on one)", 5.0, 2, False),
         ):
-            rows += run_setup(label, workdir, mock, redis_server, timeout, replicas)
+            rows += run_setup(
+                label, workdir, mock, redis_server, timeout, replicas, quiet_everywhere
+            )
     finally:
         mock.stop()
         redis_server.stop()
