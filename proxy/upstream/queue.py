@@ -114,6 +114,8 @@ class BudgetQueue:
         self._dispatcher: asyncio.Task[None] | None = None
         # When the budget frees its next unit, as the last refusal said (this clock).
         self._next_free = 0.0
+        # Until when the circuit is open, as the dispatcher last saw it (0: closed).
+        self._circuit_until = 0.0
         self.wasted = 0  # units taken for a waiter that left meanwhile (nobody else waiting)
 
     def __len__(self) -> int:
@@ -139,6 +141,8 @@ class BudgetQueue:
             if decision.allowed:
                 return Slot(decision)
             self._next_free = self._clock() + decision.retry_after
+        elif self._circuit_until > self._clock():
+            raise circuit_open(self._circuit_until - self._clock())
         if not turn.wait or self.timeout <= 0:
             raise budget_spent(self.expected_wait(turn.client, turn.weight))
         expected = self.expected_wait(turn.client, turn.weight)
@@ -225,10 +229,14 @@ class BudgetQueue:
                 wait, decision = await self._attempt()
                 now = self._clock()
                 if wait > 0 or decision is None:
-                    # Nobody whose timeout ends before the circuit closes can be served.
-                    closes = self._next_free = now + wait
+                    # Nobody whose timeout ends before the circuit closes can be served. Look
+                    # again within a second: an operator may close it sooner.
+                    closes = self._circuit_until = now + wait
+                    self._next_free = now + min(wait, 1.0)
                     self._fail_waiting(lambda w, t=closes: w.deadline < t, circuit_open(wait))
-                elif decision.allowed:
+                    continue
+                self._circuit_until = 0.0
+                if decision.allowed:
                     self._grant(decision)
                 else:
                     self._next_free = now + decision.retry_after
