@@ -92,6 +92,13 @@ class Metrics:
             registry=r,
             multiprocess_mode="max",
         )
+        self.redis_writes_refused = Gauge(
+            "teamup_proxy_redis_writes_refused",
+            "1 while Redis answers but refuses writes (maxmemory with noeviction, read-only "
+            "replica): entries and limits live in this process meanwhile",
+            registry=r,
+            multiprocess_mode="max",
+        )
         self.cache_entry_bytes = Histogram(
             "teamup_proxy_cache_entry_bytes",
             "Body size of stored cache entries (before compression)",

@@ -96,7 +96,7 @@ class RedisLease:
 
     async def acquire(self, key: str) -> str | None:
         """A token if this replica may fetch `key` now; None while another replica holds it."""
-        if not self.link.up or self.client is None:
+        if not self.link.writable or self.client is None:
             return LOCAL_TOKEN
         token = secrets.token_hex(8)
         try:

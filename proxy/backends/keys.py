@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from ..core.contract import report_key_prefix
 
-__all__ = ["PREFIX", "circuit", "entries", "entry", "failure", "lease", "limiter"]
+__all__ = ["PREFIX", "circuit", "entries", "entry", "failure", "lease", "limiter", "probe"]
 
 PREFIX = "teamup-proxy:"
 LIMITER_PREFIX = PREFIX + "rl:"
@@ -42,3 +42,8 @@ def limiter(prefix: str, name: str) -> str:
 def circuit(prefix: str) -> str:
     """The shared circuit opened by an upstream 429 (its PTTL is how long it stays open)."""
     return f"{prefix}circuit"
+
+
+def probe(prefix: str) -> str:
+    """A tiny key a worker writes (1 s lifetime) to learn that Redis takes writes again."""
+    return f"{prefix}probe"

@@ -92,7 +92,8 @@ class RedisLimiter:
 
 
 class FallbackLimiter:
-    """The shared GCRA in Redis, or the same maths per process while Redis is down.
+    """The shared GCRA in Redis, or the same maths per process while Redis is down or refuses
+    writes (the script's OOM/READONLY error is never taken for an allowed hit).
 
     `share` divides a rate while falling back: the global upstream budget split by the assumed
     replica count, so an outage cannot multiply what the company sends to TeamUp.
@@ -111,7 +112,8 @@ class FallbackLimiter:
         self.share = share
 
     async def hit(self, key: str, rate: Rate, cost: int = 1) -> RateDecision:
-        if self.redis is not None and self.link.up:
+        # While Redis refuses writes the script cannot record a hit: count here, with the share.
+        if self.redis is not None and self.link.writable:
             try:
                 return await self.redis.hit(key, rate, cost)
             except REDIS_ERRORS as exc:

@@ -14,13 +14,17 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import OutOfMemoryError, ReadOnlyError, RedisError, ResponseError
 
-__all__ = ["REDIS_ERRORS", "AnyRedis", "RedisLink", "connect_redis"]
+from . import keys
+
+__all__ = ["REDIS_ERRORS", "WRITE_REFUSALS", "AnyRedis", "RedisLink", "connect_redis"]
 
 AnyRedis: TypeAlias = "aioredis.Redis | RedisCluster"
 # What a failed Redis call raises: the caller falls back to in-process state for that call.
 REDIS_ERRORS: tuple[type[BaseException], ...] = (RedisError, OSError, TimeoutError)
+# Redis answers, but refuses writes: maxmemory reached under `noeviction`, or a read-only replica.
+WRITE_REFUSALS: tuple[type[BaseException], ...] = (OutOfMemoryError, ReadOnlyError)
 
 log = logging.getLogger("teamup_proxy")
 
@@ -95,6 +99,7 @@ class RedisLink:
         retry_interval: float = 1.0,
         on_change: Callable[[bool], None] | None = None,
         on_error: Callable[[str], None] | None = None,
+        on_writes: Callable[[bool], None] | None = None,
     ) -> None:
         self.client = client
         self.retry_interval = retry_interval
@@ -102,6 +107,10 @@ class RedisLink:
         self._on_change = on_change
         self._on_error = on_error
         self._health: asyncio.Task[None] | None = None
+        # The "writes refused" state: separate from down (reads still work), with its own probe.
+        self._on_writes = on_writes
+        self.writes_refused: str | None = None  # why, while Redis refuses writes
+        self._write_probe: asyncio.Task[None] | None = None
 
     @property
     def embedded(self) -> bool:
@@ -116,7 +125,14 @@ class RedisLink:
     @property
     def status(self) -> str:
         """`ok`, `down` or `embedded`, as `/readyz` reports it."""
-        return "embedded" if self.client is None else ("down" if self._down else "ok")
+        if self.client is None:
+            return "embedded"
+        return "down" if self._down else ("refusing-writes" if self.writes_refused else "ok")
+
+    @property
+    def writable(self) -> bool:
+        """Redis is up and takes writes: entries, leases and buckets may go there."""
+        return self.up and self.writes_refused is None
 
     def start(self) -> None:
         """Start the health task (once; needs a running event loop)."""
@@ -131,6 +147,8 @@ class RedisLink:
         """
         if self._on_error is not None:
             self._on_error(op)
+        if isinstance(exc, WRITE_REFUSALS):
+            self._refuse_writes(exc, op)
         if self._down or self.client is None or isinstance(exc, ResponseError):
             return
         self._mark_down(exc, op)
@@ -178,12 +196,42 @@ class RedisLink:
             await self.check()
 
     async def stop(self) -> None:
-        """Stop the health task."""
-        task, self._health = self._health, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        """Stop the health task (and the write probe)."""
+        for task in (self._health, self._write_probe):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._health = self._write_probe = None
+
+    def _refuse_writes(self, exc: BaseException, op: str) -> None:
+        """Redis refused a write: writers go to the fallbacks until a probe write succeeds."""
+        if self.writes_refused is not None or self.client is None:
+            return
+        self.writes_refused = (
+            "read-only replica" if isinstance(exc, ReadOnlyError) else "out of memory (noeviction)"
+        )
+        log.warning(
+            "redis refuses writes; caching and limits in process memory",
+            extra={"event": "redis_writes_refused", "op": op, "reason": self.writes_refused},
+        )
+        if self._on_writes is not None:
+            self._on_writes(True)
+        self._write_probe = asyncio.get_running_loop().create_task(self._wait_for_writes())
+
+    async def _wait_for_writes(self) -> None:
+        assert self.client is not None
+        while True:
+            await asyncio.sleep(self.retry_interval)
+            try:
+                await self.client.set(keys.probe(keys.PREFIX), b"1", px=1000)
+            except REDIS_ERRORS:
+                continue
+            self.writes_refused = None
+            log.warning("redis takes writes again", extra={"event": "redis_writes_ok"})
+            if self._on_writes is not None:
+                self._on_writes(False)
+            return
 
     async def close(self) -> None:
         """Stop the health task and close the client's connections."""

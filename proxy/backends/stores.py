@@ -141,7 +141,7 @@ class RedisCacheStore:
 
 
 class FallbackCacheStore:
-    """Redis while it answers, the in-process LRU while it does not."""
+    """Redis while it answers, the in-process LRU while it does not (or refuses writes)."""
 
     def __init__(
         self, link: RedisLink, redis: RedisCacheStore | None, memory: MemoryCacheStore
@@ -151,6 +151,11 @@ class FallbackCacheStore:
         self.memory = memory
 
     async def get(self, key: str) -> CachedResponse | None:
+        if self.link.writes_refused is not None:
+            # Entries stored while Redis refuses writes are here, and newer than Redis's.
+            entry = self.memory.get_now(key)
+            if entry is not None:
+                return entry
         if self.redis is not None and self.link.up:
             try:
                 return await self.redis.get(key)
@@ -159,7 +164,7 @@ class FallbackCacheStore:
         return self.memory.get_now(key)
 
     async def set(self, key: str, entry: CachedResponse, ttl: float) -> None:
-        if self.redis is not None and self.link.up:
+        if self.redis is not None and self.link.writable:
             try:
                 await self.redis.set(key, entry, ttl)
                 return

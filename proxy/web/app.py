@@ -175,11 +175,17 @@ def create_app(
             if up:  # what was cached meanwhile may have missed a purge: Redis is the truth again
                 memory.clear_now()
 
+        def on_writes(refused: bool) -> None:
+            m.redis_writes_refused.set(1 if refused else 0)
+            if not refused:  # as after an outage: Redis is the truth again
+                memory.clear_now()
+
         link = RedisLink(
             client,
             retry_interval=settings.redis_retry_interval,
             on_change=on_change,
             on_error=lambda op: m.redis_errors.labels(op).inc(),
+            on_writes=on_writes,
         )
         # The hot path's commands (GET, the GCRA script) batch per loop turn on a single server.
         hot: AnyRedis | None = client

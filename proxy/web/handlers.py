@@ -242,5 +242,8 @@ async def readyz(request: web.Request) -> web.Response:
         return web.json_response({"status": status}, status=503)
     redis = state.link.status
     circuit = "circuit-open" if await state.service.guard.circuit_wait() > 0 else "ok"
-    overall = "degraded" if redis == "down" or circuit != "ok" else "ok"
-    return web.json_response({"status": overall, "checks": {"redis": redis, "upstream": circuit}})
+    overall = "degraded" if redis in ("down", "refusing-writes") or circuit != "ok" else "ok"
+    body: dict[str, object] = {"status": overall, "checks": {"redis": redis, "upstream": circuit}}
+    if state.link.writes_refused is not None:
+        body["reasons"] = {"redis": state.link.writes_refused}
+    return web.json_response(body)
