@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import sys
 import time
 import traceback
@@ -14,6 +15,27 @@ __all__ = ["JsonFormatter", "TextFormatter", "setup_logging"]
 
 # Attributes every LogRecord has; anything else was passed in `extra=` and belongs in the line.
 _STANDARD = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "taskName"}
+
+
+# C0 and C1 controls, DEL, and the Unicode line and paragraph separators: any of them in a path
+# or header value could end a text line early and forge the next one.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_NEEDS_QUOTES = re.compile(r'[\s"=\\]')
+
+
+def _escape_char(match: re.Match[str]) -> str:
+    char = match.group()
+    return {"\n": "\\n", "\r": "\\r", "\t": "\\t"}.get(char) or f"\\u{ord(char):04x}"
+
+
+def _text(value: object) -> str:
+    """A value on one text line: controls escaped, quoted when it holds a space, `=` or `"`."""
+    text = str(value)
+    if _NEEDS_QUOTES.search(text) or _CONTROL.search(text):
+        text = (
+            '"' + _CONTROL.sub(_escape_char, text.replace("\\", "\\\\").replace('"', '\\"')) + '"'
+        )
+    return text
 
 
 def _fields(record: logging.LogRecord) -> dict[str, Any]:
@@ -38,7 +60,10 @@ class JsonFormatter(logging.Formatter):
             line["error"] = record.exc_info[0].__name__
             frames = traceback.extract_tb(record.exc_info[2])[-5:]
             line["where"] = [f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno} {f.name}" for f in frames]
-        return orjson.dumps(line, default=str).decode()
+        text = orjson.dumps(line, default=str).decode()
+        # JSON escapes every control character; U+2028/9 are legal raw in JSON but end a line
+        # for some readers (Python's `splitlines`, JavaScript before ES2019).
+        return text.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
 
 
 class TextFormatter(logging.Formatter):
@@ -51,8 +76,9 @@ class TextFormatter(logging.Formatter):
             frame = traceback.extract_tb(record.exc_info[2])[-1:]
             where = f" at {frame[0].filename.rsplit('/', 1)[-1]}:{frame[0].lineno}" if frame else ""
             fields["error"] = record.exc_info[0].__name__ + where
-        extras = " ".join(f"{k}={v}" for k, v in fields.items() if v is not None)
-        return f"{stamp} {record.levelname:<7} {record.getMessage()} {extras}".rstrip()
+        extras = " ".join(f"{k}={_text(v)}" for k, v in fields.items() if v is not None)
+        message = _CONTROL.sub(_escape_char, record.getMessage())
+        return f"{stamp} {record.levelname:<7} {message} {extras}".rstrip()
 
 
 def setup_logging(level: str, fmt: str) -> None:

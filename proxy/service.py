@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import orjson
 
-from .backends.flight import Failed, LocalFlight, RedisLease
+from .backends.flight import VANISHED, Failed, LocalFlight, RedisLease
 from .backends.limiters import FallbackLimiter
 from .backends.stores import CacheStore, MemoryCacheStore
 from .core.contract import CanonicalQuery, QueryErrors
@@ -296,7 +296,8 @@ class ReportService:
     ) -> Fetched:
         """Fetch under the cross-replica lease, or wait for the replica that holds it."""
         token = await self.leases.acquire(key)
-        if token is None:
+        rounds = 0
+        while token is None:
             if not wait:
                 raise UpstreamFailure(
                     FailureKind.REFRESHING_ELSEWHERE, 503, "another replica is refreshing"
@@ -305,10 +306,16 @@ class ReportService:
             if isinstance(waited, Failed):
                 # The holder's fetch failed: share its answer rather than repeat the call.
                 raise UpstreamFailure.from_bytes(waited.payload)
-            if waited is not None:
+            if isinstance(waited, CachedResponse):
                 self._remember(key, waited, self.clock())
                 return Fetched(waited, False, True, None, None)
             token = await self.leases.acquire(key)
+            rounds += 1
+            # The lease vanished with no entry (a FLUSHALL, a dead holder) and another waiter
+            # took it over: wait on that one once more rather than fetch too. After a timeout,
+            # or a second round, fetch anyway.
+            if waited is not VANISHED or rounds >= 2:
+                break
         try:
             fetched = await self._fetch(key, query, request_id, turn)
         except UpstreamFailure as failure:

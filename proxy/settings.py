@@ -154,6 +154,8 @@ class Settings(BaseSettings):
     rate_limit: RateSetting = Field(default_factory=lambda: parse_rate("120/minute"))
     replicas_hint: int = Field(1, ge=1, le=1000)
     admin_key_sha256: str | None = None
+    admin_rate_limit: RateSetting = Field(default_factory=lambda: parse_rate("10/minute"))
+    metrics_key_sha256: str | None = None
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     log_format: Literal["json", "text"] = "json"
@@ -210,7 +212,7 @@ class Settings(BaseSettings):
             raise ValueError("must not contain line breaks")
         return value or None
 
-    @field_validator("admin_key_sha256")
+    @field_validator("admin_key_sha256", "metrics_key_sha256")
     @classmethod
     def _check_admin(cls, value: str | None) -> str | None:
         return _check_sha256(value) if value else None

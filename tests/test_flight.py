@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 import pytest
 import redis.asyncio as aioredis
 
-from proxy.backends.flight import LOCAL_TOKEN, Failed, LocalFlight, RedisLease
+from proxy.backends.flight import LOCAL_TOKEN, VANISHED, Failed, LocalFlight, RedisLease
 from proxy.backends.link import RedisLink, connect_redis
 from proxy.backends.stores import RedisCacheStore
 from proxy.core.entry import CachedResponse
@@ -246,7 +246,7 @@ async def test_wait_for_entry_gives_up_when_the_lease_ends_without_an_entry(
     assert not waiting.done()
     started = time.monotonic()
     await holder.release("k", token)  # the holder stored nothing and left no note
-    assert await asyncio.wait_for(waiting, 2) is None
+    assert await asyncio.wait_for(waiting, 2) is VANISHED
     assert time.monotonic() - started < 1  # noticed long before the wait timeout
 
 
@@ -287,7 +287,7 @@ async def test_wait_for_entry_gives_up_when_the_holder_vanishes(
     waiting = asyncio.create_task(waiter.wait_for_entry("k", store, None))
     await asyncio.sleep(0.03)
     await redis_client.delete(holder.lease_key("k"))  # what expiry does to a crashed holder
-    assert await asyncio.wait_for(waiting, 2) is None
+    assert await asyncio.wait_for(waiting, 2) is VANISHED
 
 
 async def test_wait_for_entry_is_bounded_by_its_timeout(

@@ -15,7 +15,7 @@ from .link import REDIS_ERRORS, AnyRedis, RedisLink
 from .scripts import load_script
 from .stores import CacheStore
 
-__all__ = ["LOCAL_TOKEN", "Failed", "LocalFlight", "RedisLease"]
+__all__ = ["LOCAL_TOKEN", "VANISHED", "Failed", "LocalFlight", "RedisLease", "Vanished"]
 
 T = TypeVar("T")
 LOCAL_TOKEN = "local"
@@ -30,6 +30,14 @@ class Failed:
     """The lease holder's fetch failed; `payload` says how (the caller's own encoding)."""
 
     payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Vanished:
+    """The lease ended with neither an entry nor a failure note (a dead holder, a FLUSHALL)."""
+
+
+VANISHED = Vanished()
 
 
 class LocalFlight(Generic[T]):
@@ -120,10 +128,11 @@ class RedisLease:
 
     async def wait_for_entry(
         self, key: str, store: CacheStore, newer_than: float | None
-    ) -> CachedResponse | Failed | None:
+    ) -> CachedResponse | Failed | Vanished | None:
         """Poll until another replica stores a newer entry or reports its failure.
 
-        None when the wait times out or the lease vanished with neither (the holder died).
+        VANISHED when the lease ended with neither (the holder died, or a FLUSHALL took it);
+        None when the wait timed out.
         """
         assert self.client is not None
         deadline = time.monotonic() + self.wait_timeout
@@ -145,7 +154,7 @@ class RedisLease:
                         ):
                             return entry
                         note = await self.client.get(self.failure_key(key))
-                        return Failed(note) if isinstance(note, bytes) else None
+                        return Failed(note) if isinstance(note, bytes) else VANISHED
                 except REDIS_ERRORS as exc:
                     self.link.failed(exc, "lease")
         return None

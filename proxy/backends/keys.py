@@ -35,7 +35,7 @@ def failure(prefix: str, key: str) -> str:
 
 
 def limiter(prefix: str, name: str) -> str:
-    """One GCRA bucket (`client:<name>`, `share:<name>`, `upstream`)."""
+    """One GCRA bucket (`client:<name>`, `share:<name>`, `upstream`, `admin`)."""
     return f"{prefix}{name}"
 
 

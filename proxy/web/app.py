@@ -22,14 +22,25 @@ from ..backends.pipelining import AutoPipelineRedis
 from ..backends.stores import FallbackCacheStore, MemoryCacheStore, RedisCacheStore
 from ..core.endpoints import load_endpoints
 from ..core.gcra import Rate
-from ..metrics import METRICS, Metrics, metrics_handler
+from ..metrics import METRICS, Metrics
 from ..service import ReportService
 from ..settings import Settings
 from ..upstream.client import UpstreamClient
 from ..upstream.guard import UpstreamGuard
 from .auth import ClientDirectory
 from .errors import error_response
-from .handlers import LOG, REQUEST_ID, STATE, ProxyState, circuit, healthz, purge, readyz, report
+from .handlers import (
+    LOG,
+    REQUEST_ID,
+    STATE,
+    ProxyState,
+    circuit,
+    healthz,
+    protected_metrics,
+    purge,
+    readyz,
+    report,
+)
 from .openapi import openapi_context, openapi_handler
 
 __all__ = ["SETTINGS", "create_app"]
@@ -38,7 +49,8 @@ SETTINGS = web.AppKey("settings", Settings)
 KEY_PREFIX = "teamup-proxy:"
 # The L1 holds only hot entries for about a second: a few dozen MiB covers any hot set.
 L1_BYTES = 32 * 1024 * 1024
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$")
+# A caller's id is kept only when it cannot be read as a path, a URL or markup upstream.
+_REQUEST_ID = re.compile(r"^(?!.*\.\.)[A-Za-z0-9][A-Za-z0-9._:-]{0,127}\Z")
 REPORT_ROUTE = "/api/v2/reports/{report}/data"
 # Every route, once: its path (as aiohttp's canonical form) and the metrics label.
 _ROUTES = {
@@ -287,6 +299,6 @@ def create_app(
             app.router.add_delete(path, purge)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics_handler)
+    app.router.add_get("/metrics", protected_metrics)
     app.router.add_get("/openapi.json", openapi_handler)
     return app

@@ -11,6 +11,9 @@ from ..settings import ClientConfig
 __all__ = ["ClientDirectory", "hash_key", "presented_key"]
 
 _MAX_KEY_LENGTH = 512
+# Only HTTP's optional whitespace is trimmed: `str.strip()` would also drop NBSP, U+3000 and
+# other Unicode spaces, so a key with one appended would still authenticate.
+_OWS = " \t"
 
 
 def hash_key(key: str) -> str:
@@ -22,12 +25,12 @@ def presented_key(headers: Mapping[str, str]) -> str | None:
     """The key a caller presents: `Authorization: Token|Bearer <key>` or `X-API-Key: <key>`."""
     authorization = headers.get("Authorization")
     if authorization is not None:
-        scheme, _, key = authorization.strip().partition(" ")
+        scheme, _, key = authorization.strip(_OWS).partition(" ")
         if scheme.lower() not in ("token", "bearer"):
             return None
-        key = key.strip()
+        key = key.strip(_OWS)
     else:
-        key = headers.get("X-API-Key", "").strip()
+        key = headers.get("X-API-Key", "").strip(_OWS)
     if not key or len(key) > _MAX_KEY_LENGTH:
         return None
     return key

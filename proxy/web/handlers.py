@@ -12,6 +12,7 @@ from ..backends.link import RedisLink
 from ..core.contract import MAX_QUERY_BYTES, CanonicalQuery, QueryErrors
 from ..core.endpoints import Endpoint, Endpoints
 from ..core.gcra import Rate, RateDecision
+from ..metrics import metrics_handler
 from ..service import Caller, ReportService
 from ..settings import Settings
 from .auth import ClientDirectory, presented_key
@@ -25,6 +26,7 @@ __all__ = [
     "ProxyState",
     "circuit",
     "healthz",
+    "protected_metrics",
     "purge",
     "readyz",
     "report",
@@ -181,6 +183,9 @@ async def purge(request: web.Request) -> web.Response:
             return error_response(403, "permission_denied", "This key may not purge the cache.")
         return error_response(401, "not_authenticated", "The admin key is missing or wrong.")
     request[LOG]["client"] = "admin"
+    limited = await admin_limited(state)
+    if limited is not None:
+        return limited
     report = request.match_info.get("report")
     one_entry = request.match_info.get("data") is not None
     if report is None and request.rel_url.raw_query_string:
@@ -227,6 +232,34 @@ async def circuit(request: web.Request) -> web.Response:
     else:
         body = await guard.describe()
     return web.Response(body=orjson.dumps(body), content_type="application/json")
+
+
+async def admin_limited(state: ProxyState) -> web.Response | None:
+    """429 when the admin key is over `PROXY_ADMIN_RATE_LIMIT` (a purge costs Redis a SCAN)."""
+    rate = state.settings.admin_rate_limit
+    decision = await state.service.limiter.hit("admin", rate)
+    if decision.allowed:
+        return None
+    return error_response(
+        429,
+        "rate_limited",
+        f"The admin key is over its rate of {rate}. Retry later.",
+        headers={"Retry-After": decision.retry_after_header},
+    )
+
+
+async def protected_metrics(request: web.Request) -> web.Response:
+    """`GET /metrics`, behind `PROXY_METRICS_KEY_SHA256` when it is set (client names are in it)."""
+    state = request.app[STATE]
+    wanted = state.settings.metrics_key_sha256
+    if wanted is not None and not state.directory.matches(presented_key(request.headers), wanted):
+        return error_response(
+            401,
+            "not_authenticated",
+            "The metrics key is missing or wrong. Send it as 'Authorization: Bearer <key>'.",
+            headers={"WWW-Authenticate": 'Bearer realm="teamup-proxy metrics"'},
+        )
+    return await metrics_handler(request)
 
 
 async def healthz(request: web.Request) -> web.Response:
