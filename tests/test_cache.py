@@ -10,7 +10,13 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from proxy.backends.stores import CacheStore, MemoryCacheStore, RedisCacheStore
+from proxy.backends.link import RedisLink
+from proxy.backends.stores import (
+    CacheStore,
+    FallbackCacheStore,
+    MemoryCacheStore,
+    RedisCacheStore,
+)
 from proxy.core.entry import CachedResponse, is_cacheable
 from tests.e2e import FakeClock
 
@@ -220,9 +226,46 @@ async def test_memory_store_delete_and_clear() -> None:
     assert await store.clear() == 0
 
 
-def test_memory_store_satisfies_the_protocol() -> None:
-    store: CacheStore = MemoryCacheStore()
-    assert store is not None
+async def check_store_protocol(store: CacheStore) -> None:
+    """What every `CacheStore` promises, through the protocol alone (mypy checks the types)."""
+    assert await store.get("v1:a") is None
+    first = entry(b'{"rows": [1]}', stored_at=T0 + 1)
+    await store.set("v1:a", first, 60)
+    await store.set("v1:b", entry(b"b"), 60)
+    got = await store.get("v1:a")
+    assert got == first  # status, headers, body and both times survive the round trip
+    await store.set("v1:a", entry(b"newer", stored_at=T0 + 2), 60)  # an overwrite wins
+    got = await store.get("v1:a")
+    assert got is not None and (got.body, got.stored_at) == (b"newer", T0 + 2)
+    assert await store.delete("v1:a") is True
+    assert await store.delete("v1:a") is False
+    assert await store.get("v1:a") is None
+    assert (await store.get("v1:b")) == entry(b"b")  # deleting one key leaves the others
+    await store.set("v1:c", entry(b"c"), 60)
+    assert await store.clear() == 2
+    assert await store.get("v1:b") is None and await store.get("v1:c") is None
+    assert await store.clear() == 0
+
+
+@pytest.mark.parametrize("kind", ["memory", "redis", "fallback-up", "fallback-down"])
+async def test_every_store_keeps_the_protocol(kind: str, redis_client: aioredis.Redis) -> None:
+    memory = MemoryCacheStore(clock=FakeClock(T0))
+    link = RedisLink(redis_client)
+    store: CacheStore
+    if kind == "memory":
+        store = memory
+    elif kind == "redis":
+        store = RedisCacheStore(redis_client, PREFIX)
+    else:
+        store = FallbackCacheStore(link, RedisCacheStore(redis_client, PREFIX), memory)
+        if kind == "fallback-down":
+            link.failed(ConnectionError("gone"), "test")
+    await check_store_protocol(store)
+    if kind == "fallback-down":  # it all happened in process memory, none of it in Redis
+        assert await redis_client.dbsize() == 0
+    if kind in ("redis", "fallback-up"):
+        assert len(memory) == 0  # and with Redis up, none of it in process memory
+    await link.close()
 
 
 # --- RedisCacheStore (fakeredis and a real redis-server) ------------------------------------
