@@ -15,7 +15,7 @@ BUILD_IN := $(VENV)/build-system.in
 COMPILE = $(BIN)/uv pip compile --quiet --universal --python-version 3.11 --generate-hashes \
 	--custom-compile-command 'make lock' $(LOCK_ARGS) pyproject.toml $(BUILD_IN)
 
-.PHONY: install lock demo test lint deploy-lint container-check check bench soak clean
+.PHONY: install lock demo test lint deploy-lint container-check check bench soak mutants clean
 
 # Hash-checked install from the lock; a second run is a no-op until pyproject or the lock change.
 $(STAMP): pyproject.toml requirements-dev.lock
@@ -60,6 +60,9 @@ bench: $(STAMP)
 
 soak: $(STAMP)
 	$(BIN)/python bench/soak.py $(SOAK_ARGS)
+
+mutants: $(STAMP)
+	MUTANTS_PYTHON=$(BIN)/python $(BIN)/python scripts/mutants $(MUTANTS_ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -99,6 +99,7 @@ def test_large_incompressible_bodies_stay_raw() -> None:
         packed(b"r", b'{"s":"x","h":[],"t":1,"f":2}', b"body"),
         packed(b"r", b'{"s":200,"h":[],"t":1,"f":2', b"body"),
         b"\x80\x04\x95 a pickle, say",
+        b"TP2" + entry().encode()[3:],  # a well-formed value of another format version
     ],
 )
 def test_decode_rejects_anything_else(data: bytes) -> None:

@@ -597,6 +597,28 @@ async def test_caller_no_cache_refetches_when_honoured(
     assert mock_state.calls == 2
 
 
+async def test_a_no_cache_request_waiting_on_another_replica_wants_a_newer_entry(
+    make_proxy: MakeProxy, mock_state: MockState, redis_client: aioredis.Redis
+) -> None:
+    """What was stored before the caller said no-cache will not do, even while another replica
+    holds the lease: it waits for that replica's newer entry."""
+    clock = FakeClock()
+    proxy = await make_proxy(redis_client=redis_client, clock=clock, honor_client_no_cache=True)
+    old = await get(proxy)
+    clock.advance(100)
+    await redis_client.set(f"{KEY_PREFIX}l:{{{cache_key(Q)}}}", "other-replica", px=10_000)
+    waiting = asyncio.create_task(get(proxy, **{"Cache-Control": "no-cache"}))
+    await asyncio.sleep(0.1)
+    assert not waiting.done()  # the entry in Redis is older than the request
+    body = b'{"total": 0, "column_headers": [], "rows": ["newer"]}'
+    newer = CachedResponse(200, (("Content-Type", "application/json"),), body, clock() + 1, 1e10)
+    await RedisCacheStore(redis_client, KEY_PREFIX).set(cache_key(Q), newer, 3900)
+    response = await asyncio.wait_for(waiting, 5)
+    assert await response.read() == body != await old.read()
+    assert status_params(response) == ["fwd=request", "collapsed"]
+    assert mock_state.calls == 1
+
+
 # --- admin purge ---------------------------------------------------------------------------
 
 

@@ -102,6 +102,27 @@ async def test_upstream_share_stops_misses_not_hits(
     assert mock_state.calls == 3
 
 
+async def test_a_spent_share_serves_stale_rather_than_429(
+    make_proxy: MakeProxy, mock_state: MockState
+) -> None:
+    clock = FakeClock()
+    proxy = await make_proxy(
+        clients=clients("1000/minute", upstream_rate="1/hour"),
+        cache_ttl=10,
+        cache_stale_while_revalidate=False,
+        clock=clock,
+    )
+    assert (await proxy.get(REPORT + "?limit=1", headers=auth())).status == 200
+    clock.advance(11)
+    stale = await proxy.get(REPORT + "?limit=1", headers=auth())
+    assert stale.status == 200
+    assert stale.headers["Cache-Status"] == (
+        "teamup-proxy; hit; fwd=stale; ttl=-1; detail=upstream-share"
+    )
+    assert (await proxy.get(REPORT + "?limit=2", headers=auth())).status == 429  # nothing stale
+    assert mock_state.calls == 1
+
+
 async def test_global_budget_four_of_seven(make_proxy: MakeProxy, mock_state: MockState) -> None:
     proxy = await make_proxy(upstream_rate_limit="4/minute")
     responses = [await proxy.get(REPORT + f"?limit={n}", headers=auth()) for n in range(1, 8)]

@@ -3,6 +3,8 @@ a visible degraded state, entries and limits in process memory meanwhile, then r
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import redis.exceptions
 from aiohttp import web
@@ -51,6 +53,12 @@ async def ready(proxy: Proxy) -> dict[str, object]:
     return body
 
 
+async def redis_errors(proxy: Proxy) -> dict[str, float]:
+    text = await (await proxy.get("/metrics")).text()
+    found = re.findall(r'^teamup_proxy_redis_errors_total\{op="(\w+)"\} (\S+)$', text, re.M)
+    return {op: float(value) for op, value in found}
+
+
 async def gauge(proxy: Proxy) -> str:
     text = await (await proxy.get("/metrics")).text()
     lines = [line for line in text.splitlines() if line.startswith("teamup_proxy_redis_writes_")]
@@ -82,12 +90,15 @@ async def test_refused_writes_are_visible_served_from_memory_and_recover(
     with own_redis.client() as sync:
         assert sync.exists(entry_key("?format=json&limit=2")) == 0
 
+    errors = await redis_errors(proxy)
     # Entries live in this process meanwhile; what Redis already had is still read from it.
     for query in ("?format=json&limit=2", "?format=json&limit=1"):
         assert status_params(await get(proxy, query))[0] == "hit"
     assert is_stored_miss(await get(proxy, "?format=json&limit=3"))
     assert status_params(await get(proxy, "?format=json&limit=3"))[0] == "hit"
     assert mock_state.calls == 3
+    # Writes no longer go to Redis at all: no refused write piles up in the error counter.
+    assert await redis_errors(proxy) == errors
     refused = [r for r in json_logs.records() if r.get("event") == "redis_writes_refused"]
     assert len(refused) == 1  # once per transition, not once per refused write
     assert refused[0]["reason"] == REASONS[how] and refused[0]["level"] == "warning"
