@@ -195,7 +195,7 @@ async def test_metrics_need_the_metrics_key_when_one_is_set(
     assert response.status == status
     body = await response.read()
     if status == 200:
-        assert b'teamup_proxy_client_requests_total{client="billing"}' in body
+        assert b'teamup_proxy_client_requests_total{client="billing"' in body
     else:
         assert check_error_body(body, response.content_type)["code"] == "not_authenticated"
         assert b"billing" not in body

@@ -34,15 +34,16 @@ def test_the_two_commands_are_make_targets() -> None:
 def shared_upstream() -> Path | None:
     """TeamUp's pages as the project shares them (`shared/upstream/`), beside any ancestor."""
     for folder in ROOT.parents:
-        candidate = folder / "shared" / "upstream" / "openapi.yaml"
-        if candidate.is_file():
+        candidate = folder / "shared" / "upstream"
+        if (candidate / "openapi.yaml").is_file():
             return candidate
     return None
 
 
-def test_the_upstream_spec_copy_is_the_recorded_one() -> None:
-    """The copy in the repo is exactly what SHA256SUMS records (an edit must update both), and
-    it still describes the endpoint the proxy serves, with every parameter the proxy documents."""
+def test_the_upstream_copies_are_the_recorded_ones() -> None:
+    """The copies of TeamUp's pages in the repo are exactly what SHA256SUMS records (an edit
+    must update both), and the copied OpenAPI page agrees with the document the proxy builds
+    its contracts from (proxy/spec/teamup.json) on customer_credits' parameters."""
     import yaml
 
     folder = ROOT / "docs" / "upstream"
@@ -50,24 +51,22 @@ def test_the_upstream_spec_copy_is_the_recorded_one() -> None:
     for line in (folder / "SHA256SUMS").read_text().splitlines():
         digest, name = line.split(maxsplit=1)
         recorded[name.lstrip("*")] = digest
-    assert "teamup-openapi.yaml" in recorded
+    assert {"teamup-openapi.yaml", "reports/README.md"} <= set(recorded)
     for name, digest in recorded.items():
         assert hashlib.sha256((folder / name).read_bytes()).hexdigest() == digest, name
     upstream = yaml.safe_load((folder / "teamup-openapi.yaml").read_text())
     operation = upstream["paths"]["/reports/customer_credits/data"]["get"]
     names = {p["name"] for p in operation["parameters"]}
-    spec = json.loads((ROOT / "proxy" / "spec" / "proxy-openapi.json").read_text())
-    ours = spec["paths"]["/api/v2/reports/customer_credits/data"]["get"]["parameters"]
-    components = spec["components"]["parameters"]
-    documented = {
-        (components[p["$ref"].rsplit("/", 1)[-1]] if "$ref" in p else p)["name"] for p in ours
-    }
-    assert names and names <= documented
+    document = json.loads((ROOT / "proxy" / "spec" / "teamup.json").read_text())
+    ours = document["paths"]["/api/v2/reports/customer_credits/data"]["get"]["parameters"]
+    assert names and names == {p["name"] for p in ours}
 
 
-def test_the_upstream_spec_copy_matches_shared() -> None:
+def test_the_upstream_copies_match_shared() -> None:
     shared = shared_upstream()
     if shared is None:
-        pytest.skip("no shared/upstream/ beside this checkout (the recorded digest still holds)")
-    copy = ROOT / "docs" / "upstream" / "teamup-openapi.yaml"
-    assert copy.read_text() == shared.read_text()
+        pytest.skip("no shared/upstream/ beside this checkout (the recorded digests still hold)")
+    copies = ROOT / "docs" / "upstream"
+    assert (copies / "teamup-openapi.yaml").read_text() == (shared / "openapi.yaml").read_text()
+    for page in sorted((shared / "reports").iterdir()):
+        assert (copies / "reports" / page.name).read_bytes() == page.read_bytes(), page.name
