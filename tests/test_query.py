@@ -479,6 +479,11 @@ def spellings(draw: st.DrawFn, spec: Spec) -> list[tuple[str, str]]:
     return [next(cursors[i]) for i in slots]
 
 
+def one_step(number: int) -> int:
+    """Another valid integer: one up, or one down from the 64-bit ceiling (one up is refused)."""
+    return number + 1 if number < 2**63 - 1 else number - 1
+
+
 @st.composite
 def mutations(draw: st.DrawFn, spec: Spec) -> Spec:
     """A spec that differs from `spec` in exactly one meaningful value."""
@@ -504,9 +509,9 @@ def mutations(draw: st.DrawFn, spec: Spec) -> Spec:
     elif name == "limit":
         changed = draw(st.integers(1, 100).filter(lambda n: n != value))
     elif name in ("offset", "page"):
-        changed = (value or 0) + 1
+        changed = one_step(value or 0)
     elif name == "id_gt":
-        changed = None if value is not None and draw(st.booleans()) else (value or 0) + 1
+        changed = None if value is not None and draw(st.booleans()) else one_step(value or 0)
     else:
         changed = None if value is not None else 100
     return dataclasses.replace(spec, **{name: changed})
