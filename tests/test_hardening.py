@@ -135,7 +135,7 @@ async def test_flushall_during_a_collapsed_fetch_costs_one_extra_call_not_one_pe
     make_proxy: MakeProxy, mock_state: MockState, redis_url: str
 ) -> None:
     """Four apps (replicas) on one real Redis: one holds the lease, three wait on it."""
-    replicas = [await make_proxy(redis_url=redis_url) for _ in range(4)]
+    replicas = [await make_proxy(redis_url=redis_url, redis_timeout=3) for _ in range(4)]
     mock_state.faults.latency = 0.6
     holder = asyncio.ensure_future(get(replicas[0], Q))
     for _ in range(200):
@@ -146,7 +146,12 @@ async def test_flushall_during_a_collapsed_fetch_costs_one_extra_call_not_one_pe
     await asyncio.sleep(0.15)  # every waiter is polling the holder's lease
     assert mock_state.calls == 1
     client = aioredis.Redis.from_url(redis_url)
-    await client.flushall()  # the lease (and nothing else yet) is gone
+    # The lease (and nothing else yet) is gone; writes then wait 300 ms while reads go on, so
+    # every waiter sees the lease vanish before any of them can take it over: deterministic.
+    flush = client.pipeline(transaction=True)
+    flush.flushall()
+    flush.client_pause(300, all=False)
+    await flush.execute()
     await client.aclose()
     answers = await asyncio.gather(holder, *waiters)
     assert [a.status for a in answers] == [200] * 4
