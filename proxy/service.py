@@ -317,7 +317,8 @@ class ReportService:
             if waited is not VANISHED or rounds >= 2:
                 break
         try:
-            fetched = await self._fetch(key, query, request_id, turn)
+            async with self.leases.kept(key, token):
+                fetched = await self._fetch(key, query, request_id, turn)
         except UpstreamFailure as failure:
             if token is not None:
                 await self.leases.release(key, token, failure.to_bytes())

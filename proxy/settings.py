@@ -280,10 +280,10 @@ class Settings(BaseSettings):
 
     @property
     def lease_ms(self) -> int:
-        """The cross-replica fetch lease: a little longer than a queued upstream call may take."""
-        # The holder may first wait its turn in the fair queue.
-        call = self.upstream_queue_timeout + self.upstream_timeout
-        return self.flight_lease_ms or int((call + 1.0) * 1000)
+        """The cross-replica fetch lease: a little longer than one upstream call. Its holder
+        extends it while it queues for a budget slot (`RedisLease.kept`), so a crashed holder
+        stalls the other replicas for at most this long."""
+        return self.flight_lease_ms or int((self.upstream_timeout + 1.0) * 1000)
 
     @property
     def lease_wait(self) -> float:

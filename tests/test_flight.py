@@ -313,3 +313,23 @@ async def test_without_redis_every_caller_fetches_locally() -> None:
         assert time.monotonic() - started < 2
     finally:
         await link.close()
+
+
+async def test_a_kept_lease_outlives_its_lifetime_and_a_dead_holders_does_not(
+    redis_client: aioredis.Redis,
+) -> None:
+    link = RedisLink(redis_client, retry_interval=1)
+    leases = lease(link, lease_ms=300)
+    token = await leases.acquire("kept")
+    assert token is not None
+    async with leases.kept("kept", token):
+        await asyncio.sleep(0.9)  # three lifetimes: a holder still queueing keeps it
+        assert await redis_client.get(leases.lease_key("kept")) == token.encode()
+    await leases.release("kept", token)
+    assert await redis_client.exists(leases.lease_key("kept")) == 0
+    dead = await leases.acquire("dead")  # acquired, never kept: like a holder that crashed
+    assert dead is not None
+    await asyncio.sleep(0.45)
+    assert await redis_client.exists(leases.lease_key("dead")) == 0
+    other = await leases.acquire("dead")
+    assert other is not None and other != dead

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -93,6 +94,11 @@ class RedisLease:
             if self.client is not None
             else None
         )
+        self._renew = (
+            self.client.register_script(load_script("renew_lease"))
+            if self.client is not None
+            else None
+        )
 
     def lease_key(self, key: str) -> str:
         """The lease's Redis key (hash-tagged into the entry's Cluster slot)."""
@@ -113,6 +119,34 @@ class RedisLease:
             self.link.failed(exc, "lease")
             return LOCAL_TOKEN
         return token if won else None
+
+    @contextlib.asynccontextmanager
+    async def kept(self, key: str, token: str | None) -> AsyncIterator[None]:
+        """Hold the lease for as long as the block runs: it is extended every third of its
+        lifetime, so a live holder keeps it however long it queues, and a dead one loses it
+        within one lifetime."""
+        if token is None or token == LOCAL_TOKEN or self._renew is None:
+            yield
+            return
+        renewer = asyncio.ensure_future(self._keep(key, token))
+        try:
+            yield
+        finally:
+            renewer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await renewer
+
+    async def _keep(self, key: str, token: str) -> None:
+        assert self._renew is not None
+        while True:
+            await asyncio.sleep(self.lease_ms / 3000)
+            if not self.link.writable:
+                continue
+            try:
+                if not await self._renew(keys=[self.lease_key(key)], args=[token, self.lease_ms]):
+                    return  # no longer ours (expired, or flushed): nothing left to keep
+            except REDIS_ERRORS as exc:
+                self.link.failed(exc, "lease")
 
     async def release(self, key: str, token: str, failure: bytes | None = None) -> None:
         """Give the lease back if it is still ours, leaving `failure` for the waiters if any."""
