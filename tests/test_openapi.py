@@ -15,6 +15,12 @@ import aiohttp
 import orjson
 import pytest
 import schemathesis
+
+# The fuzz runs in a worker thread; whatever it would import lazily is imported here, in the main
+# thread: CPython 3.11's ast.parse (used by pytest's assertion rewriting of plugin modules) can
+# fail in a thread with "AST constructor recursion depth mismatch".
+import schemathesis.specs.openapi.expressions
+import schemathesis.transport.requests
 from aiohttp.test_utils import TestServer
 from hypothesis import HealthCheck, Phase, given, settings
 from openapi_spec_validator import validate
