@@ -5,7 +5,10 @@ static customer_credits document said, and what a real proxy answers conforms to
 
 from __future__ import annotations
 
+import importlib
 import json
+import pkgutil
+import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -35,7 +38,29 @@ from tests.faults.harness import MockProcess
 from tests.procs import ProxyProcess
 
 ENDPOINTS = load_endpoints()
+
+
 # What a proxy routing every report serves (JSON round trip: what a client reads).
+def _import_lazy_modules() -> None:
+    """Import now, at collection, what schemathesis would import lazily during the fuzz.
+
+    pytest rewrites the modules of plugin packages (schemathesis, hypothesis) as they are
+    imported, with `ast.parse`; CPython 3.11.7's AST recursion-depth state is global, and once
+    something in the session has upset it (a race between threads, gh-106905, fixed in 3.11.8)
+    every later `ast.parse` fails with "AST constructor recursion depth mismatch".
+    """
+    for module in pkgutil.walk_packages(schemathesis.__path__, "schemathesis."):
+        if not module.name.startswith(("schemathesis.cli", "schemathesis.reporting")):
+            importlib.import_module(module.name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # hypothesis warns of slow imports during plugin set-up
+        for name in ("flatmapped", "random", "regex"):
+            importlib.import_module(f"hypothesis.strategies._internal.{name}")
+
+
+_import_lazy_modules()
+
+
 DOCUMENT: dict[str, Any] = json.loads(orjson.dumps(build_document(ENDPOINTS)))
 # The static document the proxy served before every report was routed (customer_credits only).
 STATIC: dict[str, Any] = json.loads(
@@ -366,10 +391,7 @@ def fuzz_with_schemathesis(
 
 @pytest.mark.slow
 async def test_schemathesis_finds_no_5xx_and_no_schema_violation() -> None:
-    # The mock and the proxy are processes of their own, so the fuzz can run in this thread
-    # (blocking the loop): in a worker thread, CPython 3.11's ast.parse, which pytest's assertion
-    # rewriting runs on the modules schemathesis imports lazily, can fail with "AST constructor
-    # recursion depth mismatch".
+    # The mock and the proxy are processes of their own, so the fuzz runs in this thread.
     mock = await MockProcess().start()
     # WARNING: no access log, so the stderr pipe stays small while the fuzz blocks the loop.
     proxy = ProxyProcess(mock.url, workers=1, log_level="WARNING")
