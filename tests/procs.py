@@ -80,7 +80,7 @@ class ProxyProcess:
         while chunk := await self.process.stderr.read(65536):
             self.stderr += chunk
 
-    async def stop(self, sig: int = signal.SIGTERM, wait: float = 30) -> int:
+    async def stop(self, sig: int = signal.SIGTERM, wait: float = 60) -> int:
         """Signal the process and wait; returns its exit code (stderr kept in `self.stderr`)."""
         assert self.process is not None
         if self.process.returncode is None:
