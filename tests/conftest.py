@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -76,8 +77,12 @@ def mock_state(mock_server: TestServer) -> MockState:
 
 
 @pytest.fixture
-def make_proxy(aiohttp_client: AiohttpClient, mock_server: TestServer) -> MakeProxy:
+async def make_proxy(
+    aiohttp_client: AiohttpClient, mock_server: TestServer
+) -> AsyncIterator[MakeProxy]:
     """Build a proxy app in front of the mock: `await make_proxy(cache_ttl=5, clock=clock)`."""
+    built: list[TestClient[web.Request, web.Application]] = []
+    passed: list[Any] = []
 
     async def build(
         *, redis_client: Any = None, clock: Any = None, **overrides: Any
@@ -87,9 +92,20 @@ def make_proxy(aiohttp_client: AiohttpClient, mock_server: TestServer) -> MakePr
         kwargs: dict[str, Any] = {"redis_client": redis_client}
         if clock is not None:
             kwargs["clock"] = clock
-        return await aiohttp_client(create_app(settings, **kwargs))
+        proxy = await aiohttp_client(create_app(settings, **kwargs))
+        built.append(proxy)
+        if redis_client is not None:
+            passed.append(redis_client)
+        return proxy
 
-    return build
+    yield build
+    # An app's health ping may reconnect a Redis client its test already closed: stop the apps
+    # first, then close the clients they used, so no socket is left to the garbage collector.
+    for proxy in built:
+        await proxy.close()
+    for client in passed:
+        with contextlib.suppress(Exception):
+            await client.aclose()
 
 
 class LogLines(logging.Handler):
