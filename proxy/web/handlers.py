@@ -165,6 +165,21 @@ async def _report(request: web.Request, endpoint: Endpoint) -> web.Response:
     )
 
 
+def _not_admin(request: web.Request, action: str) -> web.Response | None:
+    """The refusal for a caller without the admin key (None: it is the admin)."""
+    state = request.app[STATE]
+    admin_hash = state.settings.admin_key_sha256
+    if admin_hash is None:
+        return error_response(404, "not_found", "Not found. (Set PROXY_ADMIN_KEY_SHA256.)")
+    key = presented_key(request.headers)
+    if not state.directory.matches(key, admin_hash):
+        if state.directory.identify(key) is not None:
+            return error_response(403, "permission_denied", f"This key may not {action}.")
+        return error_response(401, "not_authenticated", "The admin key is missing or wrong.")
+    request[LOG]["client"] = "admin"
+    return None
+
+
 async def purge(request: web.Request) -> web.Response:
     """`DELETE /admin/cache[/<report>[/data]][?<query>]`: drop one canonical entry, every entry
     of one report, or everything.
@@ -174,15 +189,9 @@ async def purge(request: web.Request) -> web.Response:
     `/admin/cache?<query>` the customer_credits entry (the form from before every report).
     """
     state = request.app[STATE]
-    admin_hash = state.settings.admin_key_sha256
-    if admin_hash is None:
-        return error_response(404, "not_found", "Not found. (Set PROXY_ADMIN_KEY_SHA256.)")
-    key = presented_key(request.headers)
-    if not state.directory.matches(key, admin_hash):
-        if state.directory.identify(key) is not None:
-            return error_response(403, "permission_denied", "This key may not purge the cache.")
-        return error_response(401, "not_authenticated", "The admin key is missing or wrong.")
-    request[LOG]["client"] = "admin"
+    refused = _not_admin(request, "purge the cache")
+    if refused is not None:
+        return refused
     limited = await admin_limited(state)
     if limited is not None:
         return limited
@@ -217,15 +226,9 @@ async def purge(request: web.Request) -> web.Response:
 async def circuit(request: web.Request) -> web.Response:
     """`GET /admin/circuit` shows the shared upstream circuit; `DELETE` closes it everywhere."""
     state = request.app[STATE]
-    admin_hash = state.settings.admin_key_sha256
-    if admin_hash is None:
-        return error_response(404, "not_found", "Not found. (Set PROXY_ADMIN_KEY_SHA256.)")
-    key = presented_key(request.headers)
-    if not state.directory.matches(key, admin_hash):
-        if state.directory.identify(key) is not None:
-            return error_response(403, "permission_denied", "This key may not manage the circuit.")
-        return error_response(401, "not_authenticated", "The admin key is missing or wrong.")
-    request[LOG]["client"] = "admin"
+    refused = _not_admin(request, "manage the circuit")
+    if refused is not None:
+        return refused
     guard = state.service.guard
     if request.method == "DELETE":
         body = {"closed": await guard.close_circuit(), **await guard.describe()}
