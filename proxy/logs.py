@@ -18,12 +18,12 @@ import orjson
 __all__ = [
     "ACCESS",
     "ACCESS_MIDDLE",
-    "json_bytes",
     "AccessLog",
     "JsonFormatter",
     "LineHandler",
     "LineWriter",
     "TextFormatter",
+    "json_bytes",
     "setup_logging",
 ]
 

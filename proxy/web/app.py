@@ -44,8 +44,8 @@ from .handlers import (
     readyz,
     report,
 )
-from .openapi import openapi_context, openapi_handler
 from .hot import HotHits
+from .openapi import openapi_context, openapi_handler
 
 __all__ = ["SETTINGS", "create_app"]
 
