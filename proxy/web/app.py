@@ -15,6 +15,7 @@ from typing import cast
 import redis.asyncio as aioredis
 from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler
+from aiohttp.web_urldispatcher import UrlMappingMatchInfo
 
 from ..backends.flight import RedisLease
 from ..backends.limiters import FallbackLimiter, MemoryLimiter, RedisLimiter
@@ -365,4 +366,42 @@ def _add_fallback_routes(app: web.Application) -> None:
     async def not_found(request: web.Request) -> web.Response:
         raise web.HTTPNotFound()
 
-    app.router.add_route(hdrs.METH_ANY, "/{path:.*}", observed(not_found, "other"))
+    anything = _Anything("/{path}")
+    app.router.register_resource(anything)
+    route = anything.add_route(hdrs.METH_ANY, observed(not_found, "other"))
+    # A target with no path at all (`CONNECT host:443`) is never looked up among the
+    # resources; the router asks its "matched sub-app" resources first, for every request.
+    first = getattr(app.router, "_matched_sub_app_resources", None)
+    if isinstance(first, list):
+        first.append(_NoPath(route))
+    else:  # pragma: no cover - another aiohttp: a middleware does it, at its cost
+        app.middlewares.append(functools.partial(_no_path_middleware, route=route))
+
+
+class _Anything(web.DynamicResource):
+    """Every path, even one that is not one (`OPTIONS *`), so that what no route takes still
+    gets `observe`'s 404 in TeamUp's shape."""
+
+    def _match(self, path: str) -> dict[str, str] | None:
+        return {"path": path}
+
+
+class _NoPath:
+    """Resolves only targets without a path (about 0.2 µs for every other request)."""
+
+    def __init__(self, route: web.ResourceRoute) -> None:
+        self.route = route
+
+    async def resolve(self, request: web.Request) -> tuple[UrlMappingMatchInfo | None, set[str]]:
+        if request.rel_url.path_safe:
+            return None, set()
+        return UrlMappingMatchInfo({"path": ""}, self.route), {hdrs.METH_ANY}
+
+
+@web.middleware
+async def _no_path_middleware(
+    request: web.Request, handler: Handler, route: web.ResourceRoute
+) -> web.StreamResponse:
+    if not request.rel_url.path_safe:
+        return await route.handler(request)
+    return await handler(request)

@@ -111,7 +111,11 @@ async def report(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     endpoint = _endpoint(request, state)
     hot = state.hot
-    fast = hot.answer(request, endpoint, request[LOG]) if hot is not None else None
+    fast = (
+        hot.answer(request, endpoint, request[LOG], request[REQUEST_ID])
+        if hot is not None
+        else None
+    )
     if fast is not None:
         return fast
     response = await _report(request, endpoint)

@@ -24,6 +24,7 @@ from ..logs import ACCESS, ACCESS_MIDDLE, json_bytes
 from ..service import CACHE_NAME, ReportService
 from ..settings import Settings
 from .auth import ClientDirectory, presented_key
+from .sending import PacedResponse
 
 if TYPE_CHECKING:
     from multidict import CIMultiDictProxy
@@ -91,7 +92,11 @@ class HotHits:
         self._questions: dict[tuple[str, str, str], _Question] = {}
 
     def answer(
-        self, request: web.Request, endpoint: Endpoint, fields: dict[str, object]
+        self,
+        request: web.Request,
+        endpoint: Endpoint,
+        fields: dict[str, object],
+        request_id: str,
     ) -> web.Response | None:
         """The response to a hot hit, or None when the general path must answer."""
         service = self.service
@@ -137,7 +142,15 @@ class HotHits:
                 question.log_path, question.log_middle = path, _middle(question, path)
             fields[ACCESS_MIDDLE] = question.log_middle
         service.metrics.count_client(question.client, question.report)
-        return web.Response(status=entry.status, body=entry.body, headers=out)
+        return PacedResponse(
+            request,
+            status=entry.status,
+            body=entry.body,
+            headers=out,
+            timeout=self.settings.client_write_timeout,
+            counter=service.metrics.client_write_timeouts,
+            request_id=request_id,
+        )
 
     def _learn(
         self, endpoint: Endpoint, raw: str, credential: str, request: web.Request
