@@ -16,6 +16,7 @@ import redis.asyncio as aioredis
 from proxy.logs import ACCESS, JsonFormatter, LineHandler, LineWriter
 from proxy.web.auth import hash_key
 from proxy.web.handlers import STATE
+from proxy.web.sending import _has_room
 from tests.conftest import LogLines, MakeProxy
 from tests.e2e import KEY, REPORT, FakeClock, auth
 
@@ -201,3 +202,33 @@ def test_errors_are_written_at_once(level: int) -> None:
     finally:
         os.close(read)
         os.close(write)
+
+
+async def test_a_small_answer_skips_the_write_timer_only_while_it_fits() -> None:
+    """`PacedResponse` writes a small answer without a timer only when the transport's buffer
+    has room for all of it; once a caller stops reading and the buffer fills, the timer is back
+    (and `client_write_timeout` cuts the caller off, as for large answers)."""
+    accepted: asyncio.Future[asyncio.Transport] = asyncio.get_running_loop().create_future()
+
+    class Server(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            accepted.set_result(transport)  # type: ignore[arg-type]
+
+    server = await asyncio.get_running_loop().create_server(Server, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    _reader, writer = await asyncio.open_connection("127.0.0.1", port)  # never reads
+    transport = await accepted
+    try:
+        assert _has_room(transport, 4_800)
+        for _ in range(10_000):  # the kernel's buffers fill, then the transport's
+            transport.write(b"x" * 4_800)
+            if not _has_room(transport, 4_800):
+                break
+        assert not _has_room(transport, 4_800)
+        assert transport.get_write_buffer_size() > 0
+    finally:
+        transport.abort()
+        writer.close()
+        server.close()
+        await server.wait_closed()
+    assert not _has_room(None, 10)
