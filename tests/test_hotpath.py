@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -229,6 +230,8 @@ async def test_a_small_answer_skips_the_write_timer_only_while_it_fits() -> None
     finally:
         transport.abort()
         writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
         server.close()
         await server.wait_closed()
     assert not _has_room(None, 10)
