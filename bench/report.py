@@ -21,6 +21,7 @@ ROWS: dict[str, list[tuple[str, str, int]]] = {
         ("p99_ms", "latency p99 (ms)", 2),
         ("cpu_us_per_req", "CPU per request (µs, all server processes)", 1),
         ("cpu_us_per_req_redis", "… of which Redis (µs)", 1),
+        ("redis_commands_per_1000", "Redis commands per 1,000 requests (ours)", 1),
         ("rss_mb_per_worker", "RSS per worker, max during the run (MB)", 1),
         ("workers", "workers", 0),
         ("body_bytes", "response body (bytes)", 0),

@@ -151,6 +151,7 @@ def hot_hit(ctx: Context, target: Target) -> Metrics:
         argv += ["-H", f"{name}: {value}"]
     argv.append(url)
     rss = dict.fromkeys(workers, 0)
+    commands_before = _redis_commands(target) if target.ours else 0
     cpu_before = cpu_seconds(pids)
     redis_before = cpu_seconds([target.redis.pid])
     proc = subprocess.Popen(
@@ -168,6 +169,7 @@ def hot_hit(ctx: Context, target: Target) -> Metrics:
             proc.wait()
     cpu = cpu_seconds(pids) - cpu_before
     redis_cpu = cpu_seconds([target.redis.pid]) - redis_before
+    commands = (_redis_commands(target) - commands_before) if target.ours else 0
     report = next(
         (line for line in out.decode().splitlines() if line.startswith("BENCH_WRK_JSON ")), None
     )
@@ -183,12 +185,19 @@ def hot_hit(ctx: Context, target: Target) -> Metrics:
         "p99_ms": wrk["p99_us"] / 1000,
         "cpu_us_per_req": cpu / requests * 1e6,
         "cpu_us_per_req_redis": (redis_cpu / requests * 1e6) if target.ours else 0.0,
+        "redis_commands_per_1000": commands / requests * 1000,
         "rss_mb_per_worker": max(rss.values(), default=0) / 2**20,
         "workers": len(workers),
         "requests": wrk["requests"],
         "errors": errors + wrk["status_errors"],
         "body_bytes": len(body),
     }
+
+
+def _redis_commands(target: Target) -> int:
+    """Commands Redis has run so far (`INFO commandstats`, all of them, this call's excepted)."""
+    stats = redis.Redis(port=target.redis.port).info("commandstats")
+    return sum(int(v["calls"]) for k, v in stats.items() if k != "cmdstat_info") - 1
 
 
 # --- 2. cold collapse ---------------------------------------------------------------------
