@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from aiohttp import web
+from multidict import CIMultiDict
 
 from ..core.contract import MAX_QUERY_BYTES, CanonicalQuery
 from ..core.endpoints import Endpoint
@@ -56,7 +57,7 @@ class _Question:
     log_middle: bytes = b""
     entry: CachedResponse | None = None
     until: float = 0.0
-    headers: dict[str, str] = field(default_factory=dict)
+    headers: CIMultiDict[str] = field(default_factory=CIMultiDict)
 
 
 def _middle(question: _Question, path: str) -> bytes:
@@ -120,15 +121,13 @@ class HotHits:
         now = service.clock()
         if not entry.is_fresh(now):
             return None
-        decision = service.client_limiter.take_local(question.limit_key, question.rate)
-        if decision is None or not decision.allowed:
+        spent = service.client_limiter.spend(question.limit_key, question.rate)
+        if spent is None:
             return None
         if question.entry is not entry or now >= question.until:
             self._rebuild(question, entry, now)
         out = question.headers.copy()
-        out["RateLimit"] = f'"client";r={decision.remaining};t={math.ceil(decision.reset_after)}'
-        out["X-Proxy-Canonical-Query"] = question.canonical
-        out["X-Proxy-Report"] = question.report
+        out["RateLimit"] = f'"client";r={spent[0]};t={math.ceil(spent[1])}'
         fields["report"] = question.report
         fields["client"] = question.client
         fields["cache"] = "hit"
@@ -186,10 +185,12 @@ class HotHits:
     def _rebuild(question: _Question, entry: CachedResponse, now: float) -> None:
         """The headers as `ReportService._hit` writes them now, and how long they hold."""
         ttl, age = entry.ttl(now), entry.age(now)
-        headers = dict(entry.header_map)
+        headers: CIMultiDict[str] = CIMultiDict(entry.header_map)
         headers["Cache-Status"] = f"{CACHE_NAME}; hit; ttl={ttl}"
         headers["Age"] = str(age)
         headers["RateLimit-Policy"] = question.policy
+        headers["X-Proxy-Canonical-Query"] = question.canonical
+        headers["X-Proxy-Report"] = question.report
         question.headers, question.entry = headers, entry
         # ttl = floor(fresh_until - now) drops when fewer than `ttl` seconds are left;
         # age = int(now - stored_at) grows at the next whole second after stored_at.

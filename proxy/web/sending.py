@@ -7,6 +7,7 @@ import logging
 import socket
 import struct
 import weakref
+from collections.abc import Mapping
 
 from aiohttp import web
 from prometheus_client import Counter
@@ -79,7 +80,7 @@ class PacedResponse(web.Response):
         *,
         status: int,
         body: bytes,
-        headers: dict[str, str],
+        headers: Mapping[str, str],
         timeout: float,
         counter: Counter,
         request_id: str,
