@@ -21,14 +21,34 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from .procs import ROOT, Mock, Nginx, Ours, Redis, nginx_binary
+from .procs import (
+    REPORT_PATH,
+    ROOT,
+    Ceiling,
+    Mock,
+    Nginx,
+    Ours,
+    Redis,
+    Varnish,
+    http_get,
+    nginx_binary,
+    varnish_binary,
+)
 from .report import evaluate, render, summarise
-from .scenarios import SCENARIOS, Context, Metrics, Target
+from .scenarios import HOT_QUERY, SCENARIOS, Context, Metrics, Target
 
 __all__ = ["main"]
 
 BENCH = Path(__file__).resolve().parent
-_PACKAGES = (("redis-server", "redis-server"), ("nginx", "nginx"), ("wrk", "wrk"))
+_PACKAGES = (
+    ("redis-server", "redis-server"),
+    ("nginx", "nginx"),
+    ("varnishd", "varnish"),
+    ("wrk", "wrk"),
+)
+# Who runs which scenario: the peers and the ceiling only serve the hot hit.
+HOT_TARGETS = ("ours", "ours_log", "nginx", "varnish", "ceiling")
+PAIR_TARGETS = ("ours", "nginx")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -83,7 +103,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def _found(binary: str) -> bool:
-    return (nginx_binary() if binary == "nginx" else shutil.which(binary)) is not None
+    if binary == "nginx":
+        return nginx_binary() is not None
+    if binary == "varnishd":
+        return varnish_binary() is not None
+    return shutil.which(binary) is not None
 
 
 def ensure_tools(allow_install: bool) -> None:
@@ -195,20 +219,47 @@ def run(
     """Start the four servers, run the rounds, return one record per round."""
     token = "bench-upstream-" + secrets.token_hex(12)
     client_key = "bench-client-" + secrets.token_hex(12)
-    for sub in ("redis", "mock", "ours", "nginx"):
+    for sub in ("redis", "mock", "ours", "ours_log", "nginx", "varnish", "ceiling"):
         (workdir / sub).mkdir()
     redis = Redis(workdir / "redis")
     mock = Mock(workdir / "mock", token, args.latency, seed=7)
     ours = Ours(workdir / "ours", redis, mock, client_key, args.workers)
+    # The same proxy with its access log on (the product default), for the hot hit only.
+    ours_log = Ours(
+        workdir / "ours_log",
+        redis,
+        mock,
+        client_key,
+        args.workers,
+        name="ours_log",
+        log_level="INFO",
+    )
     nginx = Nginx(workdir / "nginx", mock, args.workers)
-    for service in (redis, mock, ours, nginx):
+    varnish = Varnish(workdir / "varnish", mock, args.workers)
+    ceiling = Ceiling(workdir / "ceiling", args.workers)
+    services: tuple[Redis | Mock | Ours | Nginx | Varnish | Ceiling, ...]
+    services = (redis, mock, ours, ours_log, nginx, varnish)
+    for service in services:
         stack.callback(service.stop)
         print(f"bench: starting {service.name}", flush=True)
         service.start()
+    # The ceiling answers the hot query's own bytes, as TeamUp (and so every cache) sends them.
+    status, headers, body = http_get(
+        f"{mock.base}{REPORT_PATH}?{HOT_QUERY}", {"Authorization": f"Token {token}"}
+    )
+    if status != 200:
+        raise RuntimeError(f"the mock answered the hot query with {status}")
+    stack.callback(ceiling.stop)
+    print("bench: starting ceiling", flush=True)
+    ceiling.start_with(body, headers.get("Content-Type", "application/json"))
+    services = (*services, ceiling)
     caller = {"Authorization": f"Token {client_key}"}
     targets = {
         "ours": Target("ours", ours, redis, caller),
+        "ours_log": Target("ours_log", ours_log, redis, caller),
         "nginx": Target("nginx", nginx, redis, caller),
+        "varnish": Target("varnish", varnish, redis, caller),
+        "ceiling": Target("ceiling", ceiling, redis, caller),
     }
     ctx = Context(
         mock=mock,
@@ -232,16 +283,19 @@ def run(
         )
     records = []
     for index in range(args.rounds):
-        order = ["ours", "nginx"] if index % 2 == 0 else ["nginx", "ours"]
-        record: dict[str, Any] = {"round": index + 1, "order": order, "results": {}}
+        forward = index % 2 == 0
+        record: dict[str, Any] = {"round": index + 1, "order": [], "results": {}}
         for scenario in args.scenarios:
+            names = HOT_TARGETS if scenario == "hot" else PAIR_TARGETS
+            order = list(names) if forward else list(reversed(names))
+            record["order"].append([scenario, order])
             for name in order:
-                for service in (redis, mock, ours, nginx):
-                    service.check_alive()
+                for alive in services:
+                    alive.check_alive()
                 metrics = SCENARIOS[scenario](ctx, targets[name])
                 record["results"].setdefault(scenario, {})[name] = metrics
                 print(
-                    f"round {index + 1}/{args.rounds} {scenario:9} {name:5} "
+                    f"round {index + 1}/{args.rounds} {scenario:9} {name:8} "
                     f"{_brief(scenario, metrics)}",
                     flush=True,
                 )

@@ -23,11 +23,13 @@ from tests.support import free_port, wait_for_port
 __all__ = [
     "REPORT_PATH",
     "ROOT",
+    "Ceiling",
     "Mock",
     "Nginx",
     "Ours",
     "Redis",
     "Service",
+    "Varnish",
     "cpu_seconds",
     "http_get",
     "rss_bytes",
@@ -253,14 +255,23 @@ class Ours(Service):
     """`python -m proxy serve --workers N` on Redis, in front of the mock."""
 
     def __init__(
-        self, workdir: Path, redis: Redis, mock: Mock, client_key: str, workers: int
+        self,
+        workdir: Path,
+        redis: Redis,
+        mock: Mock,
+        client_key: str,
+        workers: int,
+        *,
+        name: str = "ours",
+        log_level: str = "WARNING",
     ) -> None:
-        super().__init__("ours", workdir)
+        super().__init__(name, workdir)
         self.port = free_port()
         self.redis = redis
         self.mock = mock
         self.client_key = client_key
         self.workers = workers
+        self.log_level = log_level
 
     @property
     def base(self) -> str:
@@ -277,7 +288,7 @@ class Ours(Service):
                 "PROXY_RATE_LIMIT": _UNLIMITED,
                 "PROXY_UPSTREAM_RATE_LIMIT": _UNLIMITED,
                 "PROXY_CACHE_TTL": "300",
-                "PROXY_LOG_LEVEL": "WARNING",
+                "PROXY_LOG_LEVEL": self.log_level,
                 # The workdir has no .env; this keeps a machine's /run/secrets out as well.
                 "PROXY_SECRETS_DIR": str(self.workdir / "no-secrets"),
                 # BENCH_PROXY_<NAME>=value sets PROXY_<NAME> for our proxy (before/after runs).
@@ -289,10 +300,16 @@ class Ours(Service):
             }
         )
 
-    def start(self) -> None:
+    def start(self, code: Path | None = None) -> None:
+        """Start it; `code` (or `BENCH_CODE`) runs the proxy from another checkout (a `git
+        archive` of an older commit, for before/after runs)."""
         argv = [sys.executable, "-m", "proxy", "serve", "--host", "127.0.0.1"]
         argv += ["--port", str(self.port), "--workers", str(self.workers)]
-        self.spawn(argv, self.environment())
+        env = self.environment()
+        code = code or (Path(os.environ["BENCH_CODE"]) if os.environ.get("BENCH_CODE") else None)
+        if code is not None:
+            env["PYTHONPATH"] = os.pathsep.join([str(code), env["PYTHONPATH"]])
+        self.spawn(argv, env)
         deadline = time.monotonic() + 60
         while listening_sockets(self.port) < self.workers or len(self.worker_pids()) < self.workers:
             self.check_alive()
@@ -440,6 +457,108 @@ class Nginx(Service):
         digest = hashlib.md5(request_uri.encode()).hexdigest()
         path = self.cache_dir / digest[-1] / digest[-3:-1] / digest
         return path.stat().st_size if path.exists() else 0
+
+
+class Ceiling(Service):
+    """`bench/ceiling.py`: bare aiohttp + uvloop answering the hot query's bytes as a constant."""
+
+    def __init__(self, workdir: Path, workers: int) -> None:
+        super().__init__("ceiling", workdir)
+        self.port = free_port()
+        self.workers = workers
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start_with(self, body: bytes, content_type: str) -> None:
+        """Serve `body` (what the proxy answers to the hot query), as TeamUp typed it."""
+        path = self.workdir / "body"
+        path.write_bytes(body)
+        argv = [sys.executable, str(ROOT / "bench" / "ceiling.py"), "--port", str(self.port)]
+        argv += ["--workers", str(self.workers), "--body", str(path)]
+        self.spawn([*argv, "--content-type", content_type], _child_env({}))
+        deadline = time.monotonic() + 30
+        while listening_sockets(self.port) < self.workers:
+            self.check_alive()
+            if time.monotonic() > deadline:
+                raise TimeoutError("the ceiling server did not start in 30 s")
+            time.sleep(0.05)
+
+    def worker_pids(self) -> list[int]:
+        return [pid for pid in children(self.pid) if "resource_tracker" not in _cmdline(pid)]
+
+
+_VCL = """\
+vcl 4.1;
+# Written by bench/procs.py: Varnish set up like the NGINX cache (key = URL, TTL 300 s).
+backend teamup {{ .host = "127.0.0.1"; .port = "{mock_port}"; }}
+sub vcl_recv {{
+    set req.http.Authorization = "Token {token}";
+    return (hash);
+}}
+sub vcl_hash {{ hash_data(req.url); return (lookup); }}
+sub vcl_backend_response {{
+    if (beresp.status == 200) {{
+        set beresp.ttl = 300s;
+        set beresp.grace = 1h;
+    }} else {{
+        set beresp.uncacheable = true;
+        set beresp.ttl = 0s;
+    }}
+    return (deliver);
+}}
+sub vcl_deliver {{
+    if (obj.hits > 0) {{ set resp.http.X-Cache-Status = "HIT"; }}
+    else {{ set resp.http.X-Cache-Status = "MISS"; }}
+}}
+"""
+
+
+def varnish_binary() -> str | None:
+    """`varnishd` on PATH or in /usr/sbin (Debian's package)."""
+    return shutil.which("varnishd") or next(
+        (p for p in ("/usr/sbin/varnishd", "/usr/local/sbin/varnishd") if os.access(p, os.X_OK)),
+        None,
+    )
+
+
+class Varnish(Service):
+    """Debian's Varnish in the foreground (`-F`), its state and VCL in the workdir.
+
+    Varnish has threads, not worker processes: `thread_pools` is set to the worker count.
+    """
+
+    def __init__(self, workdir: Path, mock: Mock, workers: int) -> None:
+        super().__init__("varnish", workdir)
+        self.port = free_port()
+        self.mock = mock
+        self.workers = workers
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        binary = varnish_binary()
+        if binary is None:
+            raise RuntimeError("varnishd is not installed")
+        vcl = self.workdir / "bench.vcl"
+        vcl.write_text(_VCL.format(mock_port=self.mock.port, token=self.mock.token))
+        argv = [binary, "-F", "-j", "none", "-a", f"127.0.0.1:{self.port}", "-f", str(vcl)]
+        argv += ["-n", str(self.workdir / "state"), "-s", "malloc,256m", "-T", "none"]
+        argv += ["-p", f"thread_pools={self.workers}", "-p", "thread_pool_min=50"]
+        self.spawn(argv)
+        deadline = time.monotonic() + 60
+        while listening_sockets(self.port) < 1:
+            self.check_alive()
+            if time.monotonic() > deadline:
+                raise TimeoutError("varnishd did not start in 60 s")
+            time.sleep(0.05)
+
+    def worker_pids(self) -> list[int]:
+        """The cache process (varnishd's child) serves; the manager only supervises it."""
+        return children(self.pid) or [self.pid]
 
 
 def describe_pids(pids: Iterable[int]) -> list[dict[str, Any]]:

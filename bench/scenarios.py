@@ -21,15 +21,26 @@ import aiohttp
 import redis
 import yarl
 
-from .procs import REPORT_PATH, Mock, Nginx, Ours, Redis, cpu_seconds, http_get, rss_bytes
+from .procs import (
+    REPORT_PATH,
+    Ceiling,
+    Mock,
+    Nginx,
+    Ours,
+    Redis,
+    Varnish,
+    cpu_seconds,
+    http_get,
+    rss_bytes,
+)
 from .questions import Replay, build_replay, canonical_key
 
-__all__ = ["SCENARIOS", "Context", "Metrics", "Target"]
+__all__ = ["HOT_QUERY", "SCENARIOS", "Context", "Metrics", "Target"]
 
 Metrics = dict[str, float]
 T = TypeVar("T")
 
-_HOT_QUERY = "format=json&limit=50"
+HOT_QUERY = "format=json&limit=10"  # a ~4 KB JSON answer
 _L1_TTL = 1.0  # PROXY_CACHE_L1_TTL's default: how long a worker may answer from its own memory
 _NEVER = datetime(2030, 1, 1, tzinfo=UTC)
 
@@ -39,7 +50,7 @@ class Target:
     """One server under test, as the scenarios see it."""
 
     name: str
-    server: Ours | Nginx
+    server: Ours | Nginx | Varnish | Ceiling
     redis: Redis
     headers: dict[str, str]
 
@@ -53,7 +64,12 @@ class Target:
     def cpu_pids(self) -> list[int]:
         """Every process whose CPU a request costs (ours: supervisor, workers and Redis)."""
         pids = self.server.server_pids()
-        return [*pids, self.redis.pid] if self.name == "ours" else pids
+        return [*pids, self.redis.pid] if self.ours else pids
+
+    @property
+    def ours(self) -> bool:
+        """teamup-proxy (with or without its access log), which has Redis behind it."""
+        return isinstance(self.server, Ours)
 
     def make_cold(self) -> None:
         """An empty cache: ours flushes Redis and outwaits the in-process L1, NGINX restarts on
@@ -65,8 +81,10 @@ class Target:
         time.sleep(_L1_TTL + 0.25)
 
     def is_hit(self, headers: Mapping[str, str]) -> bool:
-        if self.name == "ours":
+        if self.ours:
             return "hit" in headers.get("Cache-Status", "")
+        if isinstance(self.server, Ceiling):
+            return True  # it has nothing else to answer with
         return headers.get("X-Cache-Status", "") == "HIT"
 
 
@@ -119,7 +137,7 @@ def _percentile(values: Sequence[float], pct: float) -> float:
 
 def hot_hit(ctx: Context, target: Target) -> Metrics:
     """wrk against one cached query: throughput, latency, CPU per request, RSS per worker."""
-    url = target.url(_HOT_QUERY)
+    url = target.url(HOT_QUERY)
     status, headers, body = http_get(url, target.headers)
     status, headers, body = http_get(url, target.headers)
     if status != 200 or not target.is_hit(headers):
@@ -133,6 +151,7 @@ def hot_hit(ctx: Context, target: Target) -> Metrics:
         argv += ["-H", f"{name}: {value}"]
     argv.append(url)
     rss = dict.fromkeys(workers, 0)
+    commands_before = _redis_commands(target) if target.ours else 0
     cpu_before = cpu_seconds(pids)
     redis_before = cpu_seconds([target.redis.pid])
     proc = subprocess.Popen(
@@ -150,6 +169,7 @@ def hot_hit(ctx: Context, target: Target) -> Metrics:
             proc.wait()
     cpu = cpu_seconds(pids) - cpu_before
     redis_cpu = cpu_seconds([target.redis.pid]) - redis_before
+    commands = (_redis_commands(target) - commands_before) if target.ours else 0
     report = next(
         (line for line in out.decode().splitlines() if line.startswith("BENCH_WRK_JSON ")), None
     )
@@ -164,13 +184,20 @@ def hot_hit(ctx: Context, target: Target) -> Metrics:
         "p90_ms": wrk["p90_us"] / 1000,
         "p99_ms": wrk["p99_us"] / 1000,
         "cpu_us_per_req": cpu / requests * 1e6,
-        "cpu_us_per_req_redis": (redis_cpu / requests * 1e6) if target.name == "ours" else 0.0,
+        "cpu_us_per_req_redis": (redis_cpu / requests * 1e6) if target.ours else 0.0,
+        "redis_commands_per_1000": commands / requests * 1000,
         "rss_mb_per_worker": max(rss.values(), default=0) / 2**20,
         "workers": len(workers),
         "requests": wrk["requests"],
         "errors": errors + wrk["status_errors"],
         "body_bytes": len(body),
     }
+
+
+def _redis_commands(target: Target) -> int:
+    """Commands Redis has run so far (`INFO commandstats`, all of them, this call's excepted)."""
+    stats = redis.Redis(port=target.redis.port).info("commandstats")
+    return sum(int(v["calls"]) for k, v in stats.items() if k != "cmdstat_info") - 1
 
 
 # --- 2. cold collapse ---------------------------------------------------------------------

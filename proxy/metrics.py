@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import os
 
 from aiohttp import web
@@ -33,8 +34,14 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        self._request_children: dict[tuple[str, str, int, str], tuple[Counter, Histogram]] = {}
+        self._request_children: dict[tuple[str, str, int, str], Counter] = {}
+        self._seconds_children: dict[str, Histogram] = {}
         self._client_children: dict[tuple[str, str], Counter] = {}
+        # Tallies since the last flush: per label set, and per route one count per bucket
+        # (the last bucket +Inf) followed by the sum of seconds.
+        self._pending_requests: dict[tuple[str, str, int, str], int] = {}
+        self._pending_seconds: dict[str, list[float]] = {}
+        self._pending_clients: dict[tuple[str, str], int] = {}
         r = self.registry
         self.requests = Counter(
             "teamup_proxy_requests_total",
@@ -142,36 +149,78 @@ class Metrics:
     def count_request(
         self, route: str, report: str, status: int, cache: str, seconds: float
     ) -> None:
-        """Count one answer (labelled children are cached: `labels()` is slow on a hot path).
+        """Count one answer, in this process's tallies until the next `flush`.
 
-        `report` is one of the document's report names or "none": a bounded label.
+        Per request that is two dict updates instead of two locked metric updates (and, in
+        multiprocess mode, two writes to shared memory); `flush` runs at least every second
+        (see `create_app`) and before every render. `report` is one of the document's report
+        names or "none": a bounded label.
         """
         key = (route, report, status, cache)
-        children = self._request_children.get(key)
-        if children is None:
-            children = (
-                self.requests.labels(route, report, str(status), cache),
-                self.request_seconds.labels(route),
-            )
-            self._request_children[key] = children
-        children[0].inc()
-        children[1].observe(seconds)
+        pending = self._pending_requests
+        pending[key] = pending.get(key, 0) + 1
+        tally = self._pending_seconds.get(route)
+        if tally is None:
+            tally = self._pending_seconds[route] = [0.0] * (len(_LATENCY) + 2)
+        tally[bisect.bisect_left(_LATENCY, seconds)] += 1
+        tally[-1] += seconds
 
     def count_client(self, client: str, report: str) -> None:
-        """Count one authenticated report request of `client`."""
-        child = self._client_children.get((client, report))
-        if child is None:
-            child = self.client_requests.labels(client, report)
-            self._client_children[(client, report)] = child
-        child.inc()
+        """Count one authenticated report request of `client` (tallied until `flush`)."""
+        pending = self._pending_clients
+        pending[(client, report)] = pending.get((client, report), 0) + 1
+
+    def flush(self) -> None:
+        """Move the tallies into the Prometheus metrics (labelled children cached)."""
+        pending, self._pending_requests = self._pending_requests, {}
+        for (route, report, status, cache), count in pending.items():
+            key = (route, report, status, cache)
+            child = self._request_children.get(key)
+            if child is None:
+                child = self.requests.labels(route, report, str(status), cache)
+                self._request_children[key] = child
+            child.inc(count)
+        seconds, self._pending_seconds = self._pending_seconds, {}
+        for route, tally in seconds.items():
+            histogram = self._seconds_children.get(route)
+            if histogram is None:
+                histogram = self._seconds_children[route] = self.request_seconds.labels(route)
+            _observe_many(histogram, tally)
+        clients, self._pending_clients = self._pending_clients, {}
+        for (client, report), count in clients.items():
+            counter = self._client_children.get((client, report))
+            if counter is None:
+                counter = self.client_requests.labels(client, report)
+                self._client_children[(client, report)] = counter
+            counter.inc(count)
 
     def render(self) -> bytes:
         """The exposition text: every worker's values in multiprocess mode, else this app's."""
+        self.flush()
         if multiprocess_dir() is not None:
             registry = CollectorRegistry()
             prom_multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
             return generate_latest(registry)
         return generate_latest(self.registry)
+
+
+def _observe_many(histogram: Histogram, tally: list[float]) -> None:
+    """Add a tally of observations (counts per bucket, then their sum) to a histogram child.
+
+    prometheus-client has no public call for that; its children keep one value per bucket
+    (`_buckets`, not cumulative) and `_sum`. Should that change, replay the observations.
+    """
+    buckets = getattr(histogram, "_buckets", None)
+    total = getattr(histogram, "_sum", None)
+    if buckets is None or total is None or len(buckets) != len(tally) - 1:
+        count = int(sum(tally[:-1]))
+        for _ in range(count):
+            histogram.observe(tally[-1] / count)
+        return
+    for index, observed in enumerate(tally[:-1]):
+        if observed:
+            buckets[index].inc(observed)
+    total.inc(tally[-1])
 
 
 METRICS = web.AppKey("metrics", Metrics)

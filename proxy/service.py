@@ -13,6 +13,7 @@ import orjson
 
 from .backends.flight import VANISHED, Failed, LocalFlight, RedisLease
 from .backends.limiters import FallbackLimiter
+from .backends.reservations import ReservingLimiter
 from .backends.stores import CacheStore, MemoryCacheStore
 from .core.contract import CanonicalQuery, QueryErrors
 from .core.endpoints import Endpoints
@@ -94,6 +95,7 @@ class ReportService:
         upstream: UpstreamClient,
         limiter: FallbackLimiter,
         metrics: Metrics,
+        client_limiter: ReservingLimiter | None = None,
         endpoints: Endpoints,
         clock: Callable[[], float] = time.time,
         batched_writes: bool = False,
@@ -105,6 +107,10 @@ class ReportService:
         self.guard = guard
         self.upstream = upstream
         self.limiter = limiter
+        # The caller's own limit: locally spent reservations of the shared GCRA when busy.
+        self.client_limiter = client_limiter or ReservingLimiter(
+            limiter.link, None, limiter, lifetime=0
+        )
         self.metrics = metrics
         self.clock = clock
         self._flight: LocalFlight[Fetched] = LocalFlight()
@@ -138,16 +144,18 @@ class ReportService:
         limit_key = f"client:{caller.name}"
         answer = None
         cached = None
+        limiter = self.client_limiter
         if isinstance(parsed, QueryErrors):
-            decision = await self.limiter.hit(limit_key, rate)
+            decision = await limiter.hit(limit_key, rate)
         else:
             key = parsed.cache_key()
             answer = None if bypass else self.l1_hit(key)
             if answer is not None:
-                decision = await self.limiter.hit(limit_key, rate)
+                # A hot hit with a reserved unit at hand does no I/O at all.
+                decision = limiter.take_local(limit_key, rate) or await limiter.hit(limit_key, rate)
             else:
                 decision, cached = await asyncio.gather(
-                    self.limiter.hit(limit_key, rate), self.store.get(key)
+                    limiter.hit(limit_key, rate), self.store.get(key)
                 )
         if not decision.allowed:
             self.metrics.rejections.labels(caller.name, "client").inc()

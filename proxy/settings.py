@@ -152,6 +152,8 @@ class Settings(BaseSettings):
     ] = None
     reports: dict[str, ReportConfig] = Field(default_factory=dict)
     rate_limit: RateSetting = Field(default_factory=lambda: parse_rate("120/minute"))
+    # Seconds a process may spend a reserved batch of a busy client's limit locally (0: off).
+    rate_limit_reservation: float = Field(0.05, ge=0, le=1)
     replicas_hint: int = Field(1, ge=1, le=1000)
     admin_key_sha256: str | None = None
     admin_rate_limit: RateSetting = Field(default_factory=lambda: parse_rate("10/minute"))

@@ -7,6 +7,7 @@ import json
 import os
 import re
 import signal
+import time
 from pathlib import Path
 
 import aiohttp
@@ -62,6 +63,15 @@ async def test_two_workers_share_the_port_metrics_and_drain(
                     f"{proxy.url}{REPORT}?limit={n % 10 + 1}", headers=auth()
                 ) as response:
                     assert response.status == 200
+            # Each worker tallies its counts and publishes them at least once a second.
+            deadline = time.monotonic() + 5
+            while True:
+                async with http.get(f"{proxy.url}/metrics") as response:
+                    text = await response.text()
+                counted = metric_sum(text, "teamup_proxy_requests_total", route="report")
+                if counted == 40 or time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(0.2)
             for _ in range(10):
                 async with http.get(f"{proxy.url}/metrics") as response:
                     text = await response.text()

@@ -6,7 +6,7 @@ import math
 import re
 from dataclasses import dataclass
 
-__all__ = ["EPSILON", "Rate", "RateDecision", "gcra", "parse_rate"]
+__all__ = ["EPSILON", "Rate", "RateDecision", "Reservation", "gcra", "gcra_reserve", "parse_rate"]
 
 _PERIODS = {"second": 1.0, "minute": 60.0, "hour": 3600.0}
 _RATE_RE = re.compile(r"^\s*(\d+)\s*/\s*(second|minute|hour)\s*$", re.IGNORECASE)
@@ -96,3 +96,59 @@ def gcra(
         retry_after = wanted - period
     decision = RateDecision(allowed, rate.limit, remaining, level, retry_after)
     return (now + level if allowed and cost > 0 else None), decision
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """The outcome of one `gcra_reserve`: how many units were granted, and the decision."""
+
+    granted: int
+    decision: RateDecision
+
+
+def gcra_reserve(
+    state: tuple[float, float] | None,
+    now: float,
+    rate: Rate,
+    want: int,
+    lifetime: float,
+    *,
+    hold_all: bool = False,
+) -> tuple[tuple[float, float] | None, Reservation]:
+    """Reserve up to `want` units at once: one for the request now, the rest to be spent within
+    `lifetime` seconds. Mirrored by `backends/lua/gcra_reserve.lua`.
+
+    `state` is (tat, horizon): GCRA's theoretical arrival time, and the latest moment until
+    which units reserved so far may be spent. When `want` ≥ 2, as many units as fit (at most
+    `want`, at least 2) are taken, plus a deposit: enough extra backlog that the tat, minus
+    every unit still held anywhere, stays ahead of the new horizon `now + lifetime`
+    (`backends/reservations.py` says why that keeps every late admission one GCRA itself would
+    have made). The horizon of earlier reservations already
+    covers part of that, so a steady stream of reservations pays about one lifetime in all, not
+    one per reservation. When fewer than 2 fit, or `want` is 1, this is `gcra(tat, now, rate,
+    1)`. With `hold_all` no unit is spent now (a batch fetched ahead of need): the deposit
+    covers the one unit more that is held, and a single unit is never granted. Returns (the
+    state to store, or None when nothing changed; the reservation).
+    """
+    if want < 1 or lifetime < 0:
+        raise ValueError("want must be ≥ 1 and lifetime ≥ 0")
+    interval, period = rate.interval, rate.period
+    tat, horizon = state if state is not None else (now, now)
+    level = max(tat - now, 0.0)
+    covered = max(horizon - now, 0.0)
+    granted = 0
+    if want >= 2:
+        deposit = max(0.0, lifetime - (0.0 if hold_all else interval) - covered)
+        fits = math.floor((period + EPSILON - level - deposit) / interval)
+        if fits >= 2:
+            granted = min(want, fits)
+            level += granted * interval + deposit
+            covered = max(covered, lifetime)
+    if granted == 0 and not hold_all and level + interval <= period + EPSILON:
+        granted = 1
+        level += interval
+    retry_after = 0.0 if granted else level + interval - period
+    remaining = max(0, math.floor((period - level + EPSILON) / interval))
+    decision = RateDecision(granted > 0, rate.limit, remaining, level, retry_after)
+    stored = (now + level, now + min(covered, level)) if granted else None
+    return stored, Reservation(granted, decision)

@@ -17,6 +17,7 @@ from ..service import Caller, ReportService
 from ..settings import Settings
 from .auth import ClientDirectory, presented_key
 from .errors import JSON, error_response
+from .hot import HotHits
 from .sending import PacedResponse
 
 __all__ = [
@@ -67,6 +68,7 @@ class ProxyState:
     service: ReportService
     endpoints: Endpoints
     queries: ParsedQueries = field(default_factory=ParsedQueries)
+    hot: HotHits | None = None  # answers hot hits without the general path (web/hot.py)
     ready: bool = False
     draining: bool = False
 
@@ -93,9 +95,9 @@ def invalid_query(errors: QueryErrors, headers: dict[str, str] | None = None) ->
     )
 
 
-def _endpoint(request: web.Request) -> Endpoint:
+def _endpoint(request: web.Request, state: ProxyState) -> Endpoint:
     """The endpoint the path names; anything else (unknown or switched off) is a 404."""
-    endpoint = request.app[STATE].endpoints.get(request.match_info["report"])
+    endpoint = state.endpoints.get(request.match_info["report"])
     if endpoint is None:
         raise web.HTTPNotFound()
     return endpoint
@@ -106,7 +108,16 @@ async def report(request: web.Request) -> web.StreamResponse:
 
     Every answer of a routed report names it in `X-Proxy-Report`.
     """
-    endpoint = _endpoint(request)
+    state = request.app[STATE]
+    endpoint = _endpoint(request, state)
+    hot = state.hot
+    fast = (
+        hot.answer(request, endpoint, request[LOG], request[REQUEST_ID])
+        if hot is not None
+        else None
+    )
+    if fast is not None:
+        return fast
     response = await _report(request, endpoint)
     response.headers["X-Proxy-Report"] = endpoint.report
     return response

@@ -8,7 +8,8 @@ local eps = tonumber(ARGV[4])
 local interval = period / limit
 local time = redis.call('TIME')
 local now = tonumber(time[1]) * 1000 + tonumber(time[2]) / 1000
-local tat = tonumber(redis.call('GET', KEYS[1]))
+-- The value may carry gcra_reserve.lua's horizon after the tat; only the tat counts here.
+local tat = tonumber(string.match(redis.call('GET', KEYS[1]) or '', '^%S+'))
 local level = 0
 if tat and tat > now then
   level = tat - now

@@ -1,0 +1,197 @@
+"""The hot hit: a fresh L1 entry for a question asked before, with a reserved unit at hand.
+
+`HotHits.answer` gives the same answer as the general report path (`handlers._report`) —
+status, body, every header, the access-log fields and the metrics — without repeating per
+request what only changes per question or per second: who a presented key belongs to, the
+parsed query, the cache key, the static headers, and the `Cache-Status`/`Age` pair (which
+changes once a second). Anything else — an unknown question, a `Cache-Control` request header,
+an L1 miss, no reserved unit — returns None, and the general path answers.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+from multidict import CIMultiDict
+
+from ..core.contract import MAX_QUERY_BYTES, CanonicalQuery
+from ..core.endpoints import Endpoint
+from ..core.entry import CachedResponse
+from ..core.gcra import Rate
+from ..logs import ACCESS, ACCESS_MIDDLE, json_bytes
+from ..service import CACHE_NAME, ReportService
+from ..settings import Settings
+from .auth import ClientDirectory, presented_key
+from .sending import PacedResponse
+
+if TYPE_CHECKING:
+    from multidict import CIMultiDictProxy
+
+    from .handlers import ParsedQueries
+
+__all__ = ["HotHits"]
+
+# Questions remembered per process; past that the memo starts again (hot sets are small).
+_MAX_QUESTIONS = 4096
+
+
+@dataclass(slots=True)
+class _Question:
+    """One (report, raw query, presented key) already answered once by the general path."""
+
+    client: str
+    rate: Rate
+    limit_key: str
+    cache_key: str
+    report: str
+    # The headers every answer to it carries, in the general path's order, minus the ones
+    # that change per second (`Cache-Status`, `Age`) or per request (`RateLimit`).
+    policy: str
+    canonical: str
+    # The entry these headers were built for, and until when their `Cache-Status: ttl=` and
+    # `Age` stay what they say.
+    log_path: str = ""
+    log_middle: bytes = b""
+    entry: CachedResponse | None = None
+    until: float = 0.0
+    headers: CIMultiDict[str] = field(default_factory=CIMultiDict)
+
+
+def _middle(question: _Question, path: str) -> bytes:
+    """The access-log fields of a hot hit between `request_id` and `total_ms`, as JSON."""
+    fields = {
+        "client": question.client,
+        "method": "GET",
+        "path": path,
+        "report": question.report,
+        "key": question.cache_key,
+        "cache": "hit",
+        "upstream_status": None,
+        "upstream_ms": None,
+        "queued_ms": None,
+    }
+    return json_bytes(fields)[1:-1]
+
+
+class HotHits:
+    """Hot hits answered from memory: see the module docstring."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        directory: ClientDirectory,
+        service: ReportService,
+        queries: ParsedQueries,
+    ) -> None:
+        self.settings = settings
+        self.directory = directory
+        self.service = service
+        self.queries = queries
+        self._questions: dict[tuple[str, str, str], _Question] = {}
+
+    def answer(
+        self,
+        request: web.Request,
+        endpoint: Endpoint,
+        fields: dict[str, object],
+        request_id: str,
+    ) -> web.Response | None:
+        """The response to a hot hit, or None when the general path must answer."""
+        service = self.service
+        l1 = service.l1
+        if l1 is None:
+            return None
+        headers: CIMultiDictProxy[str] = request.headers
+        if "Cache-Control" in headers:
+            return None  # `no-cache` may mean a refetch: the general path decides
+        raw = request.rel_url.raw_query_string
+        credential = headers.get("Authorization") or headers.get("X-API-Key") or ""
+        memo = (endpoint.report, raw, credential)
+        question = self._questions.get(memo)
+        if question is None:
+            question = self._learn(endpoint, raw, credential, request)
+            if question is None:
+                return None
+        entry = l1.get_now(question.cache_key)
+        if entry is None:
+            return None
+        now = service.clock()
+        if not entry.is_fresh(now):
+            return None
+        spent = service.client_limiter.spend(question.limit_key, question.rate)
+        if spent is None:
+            return None
+        if question.entry is not entry or now >= question.until:
+            self._rebuild(question, entry, now)
+        out = question.headers.copy()
+        out["RateLimit"] = f'"client";r={spent[0]};t={math.ceil(spent[1])}'
+        fields["report"] = question.report
+        fields["client"] = question.client
+        fields["cache"] = "hit"
+        fields["key"] = question.cache_key
+        fields["upstream_status"] = None
+        fields["upstream_ms"] = None
+        fields["queued_ms"] = None
+        if ACCESS.handler is not None:  # the access line's fields, as JSON, once per path
+            path = request.path
+            if question.log_path != path:
+                question.log_path, question.log_middle = path, _middle(question, path)
+            fields[ACCESS_MIDDLE] = question.log_middle
+        service.metrics.count_client(question.client, question.report)
+        return PacedResponse(
+            request,
+            status=entry.status,
+            body=entry.body,
+            headers=out,
+            timeout=self.settings.client_write_timeout,
+            counter=service.metrics.client_write_timeouts,
+            request_id=request_id,
+        )
+
+    def _learn(
+        self, endpoint: Endpoint, raw: str, credential: str, request: web.Request
+    ) -> _Question | None:
+        """What the general path would work out for this question, if it can be a hot hit."""
+        if len(raw) > MAX_QUERY_BYTES:
+            return None
+        found = self.directory.identify(presented_key(request.headers))
+        if found is None:
+            return None  # unknown keys are never remembered
+        name, config = found
+        if not config.may_read(endpoint.report):
+            return None
+        parsed, canonical = self.queries.parse(endpoint, request)  # the general path's memo
+        if not isinstance(parsed, CanonicalQuery):
+            return None
+        rate = config.rate or self.settings.rate_limit
+        if len(self._questions) >= _MAX_QUESTIONS:
+            self._questions.clear()
+        question = _Question(
+            client=name,
+            rate=rate,
+            limit_key=f"client:{name}",
+            cache_key=parsed.cache_key(),
+            report=endpoint.report,
+            policy=f'"client";q={rate.limit};w={math.ceil(rate.period)}',
+            canonical=canonical,
+        )
+        self._questions[(endpoint.report, raw, credential)] = question
+        return question
+
+    @staticmethod
+    def _rebuild(question: _Question, entry: CachedResponse, now: float) -> None:
+        """The headers as `ReportService._hit` writes them now, and how long they hold."""
+        ttl, age = entry.ttl(now), entry.age(now)
+        headers: CIMultiDict[str] = CIMultiDict(entry.header_map)
+        headers["Cache-Status"] = f"{CACHE_NAME}; hit; ttl={ttl}"
+        headers["Age"] = str(age)
+        headers["RateLimit-Policy"] = question.policy
+        headers["X-Proxy-Canonical-Query"] = question.canonical
+        headers["X-Proxy-Report"] = question.report
+        question.headers, question.entry = headers, entry
+        # ttl = floor(fresh_until - now) drops when fewer than `ttl` seconds are left;
+        # age = int(now - stored_at) grows at the next whole second after stored_at.
+        question.until = min(entry.fresh_until - ttl, entry.stored_at + age + 1)
