@@ -287,6 +287,14 @@ class ReservingLimiter:
         if reservation.granted == 0:
             held.low = -1  # no batch fits: ask again only when a request needs a unit
 
+    async def close(self) -> None:
+        """Wait for batches being fetched ahead (they hold a Redis connection), briefly."""
+        if self._tasks:
+            _done, pending = await asyncio.wait(self._tasks, timeout=1)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+
     def _prune(self) -> None:
         """Forget clients holding nothing, then (if still full) everything."""
         now = self.clock()

@@ -306,6 +306,7 @@ def create_app(
             m.flush()
             state.ready = False
             await service.close()
+            await client_limiter.close()
             await up.close()
             await link.stop()
             if redis_client is None:
