@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -14,6 +15,7 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
+from proxy.core.entry import CachedResponse
 from proxy.logs import ACCESS, JsonFormatter, LineHandler, LineWriter
 from proxy.web.auth import hash_key
 from proxy.web.handlers import STATE
@@ -235,3 +237,21 @@ async def test_a_small_answer_skips_the_write_timer_only_while_it_fits() -> None
         server.close()
         await server.wait_closed()
     assert not _has_room(None, 10)
+
+
+async def test_remembered_questions_keep_no_answer_alive(
+    make_proxy: MakeProxy, real_redis: aioredis.Redis
+) -> None:
+    """The memo is per question and may hold thousands: it keeps headers, never a body (the L1
+    decides how long a body lives in the process)."""
+    proxy = await make_proxy(clients=BUSY, cache_l1_ttl=30, redis_client=real_redis)
+    for limit in range(1, 6):
+        query = REPORT + f"?format=json&limit={limit}"
+        await proxy.get(query, headers=auth())
+        assert (await proxy.get(query, headers=auth())).status == 200
+    hot = proxy.app[STATE].hot
+    assert hot is not None and len(hot._questions) == 5
+    for question in hot._questions.values():
+        held = [getattr(question, f.name) for f in dataclasses.fields(question)]
+        assert not any(isinstance(value, CachedResponse) for value in held)
+        assert all(len(value) < 1000 for value in held if isinstance(value, bytes))

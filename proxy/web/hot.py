@@ -55,7 +55,9 @@ class _Question:
     # `Age` stay what they say.
     log_path: str = ""
     log_middle: bytes = b""
-    entry: CachedResponse | None = None
+    # (stored_at, fresh_until) of the entry they were made for: not the entry itself, which
+    # this memo would otherwise keep alive (a body each) long after the L1 let it go.
+    made_for: tuple[float, float] = (0.0, 0.0)
     until: float = 0.0
     headers: CIMultiDict[str] = field(default_factory=CIMultiDict)
 
@@ -124,7 +126,7 @@ class HotHits:
         spent = service.client_limiter.spend(question.limit_key, question.rate)
         if spent is None:
             return None
-        if question.entry is not entry or now >= question.until:
+        if question.made_for != (entry.stored_at, entry.fresh_until) or now >= question.until:
             self._rebuild(question, entry, now)
         out = question.headers.copy()
         out["RateLimit"] = f'"client";r={spent[0]};t={math.ceil(spent[1])}'
@@ -191,7 +193,7 @@ class HotHits:
         headers["RateLimit-Policy"] = question.policy
         headers["X-Proxy-Canonical-Query"] = question.canonical
         headers["X-Proxy-Report"] = question.report
-        question.headers, question.entry = headers, entry
+        question.headers, question.made_for = headers, (entry.stored_at, entry.fresh_until)
         # ttl = floor(fresh_until - now) drops when fewer than `ttl` seconds are left;
         # age = int(now - stored_at) grows at the next whole second after stored_at.
         question.until = min(entry.fresh_until - ttl, entry.stored_at + age + 1)
