@@ -353,7 +353,7 @@ http {{
     server {{
         listen 127.0.0.1:{port} reuseport backlog=2048;
         location = /_bench/ping {{ return 204; }}
-        location = {path} {{
+        location ~ ^/api/v2/reports/[a-z_.]+/data$ {{
             proxy_pass http://teamup;
             proxy_http_version 1.1;
             proxy_set_header Connection "";

@@ -22,9 +22,19 @@ from proxy.core.contract import CanonicalQuery
 from proxy.core.endpoints import load_endpoints
 from proxy.testing.mock import DEFAULT_COLUMNS, _credits
 
-CREDITS = load_endpoints()["customer_credits"].contract
+ENDPOINTS = load_endpoints()
+CREDITS = ENDPOINTS["customer_credits"].contract
 
-__all__ = ["STYLES", "Question", "Replay", "build_replay", "canonical_key", "make_questions"]
+__all__ = [
+    "STYLES",
+    "Other",
+    "Question",
+    "Replay",
+    "build_replay",
+    "canonical_key",
+    "make_other_questions",
+    "make_questions",
+]
 
 _COLUMNS = DEFAULT_COLUMNS
 _ORDER = (
@@ -174,8 +184,13 @@ def spell(q: Question, style: int, seed: int) -> str:
 
 
 def canonical_key(query_string: str) -> str:
-    """The cache key teamup-proxy derives from a query string (raises if it is invalid)."""
-    parsed = CREDITS.parse(MultiDict(parse_qsl(query_string, keep_blank_values=True)))
+    """The cache key teamup-proxy derives from a customer_credits query string, or from a whole
+    target (`/api/v2/reports/<report>/data?…`) of another report (raises if it is invalid)."""
+    contract = CREDITS
+    if query_string.startswith("/"):
+        path, _, query_string = query_string.partition("?")
+        contract = ENDPOINTS[path.split("/")[-2]].contract
+    parsed = contract.parse(MultiDict(parse_qsl(query_string, keep_blank_values=True)))
     if not isinstance(parsed, CanonicalQuery):
         raise ValueError(f"invalid bench query {query_string!r}: {parsed.field_errors}")
     return parsed.cache_key()
@@ -217,6 +232,103 @@ def make_questions(count: int, seed: int, mock_seed: int) -> list[Question]:
 
 
 @dataclass(frozen=True, slots=True)
+class Other:
+    """A question to another report: scalars and arrays by name, in their plain spelling."""
+
+    report: str
+    scalars: tuple[tuple[str, str], ...]
+    arrays: tuple[tuple[str, tuple[str, ...]], ...]
+    ordered: frozenset[str] = frozenset({"columns", "sort"})
+
+
+# What the other apps of the mix ask, per report: how often, and the values they draw from.
+_OTHER_REPORTS: tuple[tuple[str, float], ...] = (
+    ("customers", 0.4),
+    ("invoices", 0.3),
+    ("customers.grouped", 0.15),
+    ("attendances.grouped", 0.15),
+)
+_BOOL = {
+    "true": ("true", "TRUE", "1", "True", "true"),
+    "false": ("false", "FALSE", "0", "False", "false"),
+}
+
+
+def _other(rng: random.Random, report: str) -> Other:
+    scalars: dict[str, str] = {"format": rng.choice(("csv", "json"))}
+    arrays: dict[str, tuple[str, ...]] = {}
+    if rng.random() < 0.5:
+        scalars["limit"] = str(rng.choice((10, 25, 100)))
+    if report == "customers":
+        if rng.random() < 0.5:
+            scalars["is_active"] = rng.choice(("true", "false"))
+        if rng.random() < 0.4:
+            arrays["ids"] = tuple(str(n) for n in sorted(rng.sample(range(1, 400), 3)))
+        if rng.random() < 0.3:
+            arrays["is_any"] = tuple(sorted(rng.sample(("new", "claimed", "lead", "active"), 2)))
+    elif report == "invoices":
+        if rng.random() < 0.4:
+            scalars["credit_applied"] = rng.choice(("true", "false"))
+        if rng.random() < 0.4:
+            arrays["purchase_types"] = tuple(
+                sorted(rng.sample(("class", "course", "membership"), 2))
+            )
+        if rng.random() < 0.3:
+            arrays["sort"] = (rng.choice(("", "-")) + rng.choice(("due_date", "paid_at", "id")),)
+    elif report == "customers.grouped":
+        arrays["columns"] = (rng.choice(("gender", "is_active", "created_year")), "count")
+        if rng.random() < 0.5:
+            scalars["is_active"] = rng.choice(("true", "false"))
+    else:
+        arrays["columns"] = (rng.choice(("day_of_week", "customer_name")), "count")
+        if rng.random() < 0.5:
+            arrays["attendance_status"] = tuple(
+                sorted(rng.sample(("attended", "registered", "no_show"), 2))
+            )
+    return Other(report, tuple(sorted(scalars.items())), tuple(sorted(arrays.items())))
+
+
+def make_other_questions(count: int, seed: int) -> list[Other]:
+    """`count` pairwise different questions to other reports, weighted as `_OTHER_REPORTS`."""
+    rng = random.Random(f"{seed}:other")
+    names = [name for name, _ in _OTHER_REPORTS]
+    weights = [weight for _, weight in _OTHER_REPORTS]
+    found: dict[str, Other] = {}
+    while len(found) < count:
+        q = _other(rng, rng.choices(names, weights=weights)[0])
+        found.setdefault(canonical_key(spell_other(q, 0, seed)), q)
+    return list(found.values())
+
+
+def spell_other(q: Other, style: int, seed: int) -> str:
+    """The whole target app number `style` sends for `q`: its own order, array form, boolean and
+    `format` case, and whether it writes the default `limit=50` out."""
+    rng = random.Random(f"{seed}:{style}:{q}")
+    form = ("comma", "repeat", "brackets", "comma", "mixed")[style]
+    groups: dict[str, Pairs] = {}
+    for name, value in q.scalars:
+        text = _BOOL[value][style] if value in _BOOL else value
+        if name == "format" and style == 2:
+            text = text.upper()
+        if name == "limit" and style == 4:
+            text = text.zfill(3)
+        groups[name] = [(name, text)]
+    if style in (1, 4) and "limit" not in groups:
+        groups["limit"] = [("limit", "50")]
+    for name, items in q.arrays:
+        spelled = list(items)
+        if name not in q.ordered and style == 3:
+            spelled = [*reversed(spelled), spelled[0]]  # a set: any order, repeats
+        groups[name] = _arrays(name, spelled, form)
+    names = sorted(groups, reverse=style == 2)
+    if style == 3:
+        rng.shuffle(names)
+    pairs = _join(groups, names)
+    query = "&".join(f"{quote(n, safe='[]')}={quote(v, safe=':,')}" for n, v in pairs)
+    return f"{ENDPOINTS[q.report].path}?{query}"
+
+
+@dataclass(frozen=True, slots=True)
 class Replay:
     """The requests of one mix run, in order, with what each cache can at best achieve."""
 
@@ -228,14 +340,26 @@ class Replay:
     styles: int
 
 
-def build_replay(requests: int, seed: int, mock_seed: int, questions: int = 1000) -> Replay:
-    """Draw `requests` (question, app) pairs: questions Zipf-like (s=1.1), apps uniformly."""
-    asked = make_questions(questions, seed, mock_seed)
+def build_replay(
+    requests: int, seed: int, mock_seed: int, questions: int = 1000, others: int = 400
+) -> Replay:
+    """Draw `requests` (question, app) pairs: questions Zipf-like (s=1.1), apps uniformly.
+
+    The questions are `questions` to customer_credits (query strings) and `others` to four other
+    reports (whole targets, `/api/v2/reports/<report>/data?…`), interleaved in popularity.
+    """
+    asked: list[Question | Other] = []
+    credits = make_questions(questions, seed, mock_seed)
+    rest = make_other_questions(others, seed)
+    order = random.Random(f"{seed}:interleave")
+    while credits or rest:
+        pool = credits if rest == [] or (credits and order.random() < 0.7) else rest
+        asked.append(pool.pop(0))
     spellings: dict[tuple[int, int], tuple[str, str]] = {}
     for index, q in enumerate(asked):
         keys = set()
         for style in range(len(STYLES)):
-            text = spell(q, style, seed)
+            text = spell(q, style, seed) if isinstance(q, Question) else spell_other(q, style, seed)
             keys.add(canonical_key(text))
             spellings[index, style] = (text, canonical_key(text))
         if len(keys) != 1:

@@ -313,9 +313,10 @@ _DESCRIPTIONS = {
         "with the token; the overhead is the difference of the percentiles."
     ),
     "mix": (
-        "{mix_requests:,} requests of the customer_credits report (the only one the mock "
-        "TeamUp serves so far) at concurrency {mix_concurrency} (aiohttp), drawn Zipf-like "
-        "(s = 1.1, seed {seed}) from 1,000 distinct questions; each request comes from one of 5 "
+        "{mix_requests:,} requests over five reports (customer_credits, customers, invoices, "
+        "customers.grouped, attendances.grouped) at concurrency {mix_concurrency} (aiohttp), "
+        "drawn Zipf-like (s = 1.1, seed {seed}) from 1,400 distinct questions (1,000 of "
+        "customer_credits, 400 of the other four); each request comes from one of 5 "
         "simulated apps that spell queries their own way (parameter order; arrays repeated, "
         "comma-separated, `name[]=` or mixed; datetimes in `Z`, `+01:00`, `-05:00` or without "
         "seconds; `format=JSON`; defaults such as `limit=50`/`offset=0`/`format=csv` written or "

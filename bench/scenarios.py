@@ -347,7 +347,9 @@ async def _replay(
 
         async def worker() -> None:
             for query in pending:
-                url = yarl.URL(f"{base}{REPORT_PATH}?{query}", encoded=True)
+                # Another report's question is a whole target; customer_credits' a query string.
+                target = query if query.startswith("/") else f"{REPORT_PATH}?{query}"
+                url = yarl.URL(f"{base}{target}", encoded=True)
                 try:
                     async with session.get(url) as response:
                         await response.read()
