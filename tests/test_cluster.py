@@ -49,6 +49,28 @@ def cluster_ports(count: int) -> list[int]:
     return ports
 
 
+def create_cluster(nodes: list[RedisServer], *, replicas: int) -> None:
+    """Start `nodes` and join them with `redis-cli --cluster create` (`replicas` per master)."""
+    for node in nodes:
+        node.start()
+    cli = shutil.which("redis-cli")
+    assert cli is not None
+    subprocess.run(
+        [
+            cli,
+            "--cluster",
+            "create",
+            *(f"127.0.0.1:{n.port}" for n in nodes),
+            "--cluster-replicas",
+            str(replicas),
+            "--cluster-yes",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+
+
 class Cluster:
     """Three masters on loopback, slots assigned by `redis-cli --cluster create`."""
 
@@ -62,24 +84,9 @@ class Cluster:
             node.extra = (*node.extra, "--cluster-config-file", f"{node.dir}/nodes.conf")
 
     def start(self) -> Cluster:
-        for node in self.nodes:
-            node.start()
+        create_cluster(self.nodes, replicas=0)
         cli = shutil.which("redis-cli")
         assert cli is not None
-        subprocess.run(
-            [
-                cli,
-                "--cluster",
-                "create",
-                *(f"127.0.0.1:{n.port}" for n in self.nodes),
-                "--cluster-replicas",
-                "0",
-                "--cluster-yes",
-            ],
-            check=True,
-            capture_output=True,
-            timeout=60,
-        )
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             # Every node must agree, not only the first one asked.

@@ -14,7 +14,6 @@ import asyncio
 import datetime as dt
 import json
 import random
-import shutil
 import subprocess
 import time
 from collections import Counter
@@ -30,7 +29,7 @@ from tests.e2e import REPORT, auth
 from tests.faults.harness import MockProcess, Outcome, Truth, run_load
 from tests.procs import ProxyProcess
 from tests.support import RedisServer, free_port, wait_for_port
-from tests.test_cluster import cluster_ports
+from tests.test_cluster import cluster_ports, create_cluster
 
 pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
 
@@ -139,24 +138,7 @@ class ReplicatedCluster:
             node.extra = (*node.extra, "--cluster-config-file", f"{node.dir}/nodes.conf")
 
     def start(self) -> ReplicatedCluster:
-        for node in self.nodes:
-            node.start()
-        cli = shutil.which("redis-cli")
-        assert cli is not None
-        subprocess.run(
-            [
-                cli,
-                "--cluster",
-                "create",
-                *(f"127.0.0.1:{n.port}" for n in self.nodes),
-                "--cluster-replicas",
-                "1",
-                "--cluster-yes",
-            ],
-            check=True,
-            capture_output=True,
-            timeout=60,
-        )
+        create_cluster(self.nodes, replicas=1)
         deadline = time.monotonic() + 30
         while not self.healthy():
             assert time.monotonic() < deadline, "cluster did not reach state ok with 3 replicas"
