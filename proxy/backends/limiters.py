@@ -42,10 +42,16 @@ class MemoryLimiter:
     def __len__(self) -> int:
         return len(self._tats)
 
-    async def hit(self, key: str, rate: Rate, cost: int = 1) -> RateDecision:
-        """Spend `cost` from `key`'s bucket if it has room."""
+    async def hit(
+        self, key: str, rate: Rate, cost: int = 1, *, floor: float | None = None
+    ) -> RateDecision:
+        """Spend `cost` from `key`'s bucket if it has room (`floor`: its tat is at least that,
+        on this limiter's clock)."""
         now = self._clock()
-        tat, decision = gcra(self._tats.get(key), now, rate, cost)
+        tat = self._tats.get(key)
+        if floor is not None and (tat is None or tat < floor):
+            tat = floor
+        tat, decision = gcra(tat, now, rate, cost)
         if tat is not None:
             # Re-insert so the dict's order is least recently spent first.
             self._tats.pop(key, None)
@@ -57,6 +63,10 @@ class MemoryLimiter:
     async def peek(self, key: str, rate: Rate) -> RateDecision:
         """The bucket's state now, changing nothing."""
         return gcra(self._tats.get(key), self._clock(), rate, 0)[1]
+
+    def clear(self) -> None:
+        """Forget every bucket."""
+        self._tats.clear()
 
     def _prune(self, now: float) -> None:
         """Forget full buckets (no loss), then the least recently spent ones."""
@@ -73,11 +83,14 @@ class RedisLimiter:
         self._prefix = prefix
         self._script = client.register_script(load_script("gcra"))
 
-    async def hit(self, key: str, rate: Rate, cost: int = 1) -> RateDecision:
-        """Spend `cost` from `key`'s bucket if it has room."""
+    async def hit(self, key: str, rate: Rate, cost: int = 1, *, floor: float = 0.0) -> RateDecision:
+        """Spend `cost` from `key`'s bucket if it has room (`floor`: seconds of backlog the
+        bucket holds at least, kept in Redis)."""
         if cost < 0:
             raise ValueError(f"cost must be ≥ 0, got {cost}")
         args = [rate.period * 1000, rate.limit, cost, EPSILON * 1000]
+        if floor > 0:
+            args.append(floor * 1000)
         allowed, remaining, reset_ms, retry_ms = await self._script(
             keys=[keys.limiter(self._prefix, key)], args=args
         )
@@ -95,8 +108,16 @@ class FallbackLimiter:
     """The shared GCRA in Redis, or the same maths per process while Redis is down or refuses
     writes (the script's OOM/READONLY error is never taken for an allowed hit).
 
-    `share` divides a rate while falling back: the global upstream budget split by the assumed
-    replica count, so an outage cannot multiply what the company sends to TeamUp.
+    Exact across the switch, summed over every process (proof in README, "Limits"):
+    - while falling back, each process runs `share(rate)`: the rate *and* the burst divided by
+      the processes it assumes (`PROXY_REPLICAS_HINT` x workers);
+    - each process's fallback bucket starts full at the moment it left Redis (what Redis had
+      admitted just before is unknown, so it is taken as the whole burst);
+    - back on Redis, the first call on a key within `capacity + settle` seconds of the return
+      raises its backlog to the full capacity plus `settle` (the time every other process
+      needs to notice Redis is back): no Redis admission can overlap a fallback one, and
+      Redis starts from a full bucket. The steady rate goes on throughout; only the burst is
+      withheld, for about one burst's worth of time after each switch.
     """
 
     def __init__(
@@ -105,17 +126,30 @@ class FallbackLimiter:
         redis: RedisLimiter | None,
         memory: MemoryLimiter,
         share: Callable[[Rate], Rate] = lambda rate: rate,
+        *,
+        settle: float = 0.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.link = link
-        self.redis: Limiter | None = redis
+        self.redis = redis
         self.memory = memory
         self.share = share
+        self.settle = settle
+        self._clock = clock
+
+    def floor(self, rate: Rate) -> float:
+        """Seconds of backlog a Redis bucket of `rate` must hold now (0: none, the usual)."""
+        left = rate.period + self.settle - (self._clock() - self.link.up_since)
+        return left if left > 0 else 0.0
 
     async def hit(self, key: str, rate: Rate, cost: int = 1) -> RateDecision:
         # While Redis refuses writes the script cannot record a hit: count here, with the share.
         if self.redis is not None and self.link.writable:
             try:
-                return await self.redis.hit(key, rate, cost)
+                return await self.redis.hit(key, rate, cost, floor=self.floor(rate))
             except REDIS_ERRORS as exc:
                 self.link.failed(exc, "ratelimit")
-        return await self.memory.hit(key, self.share(rate), cost)
+        local = self.share(rate)
+        since = self.link.down_since
+        floor = since + local.period if math.isfinite(since) else None
+        return await self.memory.hit(key, local, cost, floor=floor)

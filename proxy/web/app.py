@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import itertools
 import logging
@@ -17,9 +18,10 @@ from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler
 from aiohttp.web_urldispatcher import UrlMappingMatchInfo
 
+from ..backends.bus import Bus
 from ..backends.flight import RedisLease
 from ..backends.limiters import FallbackLimiter, MemoryLimiter, RedisLimiter
-from ..backends.link import REDIS_ERRORS, AnyRedis, RedisLink, connect_redis
+from ..backends.link import REDIS_ERRORS, AnyRedis, RedisLink, connect_bus, connect_redis
 from ..backends.pipelining import AutoPipelineRedis
 from ..backends.reservations import RedisReserver, ReservingLimiter
 from ..backends.stores import FallbackCacheStore, MemoryCacheStore, RedisCacheStore
@@ -221,21 +223,26 @@ def create_app(
         store = FallbackCacheStore(
             link, RedisCacheStore(hot, KEY_PREFIX) if hot is not None else None, memory
         )
-        # While Redis is down every worker of every replica counts the budget on its own.
+        # While Redis is down every worker of every replica counts on its own: each gets the
+        # rate and the burst divided by all of them (see FallbackLimiter), so an outage cannot
+        # multiply traffic.
         replicas = settings.replicas_hint * settings.processes if client is not None else 1
 
         def share(rate: Rate) -> Rate:
-            return Rate(max(1, rate.limit // replicas), rate.period)
+            limit = max(1, rate.limit // replicas)
+            return Rate(limit, rate.interval * replicas * limit)
 
+        # How long every process takes to notice that Redis is back (a health ping per interval).
+        settle = 2 * settings.redis_retry_interval + settings.redis_timeout
         redis_limiter = RedisLimiter(hot, KEY_PREFIX + "rl:") if hot is not None else None
-        limiter = FallbackLimiter(link, redis_limiter, MemoryLimiter())
+        limiter = FallbackLimiter(link, redis_limiter, MemoryLimiter(), share, settle=settle)
         client_limiter = ReservingLimiter(
             link,
             RedisReserver(hot, KEY_PREFIX + "rl:") if hot is not None else None,
             limiter,
             lifetime=settings.rate_limit_reservation,
         )
-        budget_limiter = FallbackLimiter(link, redis_limiter, MemoryLimiter(), share)
+        budget_limiter = FallbackLimiter(link, redis_limiter, MemoryLimiter(), share, settle=settle)
         guard = UpstreamGuard(
             link,
             budget_limiter,
@@ -292,6 +299,14 @@ def create_app(
             endpoints=endpoints,
         )
         state.hot = HotHits(settings, directory, service, state.queries)
+        bus = None
+        if client is not None:
+            bus = _events(settings, client, link, service, l1, state)
+            service.bus = guard.bus = bus
+            link.before_up = service.reapply_purges
+            bus.start()
+            if link.up:  # the L1 is on only while subscribed: usually a millisecond from now
+                await bus.wait_live(max(1.0, settings.redis_timeout * 10))
         app[STATE] = state
         state.ready = True
         log.info(
@@ -308,6 +323,8 @@ def create_app(
             await service.close()
             await client_limiter.close()
             await up.close()
+            if bus is not None:
+                await bus.close()
             await link.stop()
             if redis_client is None:
                 await link.close()
@@ -335,6 +352,75 @@ def create_app(
     app.router.add_get("/openapi.json", observed(openapi_handler, "docs"))
     _add_fallback_routes(app)
     return app
+
+
+def _events(
+    settings: Settings,
+    client: AnyRedis,
+    link: RedisLink,
+    service: ReportService,
+    l1: MemoryCacheStore | None,
+    state: ProxyState,
+) -> Bus:
+    """The events channel, wired: purges, the circuit and writes-refused from every process;
+    the L1 (and the hot memo) used only while subscribed, dropped whole when it is lost."""
+    service.l1 = None
+    lost_once = False
+
+    def on_event(event: dict[str, object]) -> None:
+        kind = event.get("kind")
+        if kind == "purge":
+            service.apply(event)
+        elif kind in ("circuit-open", "circuit-closed"):
+            service.guard.apply(event)
+        elif kind == "writes-refused":
+            reason = event.get("reason")
+            link.refuse_writes(str(reason)[:64], "told", told=True)
+
+    def on_lost() -> None:
+        nonlocal lost_once
+        lost_once = True
+        service.l1 = None
+        if l1 is not None:
+            l1.clear_now()
+        if state.hot is not None:
+            state.hot.forget()
+
+    def on_live() -> None:
+        if l1 is not None:
+            l1.clear_now()
+            service.l1 = l1
+        if lost_once:
+            # The connection broke: Redis may have restarted and lost its buckets, and this
+            # process may not have noticed otherwise. Limits start from a full bucket again.
+            link.up_since = time.monotonic()
+            service.guard.recheck()
+
+    bus = Bus(
+        connect_bus(client, settings.redis_url, timeout=settings.redis_timeout),
+        KEY_PREFIX + "events",
+        on_event=on_event,
+        on_lost=on_lost,
+        on_live=on_live,
+        retry=min(0.1, settings.redis_retry_interval),
+    )
+
+    def on_refused(reason: str) -> None:
+        event: dict[str, object] = {"kind": "writes-refused", "reason": reason}
+        task = asyncio.ensure_future(_tell_quietly(bus, event))
+        _background.add(task)
+        task.add_done_callback(_background.discard)
+
+    link.on_refused = on_refused
+    return bus
+
+
+_background: set[asyncio.Future[None]] = set()
+
+
+async def _tell_quietly(bus: Bus, event: dict[str, object]) -> None:
+    with contextlib.suppress(*REDIS_ERRORS):
+        await bus.tell(event)
 
 
 async def _flush_metrics_every_second(metrics: Metrics) -> None:

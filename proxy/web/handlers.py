@@ -211,27 +211,35 @@ async def purge(request: web.Request) -> web.Response:
     if report is None and request.rel_url.raw_query_string:
         report, one_entry = LEGACY_PURGE_REPORT, True
     body: dict[str, object]
+    shared = True
     if report is None:
-        body = {"purged": await state.service.purge()}
+        removed, shared = await state.service.purge()
+        body = {"purged": removed}
     else:
         endpoint = state.endpoints.get(report)
         if endpoint is None:
             return error_response(404, "not_found", f"No report {report[:64]!r} is routed.")
         request[LOG]["report"] = endpoint.report
         if not one_entry:
-            removed = await state.service.purge(report=endpoint.report)
+            removed, shared = await state.service.purge(report=endpoint.report)
             body = {"purged": removed, "report": endpoint.report}
         else:
             parsed = endpoint.contract.parse(request.query)
             if isinstance(parsed, QueryErrors):
                 return invalid_query(parsed)
-            removed = await state.service.purge(parsed.cache_key())
+            removed, shared = await state.service.purge(parsed.cache_key())
             body = {
                 "purged": removed,
                 "report": endpoint.report,
                 "canonical_query": parsed.canonical_string(),
             }
-    return web.Response(body=orjson.dumps(body), content_type="application/json")
+    if state.link.embedded:
+        return web.Response(body=orjson.dumps(body), content_type="application/json")
+    # Not shared: Redis is out of reach; only this worker dropped it (re-applied on its return).
+    body["shared"] = shared
+    return web.Response(
+        body=orjson.dumps(body), status=200 if shared else 503, content_type="application/json"
+    )
 
 
 async def circuit(request: web.Request) -> web.Response:
@@ -241,11 +249,15 @@ async def circuit(request: web.Request) -> web.Response:
     if refused is not None:
         return refused
     guard = state.service.guard
+    status = 200
     if request.method == "DELETE":
         body = {"closed": await guard.close_circuit(), **await guard.describe()}
+        if not state.link.embedded and not guard.told:
+            body["shared"] = False
+            status = 503  # closed in this worker only: Redis is out of reach
     else:
         body = await guard.describe()
-    return web.Response(body=orjson.dumps(body), content_type="application/json")
+    return web.Response(body=orjson.dumps(body), status=status, content_type="application/json")
 
 
 async def admin_limited(state: ProxyState) -> web.Response | None:
