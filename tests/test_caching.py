@@ -645,7 +645,7 @@ async def test_purge_one_entry_and_everything(
 
     everything = await proxy.delete("/admin/cache", headers=admin)
     assert everything.status == 200
-    assert (await everything.json()) == {"purged": 2}
+    assert (await everything.json()) == {"purged": 2, "shared": True}
     assert [k async for k in redis_client.scan_iter(match=f"{KEY_PREFIX}c:*")] == []
     assert is_stored_miss(await get(proxy, Q))
     assert is_stored_miss(await get(proxy, Q_OTHER))

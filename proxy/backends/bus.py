@@ -75,6 +75,8 @@ class Bus:
         self._ids = itertools.count(1)
         self._waiting: dict[str, _Waiting] = {}
         self._task: asyncio.Task[None] | None = None
+        self._pubsub: Any = None
+        self._closing = False
         self._subscribed = asyncio.Event()
 
     def start(self) -> None:
@@ -109,12 +111,14 @@ class Bus:
             del self._waiting[event_id]
 
     async def _listen(self) -> None:
-        while True:
-            pubsub = self.client.pubsub()
+        while not self._closing:
+            pubsub = self._pubsub = self.client.pubsub()
             try:
                 await pubsub.subscribe(self.channel)
                 while True:
-                    message = await pubsub.get_message(ignore_subscribe_messages=False, timeout=1.0)
+                    message = await pubsub.get_message(
+                        ignore_subscribe_messages=False, timeout=None
+                    )
                     if message is None:
                         continue
                     if message.get("type") == "subscribe":
@@ -124,6 +128,8 @@ class Bus:
             except asyncio.CancelledError:
                 raise
             except _LOST:
+                if self._closing:
+                    return
                 self._set_live(False)
             finally:
                 with contextlib.suppress(Exception):
@@ -170,8 +176,22 @@ class Bus:
 
     async def close(self) -> None:
         """Stop listening."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        self._closing = True
+        task, self._task = self._task, None
+        if task is None:
+            return
+        task.cancel()
+        # redis-py may swallow a cancel that lands in a read with a timeout: then closing the
+        # subscription's connection under it ends the read.
+        _done, pending = await asyncio.wait([task], timeout=0.5)
+        if pending and self._pubsub is not None:
+            connection = getattr(self._pubsub, "connection", None)
+            if connection is not None:
+                with contextlib.suppress(Exception):
+                    await connection.disconnect()
+            await asyncio.wait([task], timeout=2)
+        if not task.done():
+            log.warning("invalidation channel did not stop", extra={"event": "bus_stuck"})
+            return
+        with contextlib.suppress(asyncio.CancelledError, *_LOST):
+            await task

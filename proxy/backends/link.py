@@ -296,6 +296,8 @@ class RedisLink:
             await asyncio.sleep(self.retry_interval)
             try:
                 await self.client.set(keys.probe(keys.PREFIX), b"1", px=1000)
+                if self.before_up is not None:
+                    await self.before_up()
             except REDIS_ERRORS:
                 continue
             self.writes_refused = None

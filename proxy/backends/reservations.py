@@ -197,8 +197,7 @@ class ReservingLimiter:
         decision = self.take_local(key, rate)
         if decision is not None:
             return decision
-        if not self.batches(rate) or not self.link.writable or self.fallback.floor(rate) > 0:
-            # Just back on Redis: per request, with the floor (see `FallbackLimiter`).
+        if not self.batches(rate) or not self.fallback.on_redis:
             return await self.fallback.hit(key, rate)
         held = self._held.get(key)
         if held is None or held.rate != rate:
@@ -260,11 +259,13 @@ class ReservingLimiter:
                 held.pending = None
                 future.set_result(None)
         self._keep(held, reservation, now, reservation.granted - 1)
+        if reservation.granted:
+            self.fallback.mirror(key, rate, reservation.granted)
         return reservation.decision
 
     def _fetch_ahead(self, key: str, held: _Held, rate: Rate) -> None:
         """Reserve the next batch in the background while units are still held."""
-        if not self.link.writable or self.reserver is None or self.fallback.floor(rate) > 0:
+        if self.reserver is None or not self.fallback.on_redis:
             return
         held.pending = asyncio.get_running_loop().create_future()
         task = asyncio.ensure_future(self._fill(key, held, rate, held.pending))
@@ -285,6 +286,8 @@ class ReservingLimiter:
             held.pending = None
             future.set_result(None)
         self._keep(held, reservation, now, reservation.granted)
+        if reservation.granted:
+            self.fallback.mirror(key, rate, reservation.granted)
         if reservation.granted == 0:
             held.low = -1  # no batch fits: ask again only when a request needs a unit
 

@@ -303,7 +303,13 @@ def create_app(
         if client is not None:
             bus = _events(settings, client, link, service, l1, state)
             service.bus = guard.bus = bus
-            link.before_up = service.reapply_purges
+
+            async def before_up() -> None:
+                await service.reapply_purges()
+                await limiter.plan_return()
+                await budget_limiter.plan_return()
+
+            link.before_up = before_up
             bus.start()
             if link.up:  # the L1 is on only while subscribed: usually a millisecond from now
                 await bus.wait_live(max(1.0, settings.redis_timeout * 10))
@@ -325,6 +331,8 @@ def create_app(
             await up.close()
             if bus is not None:
                 await bus.close()
+            await limiter.close()
+            await budget_limiter.close()
             await link.stop()
             if redis_client is None:
                 await link.close()
@@ -380,6 +388,9 @@ def _events(
     def on_lost() -> None:
         nonlocal lost_once
         lost_once = True
+        # The subscription breaks at once when Redis dies: every process leaves it together
+        # (the limits go to their shares), not each at its next failed call or ping.
+        link.failed(ConnectionError("events channel lost"), "bus")
         service.l1 = None
         if l1 is not None:
             l1.clear_now()
@@ -390,10 +401,7 @@ def _events(
         if l1 is not None:
             l1.clear_now()
             service.l1 = l1
-        if lost_once:
-            # The connection broke: Redis may have restarted and lost its buckets, and this
-            # process may not have noticed otherwise. Limits start from a full bucket again.
-            link.up_since = time.monotonic()
+        if lost_once:  # events may have been missed meanwhile
             service.guard.recheck()
 
     bus = Bus(
