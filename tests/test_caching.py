@@ -23,7 +23,16 @@ from proxy.settings import Settings
 from proxy.testing.mock import MockState
 from proxy.web.app import KEY_PREFIX
 from tests.conftest import LogLines, MakeProxy
-from tests.e2e import ADMIN_KEY, KEY, OTHER_KEY, REPORT, FakeClock, auth, parse_query
+from tests.e2e import (
+    ADMIN_KEY,
+    FAST_LIMITS,
+    KEY,
+    OTHER_KEY,
+    REPORT,
+    FakeClock,
+    auth,
+    parse_query,
+)
 from tests.support import RedisServer
 
 Proxy = TestClient[web.Request, web.Application]
@@ -728,7 +737,7 @@ async def test_a_burst_of_500_requests_never_gets_a_5xx(
 async def test_redis_outage_and_recovery(
     make_proxy: MakeProxy, mock_state: MockState, own_redis: RedisServer, json_logs: LogLines
 ) -> None:
-    proxy = await make_proxy(redis_url=own_redis.url, redis_retry_interval=0.1)
+    proxy = await make_proxy(redis_url=own_redis.url, redis_retry_interval=0.1, **FAST_LIMITS)
     ready = await proxy.get("/readyz")
     assert await ready.json() == {"status": "ok", "checks": {"redis": "ok", "upstream": "ok"}}
     assert is_stored_miss(await get(proxy, Q))
@@ -790,7 +799,7 @@ async def test_redis_outage_and_recovery(
 async def test_a_paused_redis_costs_a_short_timeout_not_a_hang(
     make_proxy: MakeProxy, mock_state: MockState, own_redis: RedisServer
 ) -> None:
-    proxy = await make_proxy(redis_url=own_redis.url, redis_retry_interval=0.1)
+    proxy = await make_proxy(redis_url=own_redis.url, redis_retry_interval=0.1, **FAST_LIMITS)
     assert is_stored_miss(await get(proxy, Q))
     assert own_redis.process is not None
     own_redis.process.send_signal(signal.SIGSTOP)  # alive, accepting, never answering

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import math
 import time
 from collections.abc import Callable
@@ -44,10 +42,16 @@ class MemoryLimiter:
     def __len__(self) -> int:
         return len(self._tats)
 
-    async def hit(self, key: str, rate: Rate, cost: int = 1) -> RateDecision:
-        """Spend `cost` from `key`'s bucket if it has room."""
+    async def hit(
+        self, key: str, rate: Rate, cost: int = 1, *, floor: float | None = None
+    ) -> RateDecision:
+        """Spend `cost` from `key`'s bucket if it has room (`floor`: its tat is at least that,
+        on this limiter's clock)."""
         now = self._clock()
-        tat, decision = gcra(self._tats.get(key), now, rate, cost)
+        tat = self._tats.get(key)
+        if floor is not None and floor > now and (tat is None or tat < floor):
+            tat = floor
+        tat, decision = gcra(tat, now, rate, cost)
         if tat is not None:
             # Re-insert so the dict's order is least recently spent first.
             self._tats.pop(key, None)
@@ -59,19 +63,6 @@ class MemoryLimiter:
     async def peek(self, key: str, rate: Rate) -> RateDecision:
         """The bucket's state now, changing nothing."""
         return gcra(self._tats.get(key), self._clock(), rate, 0)[1]
-
-    def charge(self, key: str, rate: Rate, cost: int) -> None:
-        """Spend `cost` whether or not it fits (what was admitted elsewhere, counted here)."""
-        now = self._clock()
-        tat = self._tats.pop(key, now)
-        self._tats[key] = max(tat, now) + cost * rate.interval
-        if len(self._tats) > self._max_keys:
-            self._prune(now)
-
-    def backlog(self) -> list[tuple[str, float]]:
-        """Every bucket with a backlog: (key, seconds)."""
-        now = self._clock()
-        return [(key, tat - now) for key, tat in self._tats.items() if tat > now]
 
     def _prune(self, now: float) -> None:
         """Forget full buckets (no loss), then the least recently spent ones."""
@@ -87,13 +78,15 @@ class RedisLimiter:
     def __init__(self, client: AnyRedis, prefix: str) -> None:
         self._prefix = prefix
         self._script = client.register_script(load_script("gcra"))
-        self._deposit = client.register_script(load_script("gcra_deposit"))
 
-    async def hit(self, key: str, rate: Rate, cost: int = 1) -> RateDecision:
-        """Spend `cost` from `key`'s bucket if it has room."""
+    async def hit(self, key: str, rate: Rate, cost: int = 1, *, floor: float = 0.0) -> RateDecision:
+        """Spend `cost` from `key`'s bucket if it has room (`floor`: seconds of backlog the
+        bucket holds at least from now, kept in Redis)."""
         if cost < 0:
             raise ValueError(f"cost must be ≥ 0, got {cost}")
         args = [rate.period * 1000, rate.limit, cost, EPSILON * 1000]
+        if floor > 0:
+            args.append(floor * 1000)
         allowed, remaining, reset_ms, retry_ms = await self._script(
             keys=[keys.limiter(self._prefix, key)], args=args
         )
@@ -106,30 +99,22 @@ class RedisLimiter:
         """The bucket's state now, changing nothing."""
         return await self.hit(key, rate, 0)
 
-    async def deposit(self, items: list[tuple[str, float]]) -> None:
-        """Add `seconds` of backlog to each key's bucket."""
-        await asyncio.gather(
-            *(
-                self._deposit(keys=[keys.limiter(self._prefix, key)], args=[seconds * 1000])
-                for key, seconds in items
-            )
-        )
-
 
 class FallbackLimiter:
     """The shared GCRA in Redis, or the same maths per process while Redis is down or refuses
     writes (the script's OOM/READONLY error is never taken for an allowed hit).
 
-    Exact across the switch, summed over every process (the argument is in README, "Limits"):
+    Exact across both switches, summed over every process (the argument is in README,
+    "Limits"):
     - off Redis each process runs `share(rate)`: the rate *and* the burst divided by the
-      processes it assumes (`PROXY_REPLICAS_HINT` x workers);
-    - on Redis each process also counts what Redis admitted for it in its own share bucket, so
-      the sum of the share buckets is never below the shared one: leaving Redis, each process
-      goes on from its own part instead of a fresh burst;
+      processes it assumes (`PROXY_REPLICAS_HINT` x workers), from a bucket that starts full
+      when it leaves Redis (what Redis admitted just before is unknown: taken as the burst);
     - back on Redis, every process keeps limiting locally until one common moment (a Redis key
-      set by the first process back: `settle` seconds later, enough for all to notice), then
-      adds its share buckets' backlog to the shared ones and only then uses them: no Redis
-      admission overlaps a local one, and none forgets one.
+      set by the first process back, `settle` seconds later: enough for all to notice, and
+      told to all over the events channel); from then on each Redis bucket starts full at that
+      moment. No Redis admission overlaps a local one, none starts from a fresh burst.
+    The steady rate goes on throughout; only the burst is withheld, for one period after each
+    switch.
     """
 
     def __init__(
@@ -150,75 +135,44 @@ class FallbackLimiter:
         self.settle = settle
         self.switch_key = switch_key
         self._clock = clock
-        self._local_until = 0.0  # back on Redis, limits stay local until then (monotonic)
-        self._switch: asyncio.Task[None] | None = None
-        self._ratio: dict[str, float] = {}  # key -> shared interval / share interval
+        self.switch_at = -math.inf  # the common moment back on Redis (monotonic)
 
     @property
     def on_redis(self) -> bool:
         """Whether hits go to Redis now."""
-        return (
-            self.redis is not None
-            and self.link.writable
-            and self._switch is None
-            and self._clock() >= self._local_until
-        )
+        return self.redis is not None and self.link.writable and self._clock() >= self.switch_at
 
     async def hit(self, key: str, rate: Rate, cost: int = 1) -> RateDecision:
         # While Redis refuses writes the script cannot record a hit: count here, with the share.
-        local = self.share(rate)
         if self.redis is not None and self.on_redis:
+            floor = self.switch_at + rate.period - self._clock()
             try:
-                decision = await self.redis.hit(key, rate, cost)
+                return await self.redis.hit(key, rate, cost, floor=max(0.0, floor))
             except REDIS_ERRORS as exc:
                 self.link.failed(exc, "ratelimit")
-            else:
-                if decision.allowed and cost > 0:
-                    self.mirror(key, rate, cost)
-                return decision
-        self._ratio[key] = rate.interval / local.interval
-        return await self.memory.hit(key, local, cost)
-
-    def mirror(self, key: str, rate: Rate, cost: int) -> None:
-        """Count `cost` units Redis admitted for this process in its share bucket."""
         local = self.share(rate)
-        self._ratio[key] = rate.interval / local.interval
-        self.memory.charge(key, local, cost)
+        since = self.link.down_since
+        floor_at = since + local.period if math.isfinite(since) else None
+        return await self.memory.hit(key, local, cost, floor=floor_at)
 
-    async def plan_return(self) -> None:
-        """Back on Redis: limit locally until the common switch moment, then hand over."""
-        if self.redis is None or (self._ratio == {} and not self.memory.backlog()):
-            return
+    async def plan_return(self) -> float:
+        """Back on Redis: when (seconds from now) every process switches; limits stay local
+        until then (raises a Redis error when Redis cannot say)."""
+        if self.redis is None:
+            return 0.0
         client = self.link.client
         assert client is not None
         ms = max(1, int(self.settle * 1000))
         await client.set(self.switch_key, b"1", px=ms, nx=True)
         left = await client.pttl(self.switch_key)
         wait = max(0.0, left / 1000) if isinstance(left, int) and left > 0 else 0.0
-        self._local_until = self._clock() + wait
-        if self._switch is None:
-            self._switch = asyncio.ensure_future(self._hand_over(wait))
+        self.switch_in(wait)
+        return wait
 
-    async def _hand_over(self, wait: float) -> None:
-        try:
-            await asyncio.sleep(wait)
-            while self.redis is not None:
-                items = [
-                    (key, seconds * self._ratio.get(key, 1.0))
-                    for key, seconds in self.memory.backlog()
-                ]
-                try:
-                    await self.redis.deposit(items)
-                    return
-                except REDIS_ERRORS as exc:
-                    self.link.failed(exc, "ratelimit")
-                    await asyncio.sleep(self.link.retry_interval)
-        finally:
-            self._switch = None
-
-    async def close(self) -> None:
-        """Stop a hand-over in progress."""
-        if self._switch is not None:
-            self._switch.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._switch
+    def switch_in(self, wait: float) -> None:
+        """Limit locally for `wait` seconds more, then use Redis from full buckets."""
+        now = self._clock()
+        if self.on_redis:
+            # On Redis still (told by another process): local from now, from full buckets.
+            self.link.down_since = now
+        self.switch_at = max(self.switch_at, now + wait)

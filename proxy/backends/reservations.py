@@ -259,8 +259,6 @@ class ReservingLimiter:
                 held.pending = None
                 future.set_result(None)
         self._keep(held, reservation, now, reservation.granted - 1)
-        if reservation.granted:
-            self.fallback.mirror(key, rate, reservation.granted)
         return reservation.decision
 
     def _fetch_ahead(self, key: str, held: _Held, rate: Rate) -> None:
@@ -286,8 +284,6 @@ class ReservingLimiter:
             held.pending = None
             future.set_result(None)
         self._keep(held, reservation, now, reservation.granted)
-        if reservation.granted:
-            self.fallback.mirror(key, rate, reservation.granted)
         if reservation.granted == 0:
             held.low = -1  # no batch fits: ask again only when a request needs a unit
 

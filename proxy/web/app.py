@@ -229,8 +229,12 @@ def create_app(
         replicas = settings.replicas_hint * settings.processes if client is not None else 1
 
         def share(rate: Rate) -> Rate:
-            limit = max(1, rate.limit // replicas)
-            return Rate(limit, rate.interval * replicas * limit)
+            if rate.limit >= replicas:
+                limit = rate.limit // replicas
+                return Rate(limit, rate.interval * replicas * limit)
+            # More processes than the burst: one each, at a slower pace, so the sum stays
+            # within the rate for any window of `replicas` intervals or more.
+            return Rate(1, rate.interval * replicas * replicas / rate.limit)
 
         # How long every process takes to notice that Redis is back (a health ping per interval).
         settle = 2 * settings.redis_retry_interval + settings.redis_timeout
@@ -301,13 +305,15 @@ def create_app(
         state.hot = HotHits(settings, directory, service, state.queries)
         bus = None
         if client is not None:
-            bus = _events(settings, client, link, service, l1, state)
+            bus = _events(settings, client, link, service, l1, state, (limiter, budget_limiter))
             service.bus = guard.bus = bus
 
             async def before_up() -> None:
                 await service.reapply_purges()
-                await limiter.plan_return()
-                await budget_limiter.plan_return()
+                wait = await limiter.plan_return()
+                budget_limiter.switch_in(wait)
+                # Every process, even one that never left Redis, switches at that moment.
+                await bus.tell({"kind": "limits-switch", "in": wait})
 
             link.before_up = before_up
             bus.start()
@@ -331,8 +337,6 @@ def create_app(
             await up.close()
             if bus is not None:
                 await bus.close()
-            await limiter.close()
-            await budget_limiter.close()
             await link.stop()
             if redis_client is None:
                 await link.close()
@@ -369,6 +373,7 @@ def _events(
     service: ReportService,
     l1: MemoryCacheStore | None,
     state: ProxyState,
+    limiters: tuple[FallbackLimiter, ...],
 ) -> Bus:
     """The events channel, wired: purges, the circuit and writes-refused from every process;
     the L1 (and the hot memo) used only while subscribed, dropped whole when it is lost."""
@@ -381,6 +386,11 @@ def _events(
             service.apply(event)
         elif kind in ("circuit-open", "circuit-closed"):
             service.guard.apply(event)
+        elif kind == "limits-switch":
+            wait = event.get("in")
+            if isinstance(wait, int | float) and 0 <= wait <= 60:
+                for each in limiters:
+                    each.switch_in(float(wait))
         elif kind == "writes-refused":
             reason = event.get("reason")
             link.refuse_writes(str(reason)[:64], "told", told=True)
