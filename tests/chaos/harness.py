@@ -26,6 +26,7 @@ from tests.support import RedisServer
 
 __all__ = [
     "CLIENTS",
+    "OPS",
     "Answer",
     "Chaos",
     "check_windows",
@@ -39,6 +40,8 @@ CLIENTS = {
     "gamma": ("chaos-gamma-key-0123456789", "120/minute"),
 }
 ADMIN = {"Authorization": f"Token {ADMIN_KEY}"}
+# A client whose limit never gets in the way (for tests about the cache, not limits).
+OPS = {"X-API-Key": "chaos-ops-key-0123456789"}
 
 
 def worker_of(response: aiohttp.ClientResponse) -> str:
@@ -102,6 +105,7 @@ class Chaos:
             name: {"key_sha256": hash_key(key), "rate": rate}
             for name, (key, rate) in CLIENTS.items()
         }
+        clients["ops"] = {"key_sha256": hash_key(OPS["X-API-Key"]), "rate": "100000/second"}
         values: dict[str, Any] = {
             "redis_url": self.redis.url,
             "redis_retry_interval": 0.2,

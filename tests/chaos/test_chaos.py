@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from tests.chaos.harness import CLIENTS, Chaos, worker_of
+from tests.chaos.harness import OPS, Chaos, worker_of
 from tests.e2e import REPORT
 from tests.test_writes_refused import allow_writes, refuse_writes
 
@@ -69,9 +69,10 @@ async def test_an_outage_never_multiplies_the_budget() -> None:
 async def test_a_purge_while_redis_is_paused_says_so_and_never_comes_back() -> None:
     """Issue 20, 3: a purge that cannot reach Redis is a 503 with `"shared": false`; once
     Redis is back, no worker ever serves the purged entry again."""
-    async with Chaos(replicas=1, settings={"cache_ttl": 300}) as chaos:
+    settings = {"cache_ttl": 300, "upstream_queue_timeout": 5}
+    async with Chaos(replicas=1, settings=settings) as chaos:
         query = f"{REPORT}?format=json&limit=7"
-        headers = {"X-API-Key": CLIENTS["gamma"][0]}
+        headers = OPS
         response, _ = await chaos.get(query, headers)
         assert response.status == 200
         assert await chaos.mock.calls() == 1
@@ -95,7 +96,7 @@ async def test_after_a_purge_answers_no_worker_serves_the_purged_entry() -> None
     before the purge answers."""
     async with Chaos(replicas=2, settings={"cache_ttl": 300, "cache_l1_ttl": 30}) as chaos:
         query = f"{REPORT}?format=json&limit=9"
-        headers = {"X-API-Key": CLIENTS["gamma"][0]}
+        headers = OPS
         warm: set[str] = set()
         for _ in range(60):  # an L1 copy in every worker
             response, _ = await chaos.get(query, headers, replica=len(warm) % 2)
@@ -117,7 +118,7 @@ async def test_a_closed_circuit_is_closed_on_every_worker_when_the_answer_return
     """Issue 20, 6: after `DELETE /admin/circuit` answers, no worker answers 503 any more."""
     async with Chaos(replicas=2, budget="600/minute", burst=50) as chaos:
         await chaos.mock.faults(status=429, retry_after=60, times=1)
-        headers = {"X-API-Key": CLIENTS["gamma"][0]}
+        headers = OPS
         response, _ = await chaos.get(f"{REPORT}?format=json&limit=1", headers)
         assert response.status == 503
         for i in range(8):  # open on every worker of both replicas
