@@ -15,6 +15,7 @@ from aiohttp import ClientResponse, web
 from aiohttp.test_utils import TestClient
 from multidict import MultiDict
 
+from proxy.backends import keys
 from proxy.backends.stores import RedisCacheStore
 from proxy.core.contract import CanonicalQuery
 from proxy.core.entry import CachedResponse
@@ -37,7 +38,7 @@ def cache_key(query: str) -> str:
     """The canonical cache key of a `?...` query string."""
     parsed = parse_query(MultiDict(parse_qsl(query.lstrip("?"), keep_blank_values=True)))
     assert isinstance(parsed, CanonicalQuery)
-    return parsed.cache_key()
+    return keys.cache_key(parsed)
 
 
 def entry_key(query: str) -> str:

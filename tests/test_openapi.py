@@ -29,7 +29,8 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from proxy.core.contract import INT_CEILING, Param
-from proxy.core.endpoints import Endpoint, load_endpoints
+from proxy.core.operations import Operation as Endpoint
+from proxy.core.operations import load_operations
 from proxy.web.auth import hash_key
 from proxy.web.openapi import build_document
 from tests.conftest import MakeProxy
@@ -37,7 +38,7 @@ from tests.e2e import KEY, OTHER_KEY, REPORT, TOKEN, auth
 from tests.faults.harness import MockProcess
 from tests.procs import ProxyProcess
 
-ENDPOINTS = load_endpoints()
+ENDPOINTS = load_operations().reports()
 
 
 # What a proxy routing every report serves (JSON round trip: what a client reads).
@@ -148,7 +149,7 @@ def test_the_document_is_valid_openapi_3_1_with_two_paths_per_report() -> None:
         for path in paths_of(endpoint):
             operation = operation_of(path)
             assert operation["tags"] == ["report"]
-            assert endpoint.operation["summary"] in operation["summary"]
+            assert endpoint.document["summary"] in operation["summary"]
             assert f"`GET {endpoint.path}`" in operation["description"]
 
 

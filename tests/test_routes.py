@@ -207,11 +207,11 @@ async def test_the_report_is_in_metrics_and_access_logs(
 async def test_every_report_is_reachable_validated_and_cached_under_its_own_key(
     make_proxy: MakeProxy, mock_state: MockState, redis_url: str
 ) -> None:
-    from proxy.core.endpoints import load_endpoints
+    from proxy.core.operations import load_operations
 
     client = aioredis.Redis.from_url(redis_url)
     proxy = await make_proxy(redis_client=client)
-    endpoints = load_endpoints()
+    endpoints = load_operations().reports()
     for report, endpoint in endpoints.items():
         columns = endpoint.contract.columns
         query = "format=json&limit=2"

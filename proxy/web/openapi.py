@@ -2,7 +2,7 @@
 
 Everything that is not a report (info, security, headers, error responses, admin and health
 paths) is data in `proxy/spec/proxy-openapi.json`; every report path is generated from
-the routed `Endpoints` — each parameter from its `Param`, i.e. from what the proxy accepts
+the routed report operations — each parameter from its `Param`, i.e. from what the proxy accepts
 (enums in either case, integers in bounds, arrays in any spelling), which is not quite what
 TeamUp documents. Nothing here names a report but the legacy purge form.
 """
@@ -19,7 +19,7 @@ import orjson
 from aiohttp import web
 
 from ..core.contract import INT_CEILING, Param
-from ..core.endpoints import Endpoint, Endpoints
+from ..core.operations import Operation
 from .handlers import LEGACY_PURGE_REPORT, STATE
 
 __all__ = [
@@ -72,7 +72,7 @@ def load_template() -> Mapping[str, Any]:
     return data
 
 
-def build_document(endpoints: Endpoints) -> dict[str, Any]:
+def build_document(endpoints: Mapping[str, Operation]) -> dict[str, Any]:
     """The proxy's document for the reports it routes: the template plus two path items each
     (single and doubled slash) sharing the report's parameters and responses (components named
     `<report>.<name>`), and the admin purge forms limited to those reports."""
@@ -81,8 +81,8 @@ def build_document(endpoints: Endpoints) -> dict[str, Any]:
     paths: dict[str, Any] = {}
     for endpoint in endpoints.values():
         for param in _parameters(endpoint):
-            components["parameters"][f"{endpoint.report}.{param['name']}"] = param
-        components["responses"].update(_responses(endpoint.report))
+            components["parameters"][f"{endpoint.label}.{param['name']}"] = param
+        components["responses"].update(_responses(endpoint.label))
         paths[endpoint.path] = {"get": _operation(endpoint, doubled=False)}
         paths[endpoint.doubled_path] = {"get": _operation(endpoint, doubled=True)}
     admin: dict[str, Any] = document["paths"]
@@ -99,14 +99,14 @@ def build_document(endpoints: Endpoints) -> dict[str, Any]:
     return document
 
 
-def _parameter_refs(endpoint: Endpoint) -> list[dict[str, str]]:
+def _parameter_refs(endpoint: Operation) -> list[dict[str, str]]:
     return [
-        {"$ref": f"#/components/parameters/{endpoint.report}.{name}"}
+        {"$ref": f"#/components/parameters/{endpoint.label}.{name}"}
         for name in sorted(endpoint.contract.params)
     ]
 
 
-def _report_parameter(endpoints: Endpoints) -> dict[str, Any]:
+def _report_parameter(endpoints: Mapping[str, Operation]) -> dict[str, Any]:
     return {
         "name": "report",
         "in": "path",
@@ -121,9 +121,9 @@ def _camel(report: str) -> str:
     return "".join(word.capitalize() for word in report.replace(".", "_").split("_"))
 
 
-def _operation(endpoint: Endpoint, *, doubled: bool) -> dict[str, Any]:
+def _operation(endpoint: Operation, *, doubled: bool) -> dict[str, Any]:
     """One report's GET operation, at its single- or doubled-slash path."""
-    summary = str(endpoint.operation.get("summary") or f"Rows of the {endpoint.report} report")
+    summary = str(endpoint.document.get("summary") or f"Rows of the {endpoint.label} report")
     defaults = [
         f"`{p.name}={_shown(p.default)}`"
         for p in endpoint.contract.params.values()
@@ -133,7 +133,7 @@ def _operation(endpoint: Endpoint, *, doubled: bool) -> dict[str, Any]:
     description = _DESCRIPTION.format(
         path=endpoint.path, summary=summary[:1].lower() + summary[1:], defaults=dropped
     )
-    operation_id = f"get{_camel(endpoint.report)}ReportData"
+    operation_id = f"get{_camel(endpoint.label)}ReportData"
     if doubled:
         operation_id += "DoubleSlash"
         summary += ", at the doubled-slash path TeamUp's docs print"
@@ -148,7 +148,7 @@ def _operation(endpoint: Endpoint, *, doubled: bool) -> dict[str, Any]:
             {"$ref": "#/components/parameters/X-Request-ID"},
         ],
         "responses": {
-            code: {"$ref": f"#/components/responses/{_response_name(endpoint.report, code)}"}
+            code: {"$ref": f"#/components/responses/{_response_name(endpoint.label, code)}"}
             for code in _RESPONSES
         },
     }
@@ -174,11 +174,11 @@ def _responses(report: str) -> dict[str, Any]:
     return responses
 
 
-def _parameters(endpoint: Endpoint) -> list[dict[str, Any]]:
+def _parameters(endpoint: Operation) -> list[dict[str, Any]]:
     """One OpenAPI query parameter per `Param` of the endpoint's contract, by name."""
     upstream = {
         str(spec["name"]): spec
-        for spec in endpoint.operation.get("parameters", ())
+        for spec in endpoint.document.get("parameters", ())
         if spec.get("in") == "query"
     }
     later = {low: high for low, high in endpoint.contract.ranges}
@@ -278,7 +278,7 @@ class OpenAPIDocument:
 
     __slots__ = ("_body", "_endpoints")
 
-    def __init__(self, endpoints: Endpoints) -> None:
+    def __init__(self, endpoints: Mapping[str, Operation]) -> None:
         self._endpoints = endpoints
         self._body: bytes | None = None
 
@@ -295,7 +295,7 @@ OPENAPI = web.AppKey("openapi", OpenAPIDocument)
 async def openapi_context(app: web.Application) -> AsyncIterator[None]:
     """The document of the endpoints this app routes (after the proxy's own cleanup context
     has chosen them)."""
-    app[OPENAPI] = OpenAPIDocument(app[STATE].endpoints)
+    app[OPENAPI] = OpenAPIDocument(app[STATE].reports)
     yield
 
 
