@@ -26,11 +26,11 @@ from xml.sax.xmlreader import AttributesImpl
 
 from .data import (
     _POOLS,
+    _THINGS,
     _entity_person,
     _is_person,
     _Leaf,
     _singular,
-    _thing_name,
     _value,
     entity_id,
 )
@@ -251,7 +251,7 @@ class Catalog:
         if field == "object" and kind_of == "string":
             return collection.kind
         if field == "name" and kind_of == "string" and collection.kind in _SESSIONS:
-            return _thing_name("offering_type", index)  # a class is named after its type
+            return _THINGS["offering_type"][index % len(_THINGS["offering_type"])]
         if kind_of == "uri":
             return self._link(collection, parents, ident, field)
         if kind_of == "integer" and field != "id" and self.is_reference(field):
