@@ -188,7 +188,7 @@ def endpoints() -> Mapping[str, Endpoint]:
     found: dict[str, Endpoint] = {}
     for path, item in document.get("paths", {}).items():
         operation = item.get("get")
-        if operation is not None and "x-report" in operation:
+        if operation is not None and operation.get("x-kind", "report-data") == "report-data":
             endpoint = _endpoint(str(path), operation)
             found[endpoint.report] = endpoint
     return found
