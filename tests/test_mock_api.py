@@ -246,7 +246,9 @@ async def test_paging_visits_every_item_once(client: Client, operation: Operatio
     path, query = CATALOG.example_path(operation), required_query(operation)
     first = await get_json(client, path, query)
     count = first["count"]
-    size = max(1, math.ceil(count / 4))
+    page_size = operation.params.get("page_size")
+    largest = 100 if page_size is None or page_size.maximum is None else page_size.maximum
+    size = min(max(1, math.ceil(count / 4)), largest)
     home = origin(client)
     url: str | None = str(client.make_url(path).with_query({**query, "page_size": str(size)}))
     seen: list[bytes] = []
@@ -269,7 +271,7 @@ async def test_paging_visits_every_item_once(client: Client, operation: Operatio
         if body["next"] is not None:
             assert parse_qs(urlsplit(body["next"]).query)["page"] == [str(pages + 1)]
         url = body["next"]
-    assert pages == max(1, math.ceil(count / size))
+    assert pages == max(1, math.ceil(count / size)) >= 2 or count <= 1
     assert len(seen) == count
     if "id" in operation.fields:
         assert len(set(seen)) == count

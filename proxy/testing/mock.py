@@ -789,7 +789,7 @@ def _answer(
             "previous": page_url(origin, request.raw_path, page - 1) if page > 1 else None,
             "results": [catalog.shape(operation, item, expand, fields) for item in chunk],
         }
-    elif not collection.single:
+    elif operation.array:
         members = catalog.members(key, parents)
         body = [catalog.shape(operation, item, expand, fields) for item in members]
     else:

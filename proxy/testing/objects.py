@@ -41,6 +41,7 @@ __all__ = ["Catalog", "Link", "page_url", "resolve", "sort_members", "to_xml"]
 
 # Collections larger than the default pool, so lists page (events: 250 at most per page).
 _SIZES = {"event": 600, "customer": 300}
+_IMAGES = ("image", "logo", "thumbnail", "picture", "photo")
 _SESSIONS = frozenset({"event", "course_session", "appointment"})
 _SCALARS = frozenset({"integer", "number", "boolean", "date", "date-time", "object", "string"})
 _EXAMPLES = ("abc", "a1", "ABC", "1", "abc-1_2", "YWJjZA", "a")
@@ -260,6 +261,16 @@ class Catalog:
             other = _singular(field)
             size = self._reference_size(other)
             return [entity_id(other, i) for i in sorted(rng.sample(range(size), min(size, 2)))]
+        if kind_of == "object" and field.endswith(_IMAGES):
+            image = entity_id("image", rng.randrange(1000))
+            return {
+                "id": image,
+                "url": f"https://example.com/images/{image}.jpg",
+                "original_width": 64,
+                "original_height": 64,
+            }
+        if kind_of == "object" and field.endswith("address"):
+            field = "address"  # TeamUp's address object, whatever its name
         if kind_of.endswith("[]"):
             kind_of = "array"
         elif kind_of not in _SCALARS and kind_of != "array":
