@@ -153,6 +153,13 @@ def generate_document(
         else:
             operation = _operation(page, path)
         paths.setdefault(path, {})[method] = operation
+    # An operation added by hand (no page in this copy, e.g. GET /api/v2/jobs/{id}) says why in
+    # `x-added`, and is kept as it is.
+    for path, item in committed_paths.items():
+        for method, operation in item.items():
+            if "x-added" in operation and method not in paths.get(path, {}):
+                paths.setdefault(path, {})[method] = copy.deepcopy(operation)
+    paths = dict(sorted(paths.items()))
     components = copy.deepcopy(dict((committed or {}).get("components", {})))
     components.setdefault("schemas", {})["List"] = _list_schema()
     error = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
