@@ -20,7 +20,6 @@ GROUPED = "/api/v2/reports/customers.grouped/data"
     "path",
     [
         "/api/v2/reports/nope/data",
-        "/api/v2/reports/customer_credits/export",
         "/api/v2/reports/customer_credits/data/extra",
         "/api/v2/reports/customers",
         "/api/v2/reports/customers.grouped",

@@ -164,10 +164,18 @@ class BadPath:
 @dataclass(frozen=True, slots=True)
 class _Template:
     path: str
-    parts: tuple[str | None, ...]  # literal segments, None for a parameter
-    literals: int
+    # A literal segment, or the (prefix, suffix) around one parameter (`external_id:{id}`).
+    parts: tuple[str | tuple[str, str], ...]
+    literals: int  # literal characters: the more, the more specific
     operations: Mapping[str, Operation]  # routed, by method
     contract: Contract  # for the path parameters
+
+
+def _part(segment: str) -> str | tuple[str, str]:
+    found = _TEMPLATE_PARAM.search(segment)
+    if found is None:
+        return segment
+    return segment[: found.start()], segment[found.end() :]
 
 
 class Router:
@@ -188,13 +196,13 @@ class Router:
         for op in routed.values():
             by_path.setdefault(op.path, {})[op.method] = op
             contracts[op.path] = op.contract
+        # Keyed by the first segment as written: a template cannot start with a parameter.
         self._buckets: dict[tuple[int, str], list[_Template]] = {}
         for path, operations in by_path.items():
             segments = path.removeprefix(API_PREFIX).split("/")
-            parts = tuple(None if _TEMPLATE_PARAM.fullmatch(s) else s for s in segments)
-            template = _Template(
-                path, parts, sum(p is not None for p in parts), operations, contracts[path]
-            )
+            parts = tuple(_part(s) for s in segments)
+            literals = sum(len(p) + 1 if isinstance(p, str) else len(p[0] + p[1]) for p in parts)
+            template = _Template(path, parts, literals, operations, contracts[path])
             self._buckets.setdefault((len(parts), segments[0]), []).append(template)
         for bucket in self._buckets.values():
             bucket.sort(key=lambda t: -t.literals)
@@ -225,10 +233,14 @@ class Router:
         for template in self._buckets.get((len(segments), segments[0]), ()):
             raw: list[str] = []
             for part, segment in zip(template.parts, segments, strict=True):
-                if part is None:
-                    raw.append(segment)
-                elif part != segment:
+                if isinstance(part, str):
+                    if part != segment:
+                        break
+                    continue
+                prefix, suffix = part
+                if not (segment.startswith(prefix) and segment.endswith(suffix)):
                     break
+                raw.append(segment[len(prefix) : len(segment) - len(suffix)])
             else:
                 values = template.contract.parse_path(tuple(raw))
                 if isinstance(values, str):
