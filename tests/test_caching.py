@@ -21,11 +21,11 @@ from proxy.core.contract import CanonicalQuery
 from proxy.core.entry import CachedResponse
 from proxy.service import REFRESH_BACKOFF
 from proxy.settings import Settings
+from proxy.testing.e2e import ADMIN_KEY, KEY, OTHER_KEY, REPORT, FakeClock, auth, parse_query
 from proxy.testing.mock import MockState
+from proxy.testing.support import RedisServer
 from proxy.web.app import KEY_PREFIX
 from tests.conftest import LogLines, MakeProxy
-from tests.e2e import ADMIN_KEY, KEY, OTHER_KEY, REPORT, FakeClock, auth, parse_query
-from tests.support import RedisServer
 
 Proxy = TestClient[web.Request, web.Application]
 

@@ -15,10 +15,10 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
 
+from proxy.testing.e2e import KEY, REPORT, TOKEN, auth
 from proxy.testing.mock import MockState
+from proxy.testing.support import free_port, wait_for_port
 from proxy.web.auth import hash_key
-from tests.e2e import KEY, REPORT, TOKEN, auth
-from tests.support import free_port, wait_for_port
 
 pytestmark = pytest.mark.slow
 

@@ -17,11 +17,11 @@ import redis.asyncio as aioredis
 
 from proxy.core.entry import CachedResponse
 from proxy.logs import ACCESS, JsonFormatter, LineHandler, LineWriter
+from proxy.testing.e2e import KEY, REPORT, FakeClock, auth
 from proxy.web.auth import hash_key
 from proxy.web.handlers import STATE
 from proxy.web.sending import _has_room
 from tests.conftest import LogLines, MakeProxy
-from tests.e2e import KEY, REPORT, FakeClock, auth
 
 LANE_OUTER = ("request_id", "total_ms", "status")
 BUSY = {"billing": {"key_sha256": hash_key(KEY), "rate": "100000/minute"}}

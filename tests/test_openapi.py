@@ -31,12 +31,12 @@ from schemathesis.specs.openapi.checks import (
 from proxy.core.contract import INT_CEILING, Param
 from proxy.core.operations import Operation as Endpoint
 from proxy.core.operations import load_operations
+from proxy.testing.e2e import KEY, OTHER_KEY, REPORT, TOKEN, auth
+from proxy.testing.faults import MockProcess
+from proxy.testing.procs import ProxyProcess
 from proxy.web.auth import hash_key
 from proxy.web.openapi import build_document
 from tests.conftest import MakeProxy
-from tests.e2e import KEY, OTHER_KEY, REPORT, TOKEN, auth
-from tests.faults.harness import MockProcess
-from tests.procs import ProxyProcess
 
 ENDPOINTS = load_operations().reports()
 

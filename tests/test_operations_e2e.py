@@ -23,13 +23,13 @@ from proxy.core.contract import CanonicalQuery
 from proxy.core.operations import Route, Router, load_operations
 from proxy.testing.document import Operation as MockOperation
 from proxy.testing.document import operations as mock_operations
+from proxy.testing.e2e import KEY, OTHER_KEY, TOKEN, FakeClock, auth
 from proxy.testing.mock import MockState
 from proxy.testing.objects import Catalog
 from proxy.web.app import KEY_PREFIX
 from proxy.web.auth import hash_key
 from proxy.web.handlers import STATE
 from tests.conftest import MakeProxy
-from tests.e2e import KEY, OTHER_KEY, TOKEN, FakeClock, auth
 from tests.fake_upstream import FakeUpstream
 
 Proxy = TestClient[web.Request, web.Application]

@@ -17,7 +17,7 @@ from multidict import MultiDict
 
 from proxy.backends.keys import cache_key
 from proxy.core.contract import MAX_ARRAY_ITEMS, MAX_QUERY_BYTES, CanonicalQuery, QueryErrors
-from tests.e2e import parse_query
+from proxy.testing.e2e import parse_query
 
 # Restated from the spec on purpose, not imported: the tests are the oracle for proxy/query.py.
 COLUMNS = (

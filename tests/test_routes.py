@@ -7,10 +7,10 @@ from __future__ import annotations
 import pytest
 import redis.asyncio as aioredis
 
+from proxy.testing.e2e import ADMIN_KEY, KEY, OTHER_KEY, REPORT, FakeClock, auth
 from proxy.testing.mock import MockState
 from proxy.web.auth import hash_key
 from tests.conftest import LogLines, MakeProxy
-from tests.e2e import ADMIN_KEY, KEY, OTHER_KEY, REPORT, FakeClock, auth
 
 CUSTOMERS = "/api/v2/reports/customers/data"
 GROUPED = "/api/v2/reports/customers.grouped/data"

@@ -14,9 +14,9 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
 
+from proxy.testing.e2e import KEY, REPORT, TOKEN, auth
 from proxy.testing.mock import MockState
-from tests.e2e import KEY, REPORT, TOKEN, auth
-from tests.procs import ProxyProcess
+from proxy.testing.procs import ProxyProcess
 
 pytestmark = pytest.mark.slow
 

@@ -32,8 +32,8 @@ import redis.asyncio as aioredis
 
 from proxy.backends.keys import cache_key
 from proxy.core.gcra import parse_rate
-from tests.e2e import ADMIN_KEY, KEY, OTHER_KEY, REPORT, TOKEN, auth
-from tests.faults.harness import (
+from proxy.testing.e2e import ADMIN_KEY, KEY, OTHER_KEY, REPORT, TOKEN, auth
+from proxy.testing.faults import (
     ERROR_STATUSES,
     MockProcess,
     Outcome,
@@ -45,8 +45,8 @@ from tests.faults.harness import (
     stats,
     worker_pids,
 )
-from tests.procs import ProxyProcess
-from tests.support import RedisServer
+from proxy.testing.procs import ProxyProcess
+from proxy.testing.support import RedisServer
 
 pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
 

@@ -34,7 +34,7 @@ __all__ = [
     "path_for",
 ]
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PAGES_DIR = REPO / "docs" / "upstream" / "reports"
 DOCUMENT = REPO / "proxy" / "spec" / "teamup.json"
 
