@@ -17,6 +17,7 @@ from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler
 from aiohttp.web_urldispatcher import UrlMappingMatchInfo
 
+from ..backends import keys
 from ..backends.flight import RedisLease
 from ..backends.limiters import FallbackLimiter, MemoryLimiter, RedisLimiter
 from ..backends.link import REDIS_ERRORS, AnyRedis, RedisLink, connect_redis
@@ -51,7 +52,7 @@ from .openapi import openapi_context, openapi_handler
 __all__ = ["SETTINGS", "create_app"]
 
 SETTINGS = web.AppKey("settings", Settings)
-KEY_PREFIX = "teamup-proxy:"
+KEY_PREFIX = keys.PREFIX
 # The L1 holds only hot entries for about a second: a few dozen MiB covers any hot set.
 L1_BYTES = 32 * 1024 * 1024
 # A caller's id is kept only when it cannot be read as a path, a URL or markup upstream.
@@ -230,11 +231,11 @@ def create_app(
         def share(rate: Rate) -> Rate:
             return Rate(max(1, rate.limit // replicas), rate.period)
 
-        redis_limiter = RedisLimiter(hot, KEY_PREFIX + "rl:") if hot is not None else None
+        redis_limiter = RedisLimiter(hot, keys.LIMITER_PREFIX) if hot is not None else None
         limiter = FallbackLimiter(link, redis_limiter, MemoryLimiter())
         client_limiter = ReservingLimiter(
             link,
-            RedisReserver(hot, KEY_PREFIX + "rl:") if hot is not None else None,
+            RedisReserver(hot, keys.LIMITER_PREFIX) if hot is not None else None,
             limiter,
             lifetime=settings.rate_limit_reservation,
         )
