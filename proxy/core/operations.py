@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
@@ -122,7 +122,7 @@ class Operations(Mapping[str, Operation]):
         """Every first path segment of the document (what `read` scopes may name)."""
         return frozenset(op.segment for op in self._by_id.values())
 
-    def where(self, keep: Any) -> Operations:
+    def where(self, keep: Callable[[Operation], bool]) -> Operations:
         """The operations `keep(op)` is true for."""
         return Operations(
             {name: op for name, op in self._by_id.items() if keep(op)}, self.ttl_classes
