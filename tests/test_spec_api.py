@@ -172,6 +172,8 @@ def test_path_parameters_admit_one_plain_segment_only() -> None:
             for bad in ("a/b", "..", ".", "%2F", "a%2fb", "", "a b"):
                 assert pattern.search(bad) is None, (path, param["name"], bad)
             assert pattern.search("AbC-12_3") or pattern.search("123"), (path, param["name"])
+    trigger = OPERATIONS["GET", "/api/v2/crm/workflow_triggers/{trigger}"]["parameters"][0]
+    assert re.search(trigger["schema"]["pattern"], "lead_form.submitted")
 
 
 def test_a_self_contradicting_page_says_which_reading_it_took() -> None:
