@@ -12,7 +12,15 @@ from typing import Any
 
 import pytest
 
-from tests.spec_api import API_DIR, Row, operation_problems, page_text, request_line, rows
+from tests.spec_api import (
+    API_DIR,
+    Row,
+    operation_problems,
+    page_text,
+    request_line,
+    rows,
+    widget_problems,
+)
 
 DOCUMENT: dict[str, Any] = json.loads(
     resources.files("proxy.spec").joinpath("teamup.json").read_bytes()
@@ -50,6 +58,7 @@ def test_each_operation_states_what_its_page_states(row: Row) -> None:
     assert operation["x-area"] == row.folder
     assert operation["x-kind"] == row.kind
     assert operation_problems(row, text, operation) == []
+    assert widget_problems(text, operation["parameters"]) in (None, [])
     path_names = re.findall(r"\{(\w+)\}", row.template)
     path_params = [p for p in operation["parameters"] if p["in"] == "path"]
     assert [p["name"] for p in path_params] == path_names
