@@ -1,10 +1,10 @@
 """Build proxy/spec/teamup.json from TeamUp's API pages (`proxy.spec.api_pages`).
 
 Every operation of docs/upstream/api/endpoints.tsv becomes one OpenAPI operation with the `x-`
-keys README's "The operation document" section lists. The 32 report data operations are kept as
-the committed document states them (their parameters were reviewed by hand and are checked against
-docs/upstream/reports by tests/spec_pages.py); they only gain the keys every operation has. Every
-judgement call the pages force is a table below, so a rerun gives the same document:
+keys README's "Every TeamUp operation" lists. The 32 report data operations are kept as the
+committed document states them (their parameters were reviewed by hand and are checked against
+docs/upstream/reports by proxy/spec/report_pages.py); they only gain the keys every operation
+has. Every judgement call the pages force is a table below, so a rerun gives the same document:
 `scripts/extract-spec --write` writes it, `--check` fails when the committed one differs.
 """
 
