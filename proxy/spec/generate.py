@@ -60,8 +60,9 @@ TTL_CLASSES: dict[str, dict[str, Any]] = {
         "fresh": 3600,
         "stale": 86400,
         "why": (
-            "Configuration an operator edits a few times a month (venues, rooms, membership "
-            "types and terms, forms, fields, waivers, themes, settings): an hour fresh is far "
+            "Configuration an operator edits a few times a month (the provider, venues, rooms, "
+            "membership types and terms, forms, fields, waivers, themes, settings): an hour "
+            "fresh is far "
             "below how often it changes, and a day of stale answers rides out a TeamUp outage."
         ),
     },
@@ -79,7 +80,8 @@ TTL_CLASSES: dict[str, dict[str, Any]] = {
         "stale": 60,
         "why": (
             "State that moves minute by minute and that a caller acts on (attendance, "
-            "occupancy, account and trial status, usage, checkouts, job results): ten seconds "
+            "occupancy, account and trial status, usage, gift card balances, checkouts, job "
+            "results): ten seconds "
             "still collapses a burst into one upstream call without serving yesterday's answer."
         ),
     },
@@ -101,7 +103,8 @@ _TTL_RULES: tuple[tuple[str, str], ...] = (
         r"/(attendances|course_session_attendances)(/|$)|/account_status$|/share_status$"
         r"|/usage$|/allotment$|/trial_status$|/status$|^/api/v2/bulk_actions/|^/api/v2/checkouts"
         r"|/blocked_times$|/overrides$|/unavailable_upcoming_events$|/resolved$"
-        r"|/payment_resolution$|/sms_account$|^/api/v2/external_calendars/events$",
+        r"|/payment_resolution$|/sms_account$|^/api/v2/external_calendars/events$"
+        r"|^/api/v2/gift_cards/\{id\}$",
         "volatile",
     ),
     (
@@ -111,7 +114,8 @@ _TTL_RULES: tuple[tuple[str, str], ...] = (
         r"|crm/workflows|crm/workflow_actions|waivers|policy_versions|payment_processors"
         r"|content_filters|content_collections|discount_code_groups|feature_flags|applications"
         r"|communication/notification_types|integrations/wellhub|checkins/settings"
-        r"|gift_cards/config|courses|availability_schedule_offering_types)(/|$)"
+        r"|gift_cards/config|business_closures|availability_schedule_offering_types)(/|$)"
+        r"|^/api/v2/providers(/\{id\})?$"
         r"|^/api/v2/providers/\{id\}/(theme|email_settings|customer_referral_settings)$",
         "reference",
     ),
