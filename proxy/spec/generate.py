@@ -121,8 +121,8 @@ _TTL_RULES: tuple[tuple[str, str], ...] = (
     ),
 )
 
-# Where the page's type and values disagree or the page is silent, what the document says.
-_ARRAY_PARAMS_OF_TEXT = {
+# A parameter whose page type contradicts its description: the schema the document takes.
+_READINGS = {
     # `instructors integer`, described as "comma-separated instructor id values, or use me".
     ("events_list", "instructors"): (
         {"type": "string", "pattern": "^([1-9][0-9]*|me)$"},
@@ -137,7 +137,6 @@ ERROR_STATUSES = {
     "404": "No such object or operation.",
     "429": "Too many requests.",
 }
-_SET_NOTE = "Order and duplicates are meaningless: the values are a set."
 
 
 def template_path(path: str) -> str:
@@ -341,7 +340,7 @@ def _query_schema(
     tightened: list[str],
     implicit: list[str],
 ) -> dict[str, Any]:
-    override = _ARRAY_PARAMS_OF_TEXT.get((operation_id(page), param.name))
+    override = _READINGS.get((operation_id(page), param.name))
     if override is not None:
         item_schema, note = override
         notes.append(note)
