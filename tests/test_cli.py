@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -22,6 +23,7 @@ from tests.e2e import KEY, REPORT, TOKEN, auth
 from tests.support import free_port, wait_for_port
 
 pytestmark = pytest.mark.slow
+README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
 
 
 def proxy_env(**values: str) -> dict[str, str]:
@@ -109,6 +111,7 @@ async def test_demo_prints_a_working_curl_line(http: aiohttp.ClientSession) -> N
                 assert response.status == 200
                 bodies.append((await response.read(), response.headers["Cache-Status"]))
         assert len(curls) == 5  # three spellings of one credits question, two of a grouped one
+        assert "prints keys and five curl lines" in README  # what `make demo` is said to print
         assert bodies[0][0] == bodies[1][0] == bodies[2][0]
         assert "stored" in bodies[0][1] and "hit" in bodies[1][1] and "hit" in bodies[2][1]
         assert bodies[3][0] == bodies[4][0] != bodies[0][0]
