@@ -288,6 +288,12 @@ class Catalog:
             self._members[cache_key] = found
         return found
 
+    def warm(self) -> None:
+        """Generate every top-level collection now, not during its first request."""
+        for key in self.collections:
+            if "{" not in key and not self.collections[key].single:
+                self.members(key, ())
+
     def expanded(self, kind: str, ident: Any) -> Any:
         """The object an id of a kind stands for, as `expand` answers it."""
         collection = self.kinds.get(kind)
