@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, quote, urlsplit
 
+import aiohttp
 import orjson
 import pytest
 import pytest_asyncio
@@ -255,6 +256,18 @@ async def test_faults(client: Client, operation: Operation) -> None:
     assert throttled.headers["X-Extra"] == "1"
     assert (await get(client, path, query)).status == 200
     assert faults == Faults(extra_headers={"X-Extra": "1"})
+
+
+@MODULE_LOOP
+async def test_drop_and_latency(client: Client) -> None:
+    faults = client.app[MOCK_STATE].faults
+    path = CATALOG.example_path(LISTS[0])
+    faults.drop, faults.times = True, 1
+    with pytest.raises(aiohttp.ClientError):
+        await get(client, path)
+    faults.latency = 0.01
+    assert (await get(client, path)).status == 200
+    assert client.app[MOCK_STATE].operation_calls == {LISTS[0].operation_id: 2}
 
 
 # --- lists ------------------------------------------------------------------------------------
