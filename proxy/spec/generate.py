@@ -18,9 +18,10 @@ from typing import Any
 from proxy.spec.api_pages import ApiPage, ApiParam
 
 __all__ = [
-    "EVENTS_PAGE_SIZE_MAX",
+    "DOTTED_PATH_PATTERN",
+    "MAX_ITEMS",
+    "MAX_TEXT",
     "PAGE_SIZE_DEFAULT",
-    "PAGE_SIZE_MAX",
     "SAFE_PATH_PATTERN",
     "TTL_CLASSES",
     "generate_document",
@@ -30,14 +31,29 @@ __all__ = [
 ]
 
 READ_KINDS = ("list", "retrieve", "other", "report-data")
+# TeamUp's page size when a list is asked without one (the pages state only the maximum).
 PAGE_SIZE_DEFAULT = 100
-PAGE_SIZE_MAX = 100
-EVENTS_PAGE_SIZE_MAX = 250
 # A string path parameter the page gives no pattern for: one segment of plain characters, never
 # `/`, `.` or `%` (so never `..` nor a percent-encoded separator).
 SAFE_PATH_PATTERN = "^[A-Za-z0-9_-]+$"
 # Base64 ids keep `+` and `=` (still one segment, no separator).
 BASE64_PATH_PATTERN = "^[A-Za-z0-9+=_-]+$"
+# Dotted names (`lead_form.submitted`): dots only between plain runs, so never `.` or `..`.
+DOTTED_PATH_PATTERN = r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$"
+# Bounds the proxy puts on what a read's query may hold (as on the report operations), so a
+# canonical query, and the cache key made of it, stays small.
+MAX_ITEMS = 200
+MAX_TEXT = 100
+# Integer arrays that are not lists of ids (their items may be 0); none outside the reports yet.
+NOT_ID_LISTS: frozenset[str] = frozenset()
+_PATH_PATTERNS = {
+    # GET /crm/workflow_triggers/:trigger - the triggers other pages list are dotted names.
+    "trigger": (
+        DOTTED_PATH_PATTERN,
+        "The page gives no pattern; the trigger names other pages list are dotted "
+        "(`lead_form.submitted`, the `workflow_trigger` values of crm/workflow_actions).",
+    ),
+}
 
 TTL_CLASSES: dict[str, dict[str, Any]] = {
     "reference": {
@@ -153,6 +169,13 @@ def generate_document(
         else:
             operation = _operation(page, path)
         paths.setdefault(path, {})[method] = operation
+    # An operation added by hand (no page in this copy, e.g. GET /api/v2/jobs/{id}) says why in
+    # `x-added`, and is kept as it is.
+    for path, item in committed_paths.items():
+        for method, operation in item.items():
+            if "x-added" in operation and method not in paths.get(path, {}):
+                paths.setdefault(path, {})[method] = copy.deepcopy(operation)
+    paths = dict(sorted(paths.items()))
     components = copy.deepcopy(dict((committed or {}).get("components", {})))
     components.setdefault("schemas", {})["List"] = _list_schema()
     error = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
@@ -250,7 +273,7 @@ def _parameter(page: ApiPage, param: ApiParam) -> dict[str, Any]:
     tightened: list[str] = []
     implicit: list[str] = []
     if param.where == "path":
-        result["schema"] = _path_schema(param, tightened)
+        result["schema"] = _path_schema(param, tightened, notes)
     elif param.where == "header":
         schema: dict[str, Any] = {"type": "string"}
         if param.enum is not None:
@@ -271,7 +294,7 @@ def _parameter(page: ApiPage, param: ApiParam) -> dict[str, Any]:
     return result
 
 
-def _path_schema(param: ApiParam, tightened: list[str]) -> dict[str, Any]:
+def _path_schema(param: ApiParam, tightened: list[str], notes: list[str]) -> dict[str, Any]:
     if param.type == "integer":
         tightened.append("minimum 1: ids are positive")
         return {"type": "integer", "minimum": 1}
@@ -280,6 +303,10 @@ def _path_schema(param: ApiParam, tightened: list[str]) -> dict[str, Any]:
         schema["enum"] = list(param.enum)
     elif param.pattern is not None:
         schema["pattern"] = param.pattern
+    elif param.name in _PATH_PATTERNS:
+        schema["pattern"], note = _PATH_PATTERNS[param.name]
+        tightened.append("pattern: dotted plain segments; the page states none")
+        notes.append(note)
     elif param.name.startswith("base64_"):
         schema["pattern"] = BASE64_PATH_PATTERN
         tightened.append("pattern: one base64 segment; the page states none")
@@ -314,7 +341,8 @@ def _query_schema(
     if override is not None:
         item_schema, note = override
         notes.append(note)
-        return {"type": "array", "items": dict(item_schema)}
+        tightened.append(f"maxItems {MAX_ITEMS}: the proxy's cap on a list")
+        return {"type": "array", "items": dict(item_schema), "maxItems": MAX_ITEMS}
     item = _scalar(param.type)
     if param.enum is not None:
         values: list[Any] = list(param.enum)
@@ -338,13 +366,24 @@ def _query_schema(
         item["minimum"] = param.minimum
     if param.maximum is not None:
         item["maximum"] = param.maximum
+    read = page.method == "GET"
+    if read and item == {"type": "string"} and not param.array:
+        item["maxLength"] = MAX_TEXT
+        tightened.append(f"maxLength {MAX_TEXT}: free text is bounded to keep cache keys small")
     schema: dict[str, Any]
     if param.array:
+        if read and item["type"] == "integer" and "minimum" not in item:
+            if param.name not in NOT_ID_LISTS:
+                item["minimum"] = 1
+                tightened.append("items minimum 1: ids are positive")
         schema = {"type": "array", "items": item}
         if param.min_items is not None:
             schema["minItems"] = param.min_items
         if param.max_items is not None:
             schema["maxItems"] = param.max_items
+        elif read:
+            schema["maxItems"] = MAX_ITEMS
+            tightened.append(f"maxItems {MAX_ITEMS}: the proxy's cap on a list")
     else:
         schema = item
     if param.default is not None:
