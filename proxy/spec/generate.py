@@ -177,7 +177,6 @@ def generate_document(
                 paths.setdefault(path, {})[method] = copy.deepcopy(operation)
     paths = dict(sorted(paths.items()))
     components = copy.deepcopy(dict((committed or {}).get("components", {})))
-    components.setdefault("schemas", {})["List"] = _list_schema()
     error = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
     components["responses"] = {
         f"Error{code}": {"description": description, "content": error}
@@ -235,10 +234,11 @@ def _report_operation(page: ApiPage, kept: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _operation(page: ApiPage, path: str) -> dict[str, Any]:
-    operation: dict[str, Any] = {
-        "operationId": operation_id(page),
-        "summary": page.summary,
-    }
+    title = page.title.removeprefix("Endpoints_")
+    operation: dict[str, Any] = {"operationId": operation_id(page), "summary": title}
+    if page.summary.lower() not in title.lower():
+        # The page's own heading where it says more than the title (`Retrieve a customer`).
+        operation["description"] = page.summary
     operation.update(_common(page, path))
     if page.method == "GET" and page.fields:
         operation["x-fields"] = dict(page.fields)
@@ -428,7 +428,7 @@ def _responses(page: ApiPage) -> dict[str, Any]:
                 "One page: count, absolute next / previous URLs on TeamUp's host, results."
             ),
             "content": {
-                "application/json": {"schema": {"$ref": "#/components/schemas/List"}},
+                "application/json": {"schema": _list_schema()},
                 "application/xml": {},
             },
         }
