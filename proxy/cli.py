@@ -272,6 +272,8 @@ def _demo_banner(port: int, caller_key: str, admin_key: str) -> None:
         f"'{grouped}?format=json&columns=gender,count&is_active=TRUE'\n"
         f"  curl -si -H 'X-API-Key: {caller_key}' "
         f"'{grouped}?is_active=1&columns=gender&columns=count&format=json'\n"
+        "A list that pages (follow its `next`: it points back at the proxy):\n"
+        f"  curl -si -H 'X-API-Key: {caller_key}' '{base}/api/v2/events?page_size=2'\n"
         "Ctrl-C stops it.",
         flush=True,
     )

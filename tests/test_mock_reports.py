@@ -28,9 +28,16 @@ DOCUMENT: dict[str, Any] = json.loads(
     (Path(proxy.spec.__file__).parent / "teamup.json").read_text(encoding="utf-8")
 )
 OPERATIONS: dict[str, dict[str, Any]] = {
-    item["get"]["x-report"]: item["get"] for item in DOCUMENT["paths"].values()
+    item["get"]["x-report"]: item["get"]
+    for item in DOCUMENT["paths"].values()
+    if "x-report" in item.get("get", {})
 }
-PATHS = {op["x-report"]: path for path, item in DOCUMENT["paths"].items() for op in [item["get"]]}
+PATHS = {
+    op["x-report"]: path
+    for path, item in DOCUMENT["paths"].items()
+    for op in [item.get("get", {})]
+    if "x-report" in op
+}
 REPORTS = sorted(OPERATIONS)
 PLAIN = [report for report in REPORTS if not OPERATIONS[report]["x-grouped"]]
 GROUPED = [report for report in REPORTS if OPERATIONS[report]["x-grouped"]]

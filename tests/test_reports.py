@@ -28,7 +28,9 @@ DOCUMENT: dict[str, Any] = json.loads(
     resources.files("proxy.spec").joinpath("teamup.json").read_bytes()
 )
 OPERATIONS: dict[str, dict[str, Any]] = {
-    item["get"]["x-report"]: item["get"] for item in DOCUMENT["paths"].values()
+    item["get"]["x-report"]: item["get"]
+    for item in DOCUMENT["paths"].values()
+    if "x-report" in item.get("get", {})
 }
 REPORTS = sorted(OPERATIONS)
 GROUPED = [name for name in REPORTS if OPERATIONS[name]["x-grouped"]]

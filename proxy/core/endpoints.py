@@ -69,7 +69,10 @@ def endpoints_from_document(document: Mapping[str, Any]) -> Endpoints:
     """Build every endpoint's contract; a document the proxy cannot read fails at start-up."""
     found: dict[str, Endpoint] = {}
     for path, item in document["paths"].items():
-        operation = item["get"]
+        operation = item.get("get")
+        # Only the report data operations are routed here; the others are documented only.
+        if operation is None or operation.get("x-kind", "report-data") != "report-data":
+            continue
         report = str(operation["x-report"])
         if path != f"/api/v2/reports/{report}/data":
             raise ValueError(f"{path}: the path must be /api/v2/reports/{report}/data")
