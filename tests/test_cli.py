@@ -102,6 +102,7 @@ async def test_demo_prints_a_working_curl_line(http: aiohttp.ClientSession) -> N
             lines.append(line.decode())
         ports = set(re.findall(r"http://127\.0\.0\.1:(\d+)", "".join(lines)))
         assert len(ports) == 1 and ports != {"0"}, ports
+        (port,) = ports
         curls = [shlex.split(line.strip()) for line in lines if line.strip().startswith("curl")]
         # The list that pages is answered once the proxy routes lists (issue 19).
         assert [argv[-1] for argv in curls if "/reports/" not in argv[-1]] == [
@@ -116,7 +117,7 @@ async def test_demo_prints_a_working_curl_line(http: aiohttp.ClientSession) -> N
                 assert response.status == 200
                 bodies.append((await response.read(), response.headers["Cache-Status"]))
         assert len(curls) == 5  # three spellings of one credits question, two of a grouped one
-        assert "prints keys and five curl lines" in README  # what `make demo` is said to print
+        assert "prints keys and six curl lines" in README  # what `make demo` is said to print
         assert bodies[0][0] == bodies[1][0] == bodies[2][0]
         assert "stored" in bodies[0][1] and "hit" in bodies[1][1] and "hit" in bodies[2][1]
         assert bodies[3][0] == bodies[4][0] != bodies[0][0]
