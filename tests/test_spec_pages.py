@@ -3,7 +3,7 @@
 Every page (the copy in docs/upstream/reports, and shared/upstream/reports when a checkout has it
 beside the repository) must be in the document: the endpoint, every parameter with its type,
 array-ness, values, default, `required` and bounds; the document may be stricter only where the
-parameter's x-tightened says so (tests/spec_pages.py: `gaps`). The rest checks the shape the
+parameter's x-tightened says so (proxy/spec/report_pages.py: `gaps`). The rest checks the shape the
 proxy builds its validators from, and that customer_credits is exactly today's contract.
 """
 
@@ -22,8 +22,7 @@ from openapi_spec_validator import validate
 
 from proxy.core.contract import MAX_ARRAY_ITEMS, Param
 from proxy.core.endpoints import load_endpoints
-from proxy.testing.mock import DEFAULT_COLUMNS
-from tests.spec_pages import (
+from proxy.spec.report_pages import (
     COLUMN_TYPES,
     DOCUMENT,
     PAGES_DIR,
@@ -33,6 +32,7 @@ from tests.spec_pages import (
     parse_page,
     path_for,
 )
+from proxy.testing.mock import DEFAULT_COLUMNS
 
 TEXT = DOCUMENT.read_text(encoding="utf-8")
 SPEC: dict[str, Any] = json.loads(TEXT)

@@ -1,10 +1,10 @@
 """Build proxy/spec/teamup.json from TeamUp's API pages (`proxy.spec.api_pages`).
 
 Every operation of docs/upstream/api/endpoints.tsv becomes one OpenAPI operation with the `x-`
-keys README's "The operation document" section lists. The 32 report data operations are kept as
-the committed document states them (their parameters were reviewed by hand and are checked against
-docs/upstream/reports by tests/spec_pages.py); they only gain the keys every operation has. Every
-judgement call the pages force is a table below, so a rerun gives the same document:
+keys README's "Every TeamUp operation" lists. The 32 report data operations are kept as the
+committed document states them (their parameters were reviewed by hand and are checked against
+docs/upstream/reports by proxy/spec/report_pages.py); they only gain the keys every operation
+has. Every judgement call the pages force is a table below, so a rerun gives the same document:
 `scripts/extract-spec --write` writes it, `--check` fails when the committed one differs.
 """
 
@@ -60,8 +60,9 @@ TTL_CLASSES: dict[str, dict[str, Any]] = {
         "fresh": 3600,
         "stale": 86400,
         "why": (
-            "Configuration an operator edits a few times a month (venues, rooms, membership "
-            "types and terms, forms, fields, waivers, themes, settings): an hour fresh is far "
+            "Configuration an operator edits a few times a month (the provider, venues, rooms, "
+            "membership types and terms, forms, fields, waivers, themes, settings): an hour "
+            "fresh is far "
             "below how often it changes, and a day of stale answers rides out a TeamUp outage."
         ),
     },
@@ -79,7 +80,8 @@ TTL_CLASSES: dict[str, dict[str, Any]] = {
         "stale": 60,
         "why": (
             "State that moves minute by minute and that a caller acts on (attendance, "
-            "occupancy, account and trial status, usage, checkouts, job results): ten seconds "
+            "occupancy, account and trial status, usage, gift card balances, checkouts, job "
+            "results): ten seconds "
             "still collapses a burst into one upstream call without serving yesterday's answer."
         ),
     },
@@ -101,7 +103,8 @@ _TTL_RULES: tuple[tuple[str, str], ...] = (
         r"/(attendances|course_session_attendances)(/|$)|/account_status$|/share_status$"
         r"|/usage$|/allotment$|/trial_status$|/status$|^/api/v2/bulk_actions/|^/api/v2/checkouts"
         r"|/blocked_times$|/overrides$|/unavailable_upcoming_events$|/resolved$"
-        r"|/payment_resolution$|/sms_account$|^/api/v2/external_calendars/events$",
+        r"|/payment_resolution$|/sms_account$|^/api/v2/external_calendars/events$"
+        r"|^/api/v2/gift_cards/\{id\}$",
         "volatile",
     ),
     (
@@ -111,14 +114,15 @@ _TTL_RULES: tuple[tuple[str, str], ...] = (
         r"|crm/workflows|crm/workflow_actions|waivers|policy_versions|payment_processors"
         r"|content_filters|content_collections|discount_code_groups|feature_flags|applications"
         r"|communication/notification_types|integrations/wellhub|checkins/settings"
-        r"|gift_cards/config|courses|availability_schedule_offering_types)(/|$)"
+        r"|gift_cards/config|business_closures|availability_schedule_offering_types)(/|$)"
+        r"|^/api/v2/providers(/\{id\})?$"
         r"|^/api/v2/providers/\{id\}/(theme|email_settings|customer_referral_settings)$",
         "reference",
     ),
 )
 
-# Where the page's type and values disagree or the page is silent, what the document says.
-_ARRAY_PARAMS_OF_TEXT = {
+# A parameter whose page type contradicts its description: the schema the document takes.
+_READINGS = {
     # `instructors integer`, described as "comma-separated instructor id values, or use me".
     ("events_list", "instructors"): (
         {"type": "string", "pattern": "^([1-9][0-9]*|me)$"},
@@ -133,7 +137,6 @@ ERROR_STATUSES = {
     "404": "No such object or operation.",
     "429": "Too many requests.",
 }
-_SET_NOTE = "Order and duplicates are meaningless: the values are a set."
 
 
 def template_path(path: str) -> str:
@@ -337,7 +340,7 @@ def _query_schema(
     tightened: list[str],
     implicit: list[str],
 ) -> dict[str, Any]:
-    override = _ARRAY_PARAMS_OF_TEXT.get((operation_id(page), param.name))
+    override = _READINGS.get((operation_id(page), param.name))
     if override is not None:
         item_schema, note = override
         notes.append(note)
