@@ -361,3 +361,58 @@ def _pairs(query: str) -> list[tuple[str, str]]:
 def test_every_hypothesis_group_covers_every_routed_read() -> None:
     assert sum(len(g) for g in GROUPS) == len(ROUTED)
     assert {op.operation_id for op in itertools.chain.from_iterable(GROUPS)} == set(ROUTED)
+
+
+# --- settings: read scopes, TTL overrides, the public URL ----------------------------------------
+
+
+def test_settings_name_only_what_the_document_has() -> None:
+    from pydantic import ValidationError
+
+    from proxy.settings import ClientConfig
+    from proxy.testing.e2e import make_settings
+    from proxy.web.auth import hash_key
+
+    digest = hash_key("k")
+    assert ClientConfig(key_sha256=digest, read=("customers", "events")).may_read("events")
+    assert ClientConfig(key_sha256=digest, read=("*",)).may_read("anything")
+    assert ClientConfig(key_sha256=digest).may_read("venues")  # default: everything routed
+    narrowed = ClientConfig(key_sha256=digest, read=("reports",), reports=("customers",))
+    assert narrowed.may_read("reports", "customers")
+    assert not narrowed.may_read("reports", "invoices")
+    assert not narrowed.may_read("customers")
+    with pytest.raises(ValidationError, match="unknown path segment"):
+        ClientConfig(key_sha256=digest, read=("custmers",))
+    with pytest.raises(ValidationError, match="unknown name"):
+        make_settings("http://127.0.0.1:1", ttls={"evnts": {"fresh": 1}})
+    with pytest.raises(ValidationError, match="PROXY_PUBLIC_URL|public_url"):
+        make_settings("http://127.0.0.1:1", public_url="ftp://proxy.example")
+    base = make_settings("http://127.0.0.1:1", public_url="https://proxy.example/teamup/")
+    assert base.public_url == "https://proxy.example/teamup"
+
+
+def test_the_most_specific_ttl_wins() -> None:
+    from proxy.testing.e2e import make_settings
+
+    def ttls(**overrides: Any) -> Any:
+        settings = make_settings("http://127.0.0.1:1", **overrides)
+        return lambda name: settings.operation_ttls(DOCUMENT[name], DOCUMENT.ttl_classes)
+
+    plain = ttls()
+    assert (plain("venues_list").fresh, plain("venues_list").stale) == (3600, 86400)
+    assert (plain("customers_list").fresh, plain("customers_list").stale) == (60, 600)
+    assert (plain("customers").fresh, plain("customers").stale) == (300, 3600)  # a report
+    layered = ttls(
+        ttls={
+            "standard": {"fresh": 1, "stale": 2},
+            "events": {"fresh": 3},
+            "events_retrieve": {"fresh": 4},
+            "reports": {"stale": 5},
+        },
+        reports={"customers": {"cache_ttl": 6}},
+    )
+    assert (layered("customers_list").fresh, layered("customers_list").stale) == (1, 2)
+    assert (layered("events_list").fresh, layered("events_list").stale) == (3, 2)
+    assert (layered("events_retrieve").fresh, layered("events_retrieve").stale) == (4, 2)
+    assert (layered("customers").fresh, layered("customers").stale) == (6, 5)
+    assert (layered("invoices").fresh, layered("invoices").stale) == (300, 5)
