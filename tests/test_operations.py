@@ -420,3 +420,30 @@ def test_the_most_specific_ttl_wins() -> None:
     assert (layered("events_retrieve").fresh, layered("events_retrieve").stale) == (4, 2)
     assert (layered("customers").fresh, layered("customers").stale) == (6, 5)
     assert (layered("invoices").fresh, layered("invoices").stale) == (300, 5)
+
+
+_SEGMENTS = st.one_of(
+    st.sampled_from(sorted({op.path.split("/")[3] for op in READS})),
+    st.sampled_from(["1", "007", "0", "..", ".", "%2F", "%2e%2e", "a%00b", "", "me", "x:y"]),
+    st.text(max_size=12),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(_SEGMENTS, min_size=1, max_size=6), st.booleans())
+def test_any_path_routes_to_a_documented_read_or_to_a_404(
+    segments: list[str], doubled: bool
+) -> None:
+    path = ("/api/v2//" if doubled else "/api/v2/") + "/".join(segments)
+    found = AUTH_ROUTER.match(path)
+    assert found is None or isinstance(found, Route | BadPath)
+    if isinstance(found, Route):
+        for name, value in found.path:
+            if isinstance(value, str):
+                assert value not in (".", "..") and "/" not in value and "%" not in value, name
+            else:
+                assert value >= 0
+        for operation in found.operations.values():  # a value or errors, never an exception
+            assert isinstance(
+                operation.contract.parse(MultiDict(), found.path), CanonicalQuery | QueryErrors
+            )
