@@ -73,7 +73,7 @@ def load_template() -> Mapping[str, Any]:
 
 
 def build_document(
-    endpoints: Mapping[str, Operation], reads: Iterable[Operation] = ()
+    reports: Mapping[str, Operation], reads: Iterable[Operation] = ()
 ) -> dict[str, Any]:
     """The proxy's document for the operations it routes: the template plus two path items
     (single and doubled slash) per report, sharing the report's parameters and responses
@@ -88,19 +88,19 @@ def build_document(
     for read in others:
         paths[read.path] = {"get": _read_operation(read, doubled=False)}
         paths[read.doubled_path] = {"get": _read_operation(read, doubled=True)}
-    for endpoint in endpoints.values():
-        for param in _parameters(endpoint):
-            components["parameters"][f"{endpoint.label}.{param['name']}"] = param
-        components["responses"].update(_responses(endpoint.label))
-        paths[endpoint.path] = {"get": _operation(endpoint, doubled=False)}
-        paths[endpoint.doubled_path] = {"get": _operation(endpoint, doubled=True)}
+    for report in reports.values():
+        for param in _parameters(report):
+            components["parameters"][f"{report.label}.{param['name']}"] = param
+        components["responses"].update(_responses(report.label))
+        paths[report.path] = {"get": _operation(report, doubled=False)}
+        paths[report.doubled_path] = {"get": _operation(report, doubled=True)}
     admin: dict[str, Any] = document["paths"]
-    if endpoints:
+    if reports:
         for path in ("/admin/cache/{report}", "/admin/cache/{report}/data"):
-            admin[path]["delete"]["parameters"][0] = _report_parameter(endpoints)
+            admin[path]["delete"]["parameters"][0] = _report_parameter(reports)
     else:
         del admin["/admin/cache/{report}"], admin["/admin/cache/{report}/data"]
-    legacy = endpoints.get(LEGACY_PURGE_REPORT)
+    legacy = reports.get(LEGACY_PURGE_REPORT)
     if legacy is not None:
         admin["/admin/cache"]["delete"]["parameters"] = _parameter_refs(legacy)
     del components["parameters"]["report"]
@@ -108,20 +108,20 @@ def build_document(
     return document
 
 
-def _parameter_refs(endpoint: Operation) -> list[dict[str, str]]:
+def _parameter_refs(report: Operation) -> list[dict[str, str]]:
     return [
-        {"$ref": f"#/components/parameters/{endpoint.label}.{name}"}
-        for name in sorted(endpoint.contract.params)
+        {"$ref": f"#/components/parameters/{report.label}.{name}"}
+        for name in sorted(report.contract.params)
     ]
 
 
-def _report_parameter(endpoints: Mapping[str, Operation]) -> dict[str, Any]:
+def _report_parameter(reports: Mapping[str, Operation]) -> dict[str, Any]:
     return {
         "name": "report",
         "in": "path",
         "required": True,
         "description": "A report this proxy routes (`PROXY_REPORTS_ENABLED`).",
-        "schema": {"type": "string", "enum": list(endpoints)},
+        "schema": {"type": "string", "enum": list(reports)},
     }
 
 
@@ -130,19 +130,19 @@ def _camel(report: str) -> str:
     return "".join(word.capitalize() for word in report.replace(".", "_").split("_"))
 
 
-def _operation(endpoint: Operation, *, doubled: bool) -> dict[str, Any]:
+def _operation(report: Operation, *, doubled: bool) -> dict[str, Any]:
     """One report's GET operation, at its single- or doubled-slash path."""
-    summary = str(endpoint.document.get("summary") or f"Rows of the {endpoint.label} report")
+    summary = str(report.document.get("summary") or f"Rows of the {report.label} report")
     defaults = [
         f"`{p.name}={_shown(p.default)}`"
-        for p in endpoint.contract.params.values()
+        for p in report.contract.params.values()
         if p.default is not None
     ]
     dropped = f"; documented defaults ({', '.join(defaults)}) are dropped" if defaults else ""
     description = _DESCRIPTION.format(
-        path=endpoint.path, summary=summary[:1].lower() + summary[1:], defaults=dropped
+        path=report.path, summary=summary[:1].lower() + summary[1:], defaults=dropped
     )
-    operation_id = f"get{_camel(endpoint.label)}ReportData"
+    operation_id = f"get{_camel(report.label)}ReportData"
     if doubled:
         operation_id += "DoubleSlash"
         summary += ", at the doubled-slash path TeamUp's docs print"
@@ -153,11 +153,11 @@ def _operation(endpoint: Operation, *, doubled: bool) -> dict[str, Any]:
         "tags": ["report"],
         "security": copy.deepcopy(_SECURITY),
         "parameters": [
-            *_parameter_refs(endpoint),
+            *_parameter_refs(report),
             {"$ref": "#/components/parameters/X-Request-ID"},
         ],
         "responses": {
-            code: {"$ref": f"#/components/responses/{_response_name(endpoint.label, code)}"}
+            code: {"$ref": f"#/components/responses/{_response_name(report.label, code)}"}
             for code in _RESPONSES
         },
     }
@@ -276,18 +276,18 @@ def _responses(report: str) -> dict[str, Any]:
     return responses
 
 
-def _parameters(endpoint: Operation) -> list[dict[str, Any]]:
-    """One OpenAPI query parameter per `Param` of the endpoint's contract, by name."""
+def _parameters(operation: Operation) -> list[dict[str, Any]]:
+    """One OpenAPI query parameter per `Param` of the operation's contract, by name."""
     upstream = {
         str(spec["name"]): spec
-        for spec in endpoint.document.get("parameters", ())
+        for spec in operation.document.get("parameters", ())
         if spec.get("in") == "query"
     }
-    later = {low: high for low, high in endpoint.contract.ranges}
-    earlier = {high: low for low, high in endpoint.contract.ranges}
+    later = {low: high for low, high in operation.contract.ranges}
+    earlier = {high: low for low, high in operation.contract.ranges}
     found = []
-    for name in sorted(endpoint.contract.params):
-        param = endpoint.contract.params[name]
+    for name in sorted(operation.contract.params):
+        param = operation.contract.params[name]
         spec = upstream.get(name, {})
         notes = [str(spec.get("description", "")).strip()]
         if name in later:
@@ -380,8 +380,8 @@ class OpenAPIDocument:
 
     __slots__ = ("_body", "_endpoints", "_reads")
 
-    def __init__(self, endpoints: Mapping[str, Operation], reads: Iterable[Operation] = ()) -> None:
-        self._endpoints = endpoints
+    def __init__(self, reports: Mapping[str, Operation], reads: Iterable[Operation] = ()) -> None:
+        self._endpoints = reports
         self._reads = tuple(reads)
         self._body: bytes | None = None
 
@@ -396,7 +396,7 @@ OPENAPI = web.AppKey("openapi", OpenAPIDocument)
 
 
 async def openapi_context(app: web.Application) -> AsyncIterator[None]:
-    """The document of the endpoints this app routes (after the proxy's own cleanup context
+    """The document of the reports this app routes (after the proxy's own cleanup context
     has chosen them)."""
     state = app[STATE]
     reads = (op for op in state.operations.values() if op.report is None)
