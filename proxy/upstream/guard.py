@@ -186,7 +186,9 @@ class UpstreamGuard:
 
     async def close_circuit(self) -> bool:
         """Close the circuit for every worker of every replica: each has been told before this
-        returns (`told`), or Redis was not reachable (`told` False: this worker only)."""
+        returns (`told`), or Redis was not reachable (`told` False: this worker only).
+
+        True (and a warning logged) only if it was open, here or in Redis."""
         was_open = self.open_locally_for() > 0
         self._open_until = 0.0
         self.told = self.link.embedded
@@ -197,7 +199,8 @@ class UpstreamGuard:
                 self.link.failed(exc, "circuit")
             else:
                 self.told = await self._tell({"kind": "circuit-closed"})
-        log.warning("circuit closed by an operator", extra={"event": "circuit_closed"})
+        if was_open:
+            log.warning("circuit closed by an operator", extra={"event": "circuit_closed"})
         return was_open
 
     async def acquire_slot(self, turn: Turn) -> Slot:

@@ -18,11 +18,11 @@ from typing import Any
 import aiohttp
 
 from proxy.core.gcra import Rate, parse_rate
+from proxy.testing.e2e import ADMIN_KEY, REPORT
+from proxy.testing.faults import MockProcess
+from proxy.testing.procs import ProxyProcess
+from proxy.testing.support import RedisServer
 from proxy.web.auth import hash_key
-from tests.e2e import ADMIN_KEY, REPORT
-from tests.faults.harness import MockProcess
-from tests.procs import ProxyProcess
-from tests.support import RedisServer
 
 __all__ = [
     "CLIENTS",

@@ -13,8 +13,8 @@ import time
 
 import pytest
 
+from proxy.testing.e2e import REPORT
 from tests.chaos.harness import OPS, Chaos, worker_of
-from tests.e2e import REPORT
 from tests.test_writes_refused import allow_writes, refuse_writes
 
 pytestmark = pytest.mark.slow
