@@ -53,7 +53,7 @@ async def test_a_redis_restart_keeps_the_budget_and_every_client_limit() -> None
 async def test_an_outage_never_multiplies_the_budget() -> None:
     """Issue 20, 2: with Redis unreachable from the start and more workers than the budget's
     burst, the workers' shares together stay within the budget."""
-    chaos = Chaos(replicas=1, workers=3, burst=2, settings={"cache_ttl": 0})
+    chaos = Chaos(replicas=1, workers=3, burst=2, settings={"cache_ttl": 0, "cache_stale_ttl": 0})
     async with chaos:
         chaos.pause_redis()  # accepting, never answering: every worker falls back
         await chaos.load(6.0, pace=0.01)
@@ -179,6 +179,8 @@ async def test_mixed_load_through_kill_restart_pause_and_fill() -> None:
             "statuses": {f"{s} {c or ''}".strip(): n for (s, c), n in chaos.statuses().items()},
             "upstream_calls": len(calls),
             "upstream_span_s": round(calls[-1] - calls[0], 2) if calls else 0,
+            "wrong_bodies": len(await chaos.wrong_bodies()),
+            "most_seen_over_allowed": chaos.figures(calls),
         }
         print(json.dumps(report))
         assert chaos.budget_violations(calls) == []
