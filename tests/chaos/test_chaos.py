@@ -43,6 +43,7 @@ async def test_a_redis_restart_keeps_the_budget_and_every_client_limit() -> None
         seen = await chaos.readiness()
         assert all(s == {"ok"} for s in seen.values()), seen  # never off Redis again
         calls = await chaos.upstream_calls()
+        print("restart", json.dumps(chaos.figures(calls)))
         assert chaos.budget_violations(calls) == []
         assert chaos.client_violations() == {}
         assert await chaos.wrong_bodies() == []
@@ -59,6 +60,7 @@ async def test_an_outage_never_multiplies_the_budget() -> None:
         await chaos.load(6.0, pace=0.01)
         chaos.resume_redis()
         calls = await chaos.upstream_calls()
+        print("outage", json.dumps(chaos.figures(calls)))
         assert len(calls) >= 3  # the load did reach TeamUp
         assert chaos.budget_violations(calls) == []
         assert chaos.client_violations() == {}
