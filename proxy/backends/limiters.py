@@ -12,7 +12,19 @@ from . import keys
 from .link import REDIS_ERRORS, AnyRedis, RedisLink
 from .scripts import load_script
 
-__all__ = ["FallbackLimiter", "Limiter", "MemoryLimiter", "RedisLimiter"]
+__all__ = ["FallbackLimiter", "Limiter", "MemoryLimiter", "RedisLimiter", "split"]
+
+
+def split(rate: Rate, processes: int) -> Rate:
+    """One process's share of `rate` among `processes` counting on their own: the rate and the
+    burst divided. With more processes than the burst, one each at processes² / limit times
+    the interval: the sum stays within the rate over any window of `processes` intervals."""
+    if processes <= 1:
+        return rate
+    if rate.limit >= processes:
+        limit = rate.limit // processes
+        return Rate(limit, rate.interval * processes * limit)
+    return Rate(1, rate.interval * processes * processes / rate.limit)
 
 
 class Limiter(Protocol):

@@ -21,12 +21,11 @@ from aiohttp.web_urldispatcher import UrlMappingMatchInfo
 from ..backends import keys
 from ..backends.bus import Bus
 from ..backends.flight import RedisLease
-from ..backends.limiters import FallbackLimiter, MemoryLimiter, RedisLimiter
+from ..backends.limiters import FallbackLimiter, MemoryLimiter, RedisLimiter, split
 from ..backends.link import REDIS_ERRORS, AnyRedis, RedisLink, connect_bus, connect_redis
 from ..backends.pipelining import AutoPipelineRedis
 from ..backends.reservations import RedisReserver, ReservingLimiter
 from ..backends.stores import FallbackCacheStore, MemoryCacheStore, RedisCacheStore
-from ..core.gcra import Rate
 from ..core.operations import API_PREFIX, Operations, Router, load_operations
 from ..logs import ACCESS, ACCESS_MIDDLE
 from ..metrics import METRICS, Metrics
@@ -232,13 +231,7 @@ def create_app(
         # multiply traffic.
         replicas = settings.replicas_hint * settings.processes if client is not None else 1
 
-        def share(rate: Rate) -> Rate:
-            if rate.limit >= replicas:
-                limit = rate.limit // replicas
-                return Rate(limit, rate.interval * replicas * limit)
-            # More processes than the burst: one each, at a slower pace, so the sum stays
-            # within the rate for any window of `replicas` intervals or more.
-            return Rate(1, rate.interval * replicas * replicas / rate.limit)
+        share = functools.partial(split, processes=replicas)
 
         # How long every process takes to notice that Redis is back (a health ping per interval).
         settle = 2 * settings.redis_retry_interval + settings.redis_timeout

@@ -306,7 +306,7 @@ class Chaos:
                 default=0,
             )
 
-        out: dict[str, Any] = {}
+        out: dict[str, Any] = {"requests": len(self.answers)}
         budget = parse_rate(self.budget).with_burst(self.burst)
         rates = {"budget": budget} | {n: parse_rate(r) for n, (_k, r) in CLIENTS.items()}
         for name, rate in rates.items():
