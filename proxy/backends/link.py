@@ -8,7 +8,7 @@ import logging
 import math
 import time
 from collections.abc import Awaitable, Callable
-from typing import TypeAlias
+from typing import Any, TypeAlias
 from urllib.parse import unquote, urlsplit
 
 import redis.asyncio as aioredis
@@ -108,13 +108,15 @@ def connect_bus(client: AnyRedis, url: str | None, *, timeout: float) -> aioredi
     the URL names (Cluster pub/sub reaches every node)."""
     if isinstance(client, aioredis.Redis):
         return client
-    assert url is not None
-    return aioredis.Redis.from_url(
-        url.replace("redis+cluster://", "redis://", 1),
-        socket_timeout=timeout,
-        socket_connect_timeout=timeout,
-        retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
-    )
+    options: dict[str, Any] = {
+        "socket_timeout": timeout,
+        "socket_connect_timeout": timeout,
+        "retry": Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+    }
+    if url is not None:
+        return aioredis.Redis.from_url(url.replace("redis+cluster://", "redis://", 1), **options)
+    node = client.get_default_node()
+    return aioredis.Redis(host=node.host, port=node.port, **options)
 
 
 class RedisLink:
