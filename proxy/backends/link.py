@@ -116,7 +116,7 @@ def connect_bus(client: AnyRedis, url: str | None, *, timeout: float) -> aioredi
     if url is not None:
         return aioredis.Redis.from_url(url.replace("redis+cluster://", "redis://", 1), **options)
     node = client.get_default_node()
-    return aioredis.Redis(host=node.host, port=node.port, **options)
+    return aioredis.Redis(host=node.host, port=int(node.port), **options)
 
 
 class RedisLink:
