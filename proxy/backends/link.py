@@ -149,10 +149,9 @@ class RedisLink:
         self._on_writes = on_writes
         self.writes_refused: str | None = None  # why, while Redis refuses writes
         self._write_probe: asyncio.Task[None] | None = None
-        # When (time.monotonic) the process last went off Redis and last came back: the
-        # limiters use them to stay exact across the switch (see `limiters.FallbackLimiter`).
+        # When (time.monotonic) the process last went off Redis (or Redis refused writes): the
+        # limiters' shares start full then (see `limiters.FallbackLimiter`).
         self.down_since = -math.inf
-        self.up_since = -math.inf
         # Awaited before the process goes back to Redis (purges done meanwhile are re-applied
         # there first); if it fails, Redis is not back yet.
         self.before_up: Callable[[], Awaitable[None]] | None = None
@@ -224,7 +223,6 @@ class RedisLink:
             return False
         if self._down:
             self._down = False
-            self.up_since = time.monotonic()
             log.warning("redis reachable again", extra={"event": "redis_up"})
             if self._on_change is not None:
                 self._on_change(True)
@@ -303,7 +301,6 @@ class RedisLink:
             except REDIS_ERRORS:
                 continue
             self.writes_refused = None
-            self.up_since = time.monotonic()
             log.warning("redis takes writes again", extra={"event": "redis_writes_ok"})
             if self._on_writes is not None:
                 self._on_writes(False)
