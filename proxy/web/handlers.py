@@ -18,7 +18,7 @@ from ..settings import Settings
 from .auth import ClientDirectory, presented_key
 from .errors import JSON, error_response
 from .hot import HotHits
-from .sending import PacedResponse
+from .sending import PacedResponse, Sending
 
 __all__ = [
     "LOG",
@@ -67,6 +67,7 @@ class ProxyState:
     link: RedisLink
     service: ReportService
     endpoints: Endpoints
+    sending: Sending  # how report answers are written (web/sending.py)
     queries: ParsedQueries = field(default_factory=ParsedQueries)
     hot: HotHits | None = None  # answers hot hits without the general path (web/hot.py)
     ready: bool = False
@@ -170,8 +171,7 @@ async def _report(request: web.Request, endpoint: Endpoint) -> web.Response:
         status=answer.status,
         body=answer.body,
         headers=headers,
-        timeout=state.settings.client_write_timeout,
-        counter=state.service.metrics.client_write_timeouts,
+        sending=state.sending,
         request_id=request[REQUEST_ID],
     )
 

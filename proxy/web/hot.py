@@ -25,7 +25,7 @@ from ..logs import ACCESS, ACCESS_MIDDLE, json_bytes
 from ..service import CACHE_NAME, ReportService
 from ..settings import Settings
 from .auth import ClientDirectory, presented_key
-from .sending import PacedResponse
+from .sending import PacedResponse, Sending
 
 if TYPE_CHECKING:
     from multidict import CIMultiDictProxy
@@ -87,8 +87,10 @@ class HotHits:
         directory: ClientDirectory,
         service: ReportService,
         queries: ParsedQueries,
+        sending: Sending,
     ) -> None:
         self.settings = settings
+        self.sending = sending
         self.directory = directory
         self.service = service
         self.queries = queries
@@ -148,8 +150,7 @@ class HotHits:
             status=entry.status,
             body=entry.body,
             headers=out,
-            timeout=self.settings.client_write_timeout,
-            counter=service.metrics.client_write_timeouts,
+            sending=self.sending,
             request_id=request_id,
         )
 
