@@ -68,7 +68,7 @@ async def _serve_app(
     site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None, backlog=2048)
     await site.start()
     if settings.client_sndbuf_bytes:
-        _set_sndbuf(site, settings.client_sndbuf_bytes)
+        set_sndbuf(site, settings.client_sndbuf_bytes)
     port = _bound_port(runner, port)
     if on_listening is not None:
         on_listening(port)
@@ -90,7 +90,7 @@ async def _serve_app(
     log.info("stopped", extra={"event": "stopped", "pid": os.getpid()})
 
 
-def _set_sndbuf(site: web.TCPSite, size: int) -> None:
+def set_sndbuf(site: web.BaseSite, size: int) -> None:
     """SO_SNDBUF on the listening sockets: Linux gives accepted connections the listener's."""
     server = getattr(site, "_server", None)  # aiohttp keeps the asyncio server private
     for sock in getattr(server, "sockets", None) or ():
