@@ -111,7 +111,9 @@ async def test_a_full_budget_makes_a_new_answer_wait_then_refuses_past_it(
         client_write_buffer_bytes=3 * MiB,
         client_write_timeout=1,
     )
-    for site in proxy.server.runner.sites:  # whatever the kernel's buffers, the stall is ours
+    runner, port = proxy.server.runner, proxy.server.port
+    assert runner is not None and port is not None
+    for site in runner.sites:  # whatever the kernel's buffers, the stall is ours
         set_sndbuf(site, 64 * 1024)
     queries = ["?format=csv&limit=1", "?format=csv&limit=2", "?format=csv&limit=3"]
     bodies = [os.urandom(2 * MiB) for _ in queries]
@@ -120,7 +122,7 @@ async def test_a_full_budget_makes_a_new_answer_wait_then_refuses_past_it(
         entry = CachedResponse(200, (("Content-Type", "text/csv"),), body, time.time(), 1e12)
         await store.set(cache_key(query), entry, 300)
     pool = proxy.app[STATE].sending.pool
-    sock = stalled(proxy.server.port, queries[0])
+    sock = stalled(port, queries[0])
     try:
         await until(lambda: pool.writing == 2 * MiB)
         second = asyncio.ensure_future(proxy.get(REPORT + queries[1], headers=auth()))

@@ -18,7 +18,7 @@ from ..settings import Settings
 from .auth import ClientDirectory, presented_key
 from .errors import JSON, error_response
 from .hot import HotHits
-from .sending import PacedResponse, Sending
+from .sending import Sending, paced_response
 
 __all__ = [
     "LOG",
@@ -166,7 +166,7 @@ async def _report(request: web.Request, endpoint: Endpoint) -> web.Response:
     headers.update(ratelimit_headers(rate, decision))
     if decision.allowed and isinstance(parsed, CanonicalQuery):
         headers["X-Proxy-Canonical-Query"] = canonical
-    return PacedResponse(
+    return paced_response(
         request,
         status=answer.status,
         body=answer.body,

@@ -25,7 +25,7 @@ from ..logs import ACCESS, ACCESS_MIDDLE, json_bytes
 from ..service import CACHE_NAME, ReportService
 from ..settings import Settings
 from .auth import ClientDirectory, presented_key
-from .sending import PacedResponse, Sending
+from .sending import Sending, paced_response
 
 if TYPE_CHECKING:
     from multidict import CIMultiDictProxy
@@ -145,7 +145,7 @@ class HotHits:
                 question.log_path, question.log_middle = path, _middle(question, path)
             fields[ACCESS_MIDDLE] = question.log_middle
         service.metrics.count_client(question.client, question.report)
-        return PacedResponse(
+        return paced_response(
             request,
             status=entry.status,
             body=entry.body,

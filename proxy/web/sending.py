@@ -19,7 +19,7 @@ from prometheus_client import Counter
 from ..core.bodies import LARGE, BodyPool
 from .errors import JSON, error_body
 
-__all__ = ["PacedResponse", "Sending"]
+__all__ = ["BudgetedResponse", "PacedResponse", "Sending", "paced_response"]
 
 log = logging.getLogger("teamup_proxy")
 # Bodies from LARGE on are written a chunk at a time and shared between the responses that
@@ -59,6 +59,22 @@ def _has_room(transport: asyncio.Transport | None, size: int) -> bool:
         return False
 
 
+def paced_response(
+    request: web.Request,
+    *,
+    status: int,
+    body: bytes,
+    headers: Mapping[str, str],
+    sending: Sending,
+    request_id: str,
+) -> PacedResponse:
+    """The response for a report answer: a large body is also written within the budget."""
+    kind = BudgetedResponse if len(body) >= LARGE else PacedResponse
+    return kind(
+        request, status=status, body=body, headers=headers, sending=sending, request_id=request_id
+    )
+
+
 class PacedResponse(web.Response):
     """A response whose every write must make progress within `timeout`, or the connection ends."""
 
@@ -78,60 +94,8 @@ class PacedResponse(web.Response):
         self._sending = sending
         self._timeout = sending.timeout
         self._request_id = request_id
-        self._writing: bytes | None = None  # the body counted in the pool's budget
-
-    async def prepare(self, request: BaseRequest) -> AbstractStreamWriter | None:
-        """Room in the pool's budget for a large body (waiting for it if need be), then the
-        headers: an answer that found none in the write timeout becomes a 503."""
-        body = self.body
-        if isinstance(body, bytes) and len(body) >= LARGE and self._writing is None:
-            pool = self._sending.pool
-            if pool.start_writing(body) or await pool.wait_to_write(body, self._timeout):
-                self._writing = body
-            else:
-                self._refuse(len(body))
-        try:
-            return await super().prepare(request)
-        except BaseException:
-            self._done_writing()
-            raise
-
-    def _done_writing(self) -> None:
-        if self._writing is not None:
-            self._sending.pool.done_writing(self._writing)
-            self._writing = None
-
-    def _refuse(self, size: int) -> None:
-        pool = self._sending.pool
-        self._sending.refusals.inc()
-        log.warning(
-            "no room in PROXY_CLIENT_WRITE_BUFFER_BYTES for this answer within the write "
-            "timeout; answered 503",
-            extra={
-                "event": "client_write_budget",
-                "request_id": self._request_id,
-                "bytes_total": size,
-                "bytes_writing": pool.writing,
-                "budget": pool.budget,
-            },
-        )
-        kept = {name: self.headers[name] for name in _KEPT if name in self.headers}
-        self.headers.clear()
-        self.headers.update(kept)
-        self.headers["Retry-After"] = str(math.ceil(self._timeout))
-        self.set_status(503)
-        self.content_type = JSON
-        self.body = error_body(
-            503, "proxy_busy", "The proxy is writing too many large answers; retry later."
-        )
 
     async def write_eof(self, data: bytes = b"") -> None:
-        try:
-            await self._write_eof(data)
-        finally:
-            self._done_writing()
-
-    async def _write_eof(self, data: bytes) -> None:
         body = self.body
         size = len(body) if isinstance(body, bytes) else 0
         sent = 0
@@ -174,3 +138,59 @@ class PacedResponse(web.Response):
                     pass
                 transport.abort()
             raise ConnectionResetError("the caller stopped reading") from None
+
+
+class BudgetedResponse(PacedResponse):
+    """A PacedResponse of a large body, written within the pool's budget (BodyPool): it waits
+    for room up to the write timeout, else it is a 503. (Small answers skip this await.)"""
+
+    _writing: bytes | None = None  # the body counted in the pool's budget
+
+    async def prepare(self, request: BaseRequest) -> AbstractStreamWriter | None:
+        body = self.body
+        if isinstance(body, bytes) and self._writing is None and not self.prepared:
+            pool = self._sending.pool
+            if pool.start_writing(body) or await pool.wait_to_write(body, self._timeout):
+                self._writing = body
+            else:
+                self._refuse(len(body))
+        try:
+            return await super().prepare(request)
+        except BaseException:
+            self._done_writing()
+            raise
+
+    async def write_eof(self, data: bytes = b"") -> None:
+        try:
+            await super().write_eof(data)
+        finally:
+            self._done_writing()
+
+    def _done_writing(self) -> None:
+        if self._writing is not None:
+            self._sending.pool.done_writing(self._writing)
+            self._writing = None
+
+    def _refuse(self, size: int) -> None:
+        pool = self._sending.pool
+        self._sending.refusals.inc()
+        log.warning(
+            "no room in PROXY_CLIENT_WRITE_BUFFER_BYTES for this answer within the write "
+            "timeout; answered 503",
+            extra={
+                "event": "client_write_budget",
+                "request_id": self._request_id,
+                "bytes_total": size,
+                "bytes_writing": pool.writing,
+                "budget": pool.budget,
+            },
+        )
+        kept = {name: self.headers[name] for name in _KEPT if name in self.headers}
+        self.headers.clear()
+        self.headers.update(kept)
+        self.headers["Retry-After"] = str(math.ceil(self._timeout))
+        self.set_status(503)
+        self.content_type = JSON
+        self.body = error_body(
+            503, "proxy_busy", "The proxy is writing too many large answers; retry later."
+        )
