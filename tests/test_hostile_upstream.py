@@ -578,9 +578,10 @@ async def test_callers_that_never_read_are_cut_off_and_cost_bounded_memory(
                     reader = await get(http, proxy.url + REPORT + query)
                     assert reader.status == 200 and reader.body == LARGE_BODY
                     # The kernel's share: each stalled connection queues at most its send
-                    # buffer (Linux doubles SO_SNDBUF for its bookkeeping).
+                    # buffer (Linux doubles SO_SNDBUF for its bookkeeping), and one last write
+                    # of up to a chunk may go past it.
                     in_kernel = queued_by_proxy(proxy.port)
-                    assert in_kernel <= SLOW_READERS * 2 * sndbuf
+                    assert in_kernel <= SLOW_READERS * (2 * sndbuf + 64 * 1024)
                     deadline = time.monotonic() + 20
                     while time.monotonic() < deadline:
                         async with http.get(f"{proxy.url}/metrics") as response:
