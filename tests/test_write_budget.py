@@ -49,7 +49,10 @@ def test_a_stored_body_in_use_is_decoded_once_and_let_go_with_its_last_user() ->
     response = Owner()
     assert pool.hold(stored.body, response) is first.body  # equal bytes from elsewhere too
     assert len(pool) == 1
-    del first, again, response
+    raw = CachedResponse(200, (("Content-Type", "text/csv"),), os.urandom(LARGE), 1.0, 2.0)
+    one, two = (CachedResponse.decode(raw.encode(), pool) for _ in range(2))  # stored raw
+    assert one is not None and two is not None and one.body is two.body == raw.body
+    del first, again, response, one, two
     gc.collect()
     assert len(pool) == 0  # nothing kept once nothing uses it
     assert pool.hold(b"small", Owner()) == b"small" and len(pool) == 0  # below LARGE: not pooled

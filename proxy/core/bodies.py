@@ -19,7 +19,7 @@ class _Record:
 
     def __init__(self, body: bytes) -> None:
         self.body = body
-        self.payload: bytes | None = None  # what the store keeps, when it was decoded from it
+        self.payload: bytes | None = None  # its compressed form in the store, when read from it
         self.users = 0
         self.writers = 0
 
@@ -42,20 +42,20 @@ class BodyPool:
         self.writing = 0  # bytes of the distinct bodies responses are writing
         self.waiting = 0  # bytes of the responses waiting for room
         self._records: dict[bytes, _Record] = {}
-        # Stored payload -> body. Looked up with a memoryview of the raw Redis value (equal
+        # Compressed payload -> body. Looked up with a memoryview of the raw Redis value (equal
         # hashes and equality with bytes), so a held entry costs no slice copy either.
         self._payloads: dict[bytes | memoryview, bytes] = {}
         self._room: asyncio.Event | None = None
         self._on_change = on_change
 
     def decoded(self, payload: memoryview) -> bytes | None:
-        """The held body decoded from `payload` (a stored value's body part), if any."""
+        """The held body decompressed from `payload` (a stored value's body part), if any."""
         return self._payloads.get(payload) if self._payloads else None
 
     def hold(self, body: bytes, owner: object, payload: bytes | memoryview | None = None) -> bytes:
         """The pool's copy of `body`, held until `owner` is garbage collected.
 
-        `payload` is what the store keeps for it, so the next read of it finds this copy."""
+        `payload` is its compressed form in the store, so the next read of it finds this copy."""
         if len(body) < LARGE:
             return body
         record = self._records.get(body)

@@ -78,15 +78,17 @@ class CachedResponse:
             (meta_len,) = _LEN.unpack_from(data, 4)
             meta = orjson.loads(data[8 : 8 + meta_len])
             payload = memoryview(data)[8 + meta_len :]
-            body = bodies.decoded(payload) if bodies is not None else None
+            packed = flag == _ZLIB
+            body = bodies.decoded(payload) if bodies is not None and packed else None
             if body is None:
-                body = zlib.decompress(payload) if flag == _ZLIB else bytes(payload)
+                body = zlib.decompress(payload) if packed else bytes(payload)
             headers = tuple((str(k), str(v)) for k, v in meta["h"])
             entry = cls(int(meta["s"]), headers, body, float(meta["t"]), float(meta["f"]))
         except (ValueError, KeyError, TypeError, zlib.error, struct.error):
             return None
         if bodies is not None and len(body) >= LARGE:
-            shared = bodies.hold(body, entry, payload if flag == _ZLIB else body)
+            # Compressed payloads only: the same bytes stored raw would stand for another body.
+            shared = bodies.hold(body, entry, payload if packed else None)
             object.__setattr__(entry, "body", shared)  # the same bytes, the pool's object
         return entry
 
