@@ -558,7 +558,10 @@ async def test_callers_that_never_read_are_cut_off_and_cost_bounded_memory(
         client_write_timeout=2,
         client_write_buffer_bytes=WRITE_BUFFER,
         client_sndbuf_bytes=sndbuf,
-        redis_timeout=2,  # 200 reads of a 6 MB entry at once take longer than 0.1 s
+        # 200 reads of a 6 MB entry at once take longer than 0.1 s; and with 4 MiB send buffers
+        # (~800 MB written into the kernel at once) on a busy 2-core machine a health ping once
+        # took over 2 s: Redis "down" for a moment, and a refetch from TeamUp.
+        redis_timeout=5,
     )
     fake.set(body=LARGE_BODY)
     query = fresh_query()
