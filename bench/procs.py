@@ -17,8 +17,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from proxy.testing.support import free_port, wait_for_port
 from proxy.web.auth import hash_key
-from tests.support import free_port, wait_for_port
 
 __all__ = [
     "REPORT_PATH",

@@ -6,9 +6,9 @@ import logging
 
 import pytest
 
+from proxy.testing.e2e import ADMIN_KEY, KEY, OTHER_KEY, REPORT, TOKEN, auth
 from proxy.testing.mock import MockState
 from tests.conftest import LogLines, MakeProxy
-from tests.e2e import ADMIN_KEY, KEY, OTHER_KEY, REPORT, TOKEN, auth
 
 
 async def test_credential_is_injected_and_caller_key_never_forwarded(
@@ -205,7 +205,7 @@ async def test_upstream_failures_map_to_gateway_errors(
 
 
 async def test_upstream_down_is_502(make_proxy: MakeProxy) -> None:
-    from tests.support import free_port
+    from proxy.testing.support import free_port
 
     proxy = await make_proxy(upstream_url=f"http://127.0.0.1:{free_port()}")
     response = await proxy.get(REPORT, headers=auth())

@@ -17,10 +17,10 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
 
+from proxy.testing.e2e import KEY, REPORT, TOKEN, auth
 from proxy.testing.mock import MockState
+from proxy.testing.support import free_port, wait_for_port
 from proxy.web.auth import hash_key
-from tests.e2e import KEY, REPORT, TOKEN, auth
-from tests.support import free_port, wait_for_port
 
 pytestmark = pytest.mark.slow
 README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
@@ -105,9 +105,18 @@ async def test_demo_prints_a_working_curl_line(http: aiohttp.ClientSession) -> N
         (port,) = ports
         curls = [shlex.split(line.strip()) for line in lines if line.strip().startswith("curl")]
         # The list that pages is answered once the proxy routes lists (issue 19).
-        assert [argv[-1] for argv in curls if "/reports/" not in argv[-1]] == [
+        lists = [argv for argv in curls if "/reports/" not in argv[-1]]
+        assert [argv[-1] for argv in lists] == [
             f"http://127.0.0.1:{port}/api/v2/events?page_size=2"
         ]
+        header = lists[0][lists[0].index("-H") + 1]
+        name, _, value = header.partition(": ")
+        async with http.get(lists[0][-1], headers={name: value}) as response:
+            assert response.status == 200
+            page = await response.json()
+        assert page["next"].startswith("/api/v2/events?")  # back through the proxy
+        async with http.get(f"http://127.0.0.1:{port}{page['next']}", headers={name: value}) as nxt:
+            assert nxt.status == 200 and (await nxt.json())["previous"] is not None
         curls = [argv for argv in curls if "/reports/" in argv[-1]]
         bodies = []
         for argv in curls:

@@ -24,12 +24,12 @@ import pytest_asyncio
 import redis.asyncio as aioredis
 from multidict import CIMultiDict
 
+from proxy.testing.e2e import ADMIN_KEY, KEY, REPORT, TOKEN, FakeClock, auth
+from proxy.testing.faults import check_error_body
+from proxy.testing.procs import ProxyProcess
+from proxy.testing.support import RedisServer
 from tests.conftest import MakeProxy
-from tests.e2e import ADMIN_KEY, KEY, REPORT, TOKEN, FakeClock, auth
 from tests.fake_upstream import CSV, ETAG, JSON_BODY, LAST_MODIFIED, FakeUpstream, gzip_bomb
-from tests.faults.harness import check_error_body
-from tests.procs import ProxyProcess
-from tests.support import RedisServer
 from tests.test_serve import metric_sum, worker_pids
 
 pytestmark = pytest.mark.slow

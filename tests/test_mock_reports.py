@@ -17,9 +17,9 @@ from aiohttp.test_utils import TestClient
 from pytest_aiohttp import AiohttpClient
 
 import proxy.spec
+from proxy.testing.e2e import auth
 from proxy.testing.mock import MOCK_STATE, MockState, create_mock_app
 from tests.conftest import MakeProxy
-from tests.e2e import auth
 
 Client = TestClient[web.Request, web.Application]
 TOKEN = "s3cret"

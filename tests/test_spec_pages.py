@@ -21,7 +21,7 @@ import pytest
 from openapi_spec_validator import validate
 
 from proxy.core.contract import MAX_ARRAY_ITEMS, Param
-from proxy.core.endpoints import load_endpoints
+from proxy.core.operations import load_operations
 from proxy.spec.report_pages import (
     COLUMN_TYPES,
     DOCUMENT,
@@ -275,7 +275,7 @@ TODAYS_CREDITS = {
 
 
 def test_the_built_customer_credits_contract_is_todays() -> None:
-    contract = load_endpoints()["customer_credits"].contract
+    contract = load_operations().reports()["customer_credits"].contract
     assert dict(contract.params) == TODAYS_CREDITS
     assert contract.ranges == (("created_at_gte", "created_at_lte"),)
 

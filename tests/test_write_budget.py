@@ -18,10 +18,10 @@ from proxy.backends.stores import RedisCacheStore
 from proxy.cli import set_sndbuf
 from proxy.core.bodies import LARGE, BodyPool
 from proxy.core.entry import CachedResponse
+from proxy.testing.e2e import KEY, REPORT, auth
 from proxy.web.app import KEY_PREFIX
 from proxy.web.handlers import STATE
 from tests.conftest import LogLines, MakeProxy
-from tests.e2e import KEY, REPORT, auth
 from tests.test_caching import cache_key
 from tests.test_serve import metric_sum
 

@@ -18,7 +18,7 @@ _RAW, _ZLIB = b"r", b"z"
 _LEN = struct.Struct(">I")
 # Below this size compression saves too little to pay for the CPU on every hit.
 _COMPRESS_MIN = 1024
-CACHEABLE_TYPES = ("application/json", "text/csv")
+CACHEABLE_TYPES = ("application/json", "text/csv", "application/xml", "text/xml")
 
 
 @dataclass(frozen=True, slots=True, weakref_slot=True)  # weakref: BodyPool.hold
@@ -94,7 +94,7 @@ class CachedResponse:
 
 
 def is_cacheable(status: int, headers: dict[str, str], body_size: int, max_bytes: int) -> bool:
-    """200 answers of JSON or CSV, under the size cap, that upstream lets a shared cache keep."""
+    """200 answers of JSON, CSV or XML, under the size cap, that a shared cache may keep."""
     if status != 200 or body_size > max_bytes:
         return False
     if "Set-Cookie" in headers:

@@ -1,4 +1,5 @@
-"""Helpers for end-to-end tests: settings pointing at a mock TeamUp, keys and a movable clock."""
+"""Helpers for end-to-end runs (tests and bench): settings pointing at a mock TeamUp, keys and a
+movable clock."""
 
 from __future__ import annotations
 
@@ -6,10 +7,10 @@ from typing import Any
 
 from multidict import MultiMapping
 
-from proxy.core.contract import CanonicalQuery, Contract, QueryErrors
-from proxy.core.endpoints import load_endpoints
-from proxy.settings import Settings
-from proxy.web.auth import hash_key
+from ..core.contract import CanonicalQuery, Contract, QueryErrors
+from ..core.operations import load_operations
+from ..settings import Settings
+from ..web.auth import hash_key
 
 __all__ = [
     "ADMIN_KEY",
@@ -31,7 +32,7 @@ OTHER_KEY = "crm-key-4e5f6a"
 ADMIN_KEY = "admin-key-9z8y7x"
 REPORT = "/api/v2/reports/customer_credits/data"
 # The first endpoint's contract: most end-to-end tests ask the customer credits report.
-CREDITS: Contract = load_endpoints()["customer_credits"].contract
+CREDITS: Contract = load_operations().reports()["customer_credits"].contract
 COLUMNS = CREDITS.columns
 
 

@@ -24,8 +24,9 @@ from multidict import MultiDict
 
 from proxy.core.contract import CanonicalQuery
 from proxy.core.entry import CachedResponse
-from tests.e2e import REPORT, TOKEN, parse_query
-from tests.support import free_port, wait_for_port
+
+from .e2e import REPORT, TOKEN, parse_query
+from .support import free_port, wait_for_port
 
 __all__ = [
     "ERROR_STATUSES",

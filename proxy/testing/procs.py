@@ -9,8 +9,9 @@ import sys
 from typing import Any
 
 from proxy.web.auth import hash_key
-from tests.e2e import ADMIN_KEY, KEY, OTHER_KEY, TOKEN
-from tests.support import free_port, wait_for_port
+
+from .e2e import ADMIN_KEY, KEY, OTHER_KEY, TOKEN
+from .support import free_port, wait_for_port
 
 __all__ = ["ProxyProcess", "proxy_env"]
 
