@@ -87,6 +87,9 @@ ROWS: dict[str, list[tuple[str, str, int]]] = {
         ("report_cpu_us_per_req", "report hot query: CPU per request (µs)", 1),
         ("list_cpu_us_per_req", "events list page: CPU per request (µs)", 1),
         ("retrieve_cpu_us_per_req", "one event: CPU per request (µs)", 1),
+        ("report_redis_commands_per_1000", "report hot query: Redis commands per 1,000", 1),
+        ("list_redis_commands_per_1000", "events list page: Redis commands per 1,000", 1),
+        ("retrieve_redis_commands_per_1000", "one event: Redis commands per 1,000", 1),
         ("report_body_bytes", "report hot query: body (bytes)", 0),
         ("list_body_bytes", "events list page: body (bytes)", 0),
         ("retrieve_body_bytes", "one event: body (bytes)", 0),
@@ -416,8 +419,9 @@ _DESCRIPTIONS = {
         "`wrk -t{threads} -c{connections} -d{duration:g}s` on one events list page "
         "(`/api/v2/events?fields=…&page_size=20&sort=start&status=active`, 8 fields) and one "
         "event (`/api/v2/events/135001`), each already in the cache; for ours also the report "
-        "hot query of section 1, in the same run and on the same instance, as the yardstick. "
-        "CPU per request as in section 1."
+        "hot query of section 1, on the same instance in the same run, as the yardstick. Each "
+        "read runs 3 times in rotating order (so that a neighbour's load falls on each alike); "
+        "the table shows the medians. CPU per request as in section 1."
     ),
     "footprint": (
         "One 100-row page of each format fetched through each server. Ours: `STRLEN` and "
