@@ -239,9 +239,12 @@ def evaluate(summary: Summary, rounds: Rounds) -> list[TargetResult]:
     def read_hits() -> tuple[str, bool]:
         report = get("hotread", "ours", "report_req_per_s") or 0.0
         rows = [(label, get("hotread", "ours", f"{label}_req_per_s") or 0.0) for label in _READS]
-        shown = ", ".join(
+        report_cpu = get("hotread", "ours", "report_cpu_us_per_req") or 0.0
+        shown = "; ".join(
             f"{label} {rps:.0f} req/s ({rps / (report or 1):.2f}x the report's {report:.0f} "
-            f"in the same run, {rps / REPORT_HOT_HIT_RPS:.2f}x README's {REPORT_HOT_HIT_RPS})"
+            f"in the same run, {rps / REPORT_HOT_HIT_RPS:.2f}x README's {REPORT_HOT_HIT_RPS}), "
+            f"CPU per request {(get('hotread', 'ours', f'{label}_cpu_us_per_req') or 0.0):.1f} "
+            f"vs the report's {report_cpu:.1f} µs"
             for label, rps in rows
         )
         return shown, all(rps >= _SAME_RUN_FLOOR * report for _, rps in rows)
