@@ -36,7 +36,7 @@ from .procs import (
 from .questions import Replay, build_replay, canonical_key
 from .site import HOT_LIST, HOT_RETRIEVE, SiteReplay, Visit, build_site, site_key
 
-__all__ = ["HOT_QUERY", "SCENARIOS", "Context", "Metrics", "Target"]
+__all__ = ["HOT_QUERY", "SCENARIOS", "Context", "Metrics", "Target", "replay_site"]
 
 Metrics = dict[str, float]
 T = TypeVar("T")
@@ -449,7 +449,7 @@ class _SiteTally:
     bad: set[str] = field(default_factory=set)
 
 
-async def _site_replay(
+async def replay_site(
     base: str, headers: Mapping[str, str], visits: Sequence[Visit], concurrency: int
 ) -> _SiteTally:
     """Every visit: its first request, then up to `follow` `next` links, as a browser would."""
@@ -501,7 +501,7 @@ def website_mix(ctx: Context, target: Target) -> Metrics:
     target.make_cold()
     ctx.mock.reset()
     started = time.perf_counter()
-    tally = _run(_site_replay(target.base, target.headers, site.visits, ctx.site_concurrency))
+    tally = _run(replay_site(target.base, target.headers, site.visits, ctx.site_concurrency))
     wall = time.perf_counter() - started
     time.sleep(0.3)
     calls = ctx.mock.calls()
