@@ -67,6 +67,8 @@ async def _serve_app(
     await runner.setup()
     site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None, backlog=2048)
     await site.start()
+    if settings.client_sndbuf_bytes:
+        set_sndbuf(site, settings.client_sndbuf_bytes)
     port = _bound_port(runner, port)
     if on_listening is not None:
         on_listening(port)
@@ -86,6 +88,13 @@ async def _serve_app(
         await asyncio.sleep(settings.drain_delay)
     await runner.cleanup()
     log.info("stopped", extra={"event": "stopped", "pid": os.getpid()})
+
+
+def set_sndbuf(site: web.BaseSite, size: int) -> None:
+    """SO_SNDBUF on the listening sockets: Linux gives accepted connections the listener's."""
+    server = getattr(site, "_server", None)  # aiohttp keeps the asyncio server private
+    for sock in getattr(server, "sockets", None) or ():
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
 
 
 def _bound_port(runner: web.AppRunner, requested: int) -> int:

@@ -214,6 +214,10 @@ class Settings(BaseSettings):
     drain_delay: float = Field(0.0, ge=0, le=600)
     client_header_timeout: float = Field(75.0, gt=0, le=3600)
     client_write_timeout: float = Field(30.0, gt=0, le=3600)
+    # Per worker: bytes of large answers being written (each distinct body once); see README.
+    client_write_buffer_bytes: int = Field(64 * 1024 * 1024, ge=1024 * 1024)
+    # SO_SNDBUF of accepted connections (0: the kernel's autotuning); bounds kernel memory.
+    client_sndbuf_bytes: int = Field(0, ge=0, le=64 * 1024 * 1024)
 
     @field_validator("upstream_url")
     @classmethod

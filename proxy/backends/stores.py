@@ -7,6 +7,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Protocol
 
+from ..core.bodies import BodyPool
 from ..core.entry import CachedResponse
 from . import keys
 from .link import REDIS_ERRORS, AnyRedis, RedisLink
@@ -109,9 +110,10 @@ class MemoryCacheStore:
 class RedisCacheStore:
     """Entries as single Redis values under `prefix`; one GET per lookup."""
 
-    def __init__(self, client: AnyRedis, prefix: str) -> None:
+    def __init__(self, client: AnyRedis, prefix: str, bodies: BodyPool | None = None) -> None:
         self.client = client
         self.prefix = prefix
+        self.bodies = bodies  # large bodies decoded once while in use (core/bodies.py)
 
     def entry_key(self, key: str) -> str:
         """The Redis key of an entry (hash-tagged, so its lease shares the Cluster slot)."""
@@ -119,7 +121,7 @@ class RedisCacheStore:
 
     async def get(self, key: str) -> CachedResponse | None:
         data = await self.client.get(self.entry_key(key))
-        return None if not isinstance(data, bytes) else CachedResponse.decode(data)
+        return None if not isinstance(data, bytes) else CachedResponse.decode(data, self.bodies)
 
     async def set(self, key: str, entry: CachedResponse, ttl: float) -> None:
         await self.client.set(self.entry_key(key), entry.encode(), px=max(1, int(ttl * 1000)))

@@ -26,6 +26,7 @@ from ..backends.link import REDIS_ERRORS, AnyRedis, RedisLink, connect_bus, conn
 from ..backends.pipelining import AutoPipelineRedis
 from ..backends.reservations import RedisReserver, ReservingLimiter
 from ..backends.stores import FallbackCacheStore, MemoryCacheStore, RedisCacheStore
+from ..core.bodies import BodyPool
 from ..core.operations import API_PREFIX, Operations, Router, load_operations
 from ..logs import ACCESS, ACCESS_MIDDLE
 from ..metrics import METRICS, Metrics
@@ -49,6 +50,7 @@ from .handlers import (
 )
 from .hot import HotHits
 from .openapi import openapi_context, openapi_handler
+from .sending import Sending
 
 __all__ = ["SETTINGS", "create_app"]
 
@@ -223,8 +225,13 @@ def create_app(
         hot: AnyRedis | None = client
         if settings.redis_autopipeline and isinstance(client, aioredis.Redis):
             hot = cast(AnyRedis, AutoPipelineRedis(client))
+        # Large bodies in use, one copy each; those being written within a per-worker budget.
+        bodies = BodyPool(settings.client_write_buffer_bytes, m.client_write_buffer.set)
+        sending = Sending(
+            bodies, settings.client_write_timeout, m.client_write_timeouts, m.client_write_refusals
+        )
         store = FallbackCacheStore(
-            link, RedisCacheStore(hot, KEY_PREFIX) if hot is not None else None, memory
+            link, RedisCacheStore(hot, KEY_PREFIX, bodies) if hot is not None else None, memory
         )
         # While Redis is down every worker of every replica counts on its own: each gets the
         # rate and the burst divided by all of them (see FallbackLimiter), so an outage cannot
@@ -308,9 +315,10 @@ def create_app(
             service=service,
             operations=operations,
             router=Router(operations, visible),
+            sending=sending,
             reports=operations.reports(),
         )
-        state.hot = HotHits(settings, directory, service, state.queries)
+        state.hot = HotHits(settings, directory, service, state.queries, sending)
         bus = None
         if client is not None:
             bus = _events(settings, client, link, service, l1, state, (limiter, budget_limiter))

@@ -19,7 +19,7 @@ from ..settings import Settings
 from .auth import ClientDirectory, presented_key
 from .errors import JSON, error_response
 from .hot import HotHits
-from .sending import PacedResponse
+from .sending import Sending, paced_response
 
 __all__ = [
     "LOG",
@@ -69,6 +69,7 @@ class ProxyState:
     service: ReadService
     operations: Operations  # the routed reads
     router: Router
+    sending: Sending  # how answers are written (web/sending.py)
     reports: dict[str, Operation] = field(default_factory=dict)  # routed reports, by name
     queries: ParsedQueries = field(default_factory=ParsedQueries)
     hot: HotHits | None = None  # answers hot hits without the general path (web/hot.py)
@@ -184,13 +185,12 @@ async def _read(request: web.Request, operation: Operation, path: PathValue) -> 
     headers.update(ratelimit_headers(rate, decision))
     if decision.allowed and isinstance(parsed, CanonicalQuery):
         headers["X-Proxy-Canonical-Query"] = canonical
-    return PacedResponse(
+    return paced_response(
         request,
         status=answer.status,
         body=answer.body,
         headers=headers,
-        timeout=state.settings.client_write_timeout,
-        counter=state.service.metrics.client_write_timeouts,
+        sending=state.sending,
         request_id=request[REQUEST_ID],
     )
 

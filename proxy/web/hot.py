@@ -27,7 +27,7 @@ from ..logs import ACCESS, ACCESS_MIDDLE, json_bytes
 from ..service import CACHE_NAME, ReadService
 from ..settings import Settings
 from .auth import ClientDirectory, presented_key
-from .sending import PacedResponse
+from .sending import Sending, paced_response
 
 if TYPE_CHECKING:
     from multidict import CIMultiDictProxy
@@ -94,8 +94,10 @@ class HotHits:
         directory: ClientDirectory,
         service: ReadService,
         queries: ParsedQueries,
+        sending: Sending,
     ) -> None:
         self.settings = settings
+        self.sending = sending
         self.directory = directory
         self.service = service
         self.queries = queries
@@ -151,13 +153,12 @@ class HotHits:
                 question.log_path, question.log_middle = shown, _middle(question, shown)
             fields[ACCESS_MIDDLE] = question.log_middle
         service.metrics.count_client(question.client, question.report)
-        return PacedResponse(
+        return paced_response(
             request,
             status=entry.status,
             body=entry.body,
             headers=out,
-            timeout=self.settings.client_write_timeout,
-            counter=service.metrics.client_write_timeouts,
+            sending=self.sending,
             request_id=request_id,
         )
 
