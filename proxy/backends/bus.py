@@ -22,6 +22,8 @@ from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from .link import REDIS_ERRORS
 
@@ -31,6 +33,7 @@ log = logging.getLogger("teamup_proxy")
 Event = dict[str, Any]
 # What ends a subscription: Redis gone, and redis-py's "connection not set" after a failed connect.
 _LOST: tuple[type[BaseException], ...] = (*REDIS_ERRORS, RuntimeError)
+_NO_RETRY = Retry(NoBackoff(), 0)
 
 
 class _Waiting:
@@ -113,8 +116,15 @@ class Bus:
     async def _listen(self) -> None:
         while not self._closing:
             pubsub = self._pubsub = self.client.pubsub()
+            connection: Any = None
+            saved: Any = None
             try:
                 await pubsub.subscribe(self.channel)
+                # redis-py would reconnect a broken subscription silently (missing what was
+                # published meanwhile): no retry on this connection, so a break is seen.
+                connection = pubsub.connection
+                if connection is not None:
+                    saved, connection.retry = connection.retry, _NO_RETRY
                 while True:
                     message = await pubsub.get_message(
                         ignore_subscribe_messages=False, timeout=None
@@ -132,6 +142,8 @@ class Bus:
                     return
                 self._set_live(False)
             finally:
+                if connection is not None and saved is not None:
+                    connection.retry = saved  # the connection goes back to the pool
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
             await asyncio.sleep(self.retry)

@@ -10,8 +10,8 @@ import logging
 import re
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable
-from typing import cast
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import Any, cast
 
 import redis.asyncio as aioredis
 from aiohttp import hdrs, web
@@ -414,12 +414,32 @@ def _events(
             reason = event.get("reason")
             link.refuse_writes(str(reason)[:64], "told", told=True)
 
+    bus_client = connect_bus(client, settings.redis_url, timeout=settings.redis_timeout)
+    server: list[object] = [None]  # the run_id of the Redis server subscribed to
+
+    async def learn_server() -> None:
+        with contextlib.suppress(*REDIS_ERRORS):
+            server[0] = (await bus_client.info("server")).get("run_id")
+
+    async def confirm_lost() -> None:
+        """The subscription broke: off Redis at once if Redis is gone or is another server
+        now (restarted: its buckets are lost); a mere lost connection changes nothing."""
+        try:
+            async with asyncio.timeout(max(0.5, settings.redis_timeout * 5)):
+                now = (await bus_client.info("server")).get("run_id")
+            if server[0] is not None and now == server[0]:
+                return
+            reason = "redis restarted"
+        except REDIS_ERRORS as exc:
+            reason = type(exc).__name__
+        link.failed(ConnectionError(f"events channel lost: {reason}"), "bus")
+
     def on_lost() -> None:
         nonlocal lost_once
         lost_once = True
         # The subscription breaks at once when Redis dies: every process leaves it together
         # (the limits go to their shares), not each at its next failed call or ping.
-        link.failed(ConnectionError("events channel lost"), "bus")
+        _spawn(confirm_lost())
         service.l1 = None
         if l1 is not None:
             l1.clear_now()
@@ -427,6 +447,7 @@ def _events(
             state.hot.forget()
 
     def on_live() -> None:
+        _spawn(learn_server())
         if l1 is not None:
             l1.clear_now()
             service.l1 = l1
@@ -434,7 +455,7 @@ def _events(
             service.guard.recheck()
 
     bus = Bus(
-        connect_bus(client, settings.redis_url, timeout=settings.redis_timeout),
+        bus_client,
         KEY_PREFIX + "events",
         on_event=on_event,
         on_lost=on_lost,
@@ -444,15 +465,20 @@ def _events(
 
     def on_refused(reason: str) -> None:
         event: dict[str, object] = {"kind": "writes-refused", "reason": reason}
-        task = asyncio.ensure_future(_tell_quietly(bus, event))
-        _background.add(task)
-        task.add_done_callback(_background.discard)
+        _spawn(_tell_quietly(bus, event))
 
     link.on_refused = on_refused
     return bus
 
 
 _background: set[asyncio.Future[None]] = set()
+
+
+def _spawn(work: Coroutine[Any, Any, None]) -> None:
+    """Run `work` in the background, keeping a reference until it is done."""
+    task = asyncio.ensure_future(work)
+    _background.add(task)
+    task.add_done_callback(_background.discard)
 
 
 async def _tell_quietly(bus: Bus, event: dict[str, object]) -> None:

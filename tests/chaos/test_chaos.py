@@ -190,3 +190,20 @@ async def test_mixed_load_through_kill_restart_pause_and_fill() -> None:
         assert chaos.client_violations() == {}
         assert await chaos.wrong_bodies() == []
         assert_clean(chaos)
+
+
+async def test_a_lost_subscription_alone_does_not_take_a_worker_off_redis() -> None:
+    """Issue 20, 1: the fallbacks only when Redis is really gone. The events subscription of
+    every worker is cut (`CLIENT KILL TYPE pubsub`), Redis itself is fine: the workers drop
+    their L1, subscribe again, and never leave Redis."""
+    async with Chaos(replicas=1) as chaos:
+        with chaos.redis.client() as sync:
+            assert sync.client_kill_filter(_type="pubsub") == 2
+        proxy = chaos.proxies[0]
+        for _ in range(200):
+            if proxy.stderr.count(b'"bus_lost"') >= 2:
+                break
+            await asyncio.sleep(0.05)
+        assert proxy.stderr.count(b'"bus_lost"') == 2
+        await chaos.all_ready()  # subscribed again, and a few hundred ms for any mistake to show
+        assert b'"redis_down"' not in proxy.stderr
