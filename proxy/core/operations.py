@@ -19,6 +19,7 @@ from urllib.parse import quote
 import orjson
 
 from .contract import Contract, PathValue, contract_from_operation
+from .invalidation import read_collection, write_invalidates
 
 __all__ = [
     "API_PREFIX",
@@ -64,6 +65,13 @@ class Operation:
     report: str | None  # the `x-report` name of a report data operation
     contract: Contract
     document: Mapping[str, Any] = field(repr=False, compare=False)
+    # A write: the collections whose generation a 2xx bumps (core/invalidation.py).
+    invalidates: tuple[str, ...] = ()
+
+    @property
+    def collection(self) -> str:
+        """The collection a read belongs to (its generation is part of its cache key)."""
+        return read_collection(self.segment, self.report)
 
     @property
     def is_read(self) -> bool:
@@ -138,6 +146,10 @@ class Operations(Mapping[str, Operation]):
             return op.report is None or reports is None or op.report in reports
 
         return self.where(keep)
+
+    def writes(self, *, auth: bool) -> Operations:
+        """The writes the proxy sends: every documented one, but `auth/*` unless switched on."""
+        return self.where(lambda op: not op.is_read and (auth or op.area != "auth"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -267,6 +279,12 @@ def operations_from_document(document: Mapping[str, Any]) -> Operations:
     fails at start-up."""
     found: dict[str, Operation] = {}
     classes = _ttl_classes(document)
+    report_names = [
+        str(spec["x-report"])
+        for item in document["paths"].values()
+        for method, spec in item.items()
+        if method == "get" and "x-report" in spec
+    ]
     reports: set[str] = set()
     for path, item in document["paths"].items():
         if not path.startswith(API_PREFIX) or "//" in path:
@@ -302,16 +320,11 @@ def operations_from_document(document: Mapping[str, Any]) -> Operations:
                 segment,
                 ttl_class,
                 report,
-                # A write's query is not read yet (issue 21): only its path parameters count.
-                contract_from_operation(spec if method == "get" else _path_only(spec), names),
+                contract_from_operation(spec, names),
                 spec,
+                () if method == "get" else write_invalidates(spec, segment, kind, report_names),
             )
     return Operations(found, classes)
-
-
-def _path_only(spec: Mapping[str, Any]) -> dict[str, Any]:
-    parameters = [p for p in spec.get("parameters", ()) if p.get("in") == "path"]
-    return {"operationId": spec["operationId"], "parameters": parameters}
 
 
 @functools.cache

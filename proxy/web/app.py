@@ -19,6 +19,8 @@ from aiohttp.web_urldispatcher import UrlMappingMatchInfo
 
 from ..backends import keys
 from ..backends.flight import RedisLease
+from ..backends.generations import Generations
+from ..backends.idempotency import IdempotencyStore
 from ..backends.limiters import FallbackLimiter, MemoryLimiter, RedisLimiter
 from ..backends.link import REDIS_ERRORS, AnyRedis, RedisLink, connect_redis
 from ..backends.pipelining import AutoPipelineRedis
@@ -32,6 +34,7 @@ from ..service import ReadService
 from ..settings import Settings
 from ..upstream.client import UpstreamClient
 from ..upstream.guard import UpstreamGuard
+from ..writes import WriteService
 from .auth import ClientDirectory
 from .errors import error_response
 from .handlers import (
@@ -48,6 +51,7 @@ from .handlers import (
 )
 from .hot import HotHits
 from .openapi import openapi_context, openapi_handler
+from .writes import expect_continue
 
 __all__ = ["SETTINGS", "create_app"]
 
@@ -275,12 +279,14 @@ def create_app(
         documented = document or load_operations()
         auth = settings.auth_endpoints_enabled
         operations = documented.routed(reports=settings.enabled_reports, auth=auth)
-        # What the router knows: the routed reads, and the documented writes (not routed yet:
-        # another method on their paths is a 405, not a 404); `auth/*` only when switched on.
+        # What the router knows: the routed reads and every documented write; `auth/*` only
+        # when switched on.
+        writes = documented.writes(auth=auth)
         visible = documented.where(
-            lambda op: (
-                op.operation_id in operations or (not op.is_read and (auth or op.area != "auth"))
-            )
+            lambda op: op.operation_id in operations or op.operation_id in writes
+        )
+        generations = Generations(
+            link, client, KEY_PREFIX, interval=settings.generation_check_interval
         )
         service = ReadService(
             settings,
@@ -295,6 +301,25 @@ def create_app(
             operations=operations,
             clock=clock,
             batched_writes=isinstance(hot, AutoPipelineRedis),
+            generations=generations,
+        )
+        write_service = WriteService(
+            settings,
+            guard=guard,
+            upstream=up,
+            generations=generations,
+            idempotency=IdempotencyStore(
+                link,
+                client,
+                KEY_PREFIX,
+                ttl=settings.idempotency_ttl,
+                # An in-flight mark outlives the longest a write can take, then frees the key.
+                flight_ttl=settings.upstream_queue_timeout
+                + settings.upstream_timeout
+                + settings.generation_check_interval
+                + 5,
+            ),
+            metrics=m,
         )
         directory = ClientDirectory(settings.clients)
         state = ProxyState(
@@ -303,8 +328,9 @@ def create_app(
             link=link,
             service=service,
             operations=operations,
-            router=Router(operations, visible),
+            router=Router(visible),
             reports=operations.reports(),
+            writes=write_service,
         )
         state.hot = HotHits(settings, directory, service, state.queries)
         app[STATE] = state
@@ -320,6 +346,7 @@ def create_app(
             flusher.cancel()
             m.flush()
             state.ready = False
+            await write_service.close()
             await service.close()
             await client_limiter.close()
             await up.close()
@@ -338,7 +365,7 @@ def create_app(
     # never from the caller's path. One route keeps aiohttp's lookup as short as it was.
     api = _Api("/api/v2/{operation}")
     app.router.register_resource(api)
-    api.add_route(hdrs.METH_ANY, observed(read, "read"))
+    api.add_route(hdrs.METH_ANY, observed(read, "read"), expect_handler=expect_continue)
     for path, label in _ROUTES.items():
         if label == "read":
             continue

@@ -1,0 +1,157 @@
+"""Collection generations: one Redis hash, a number per collection, part of every read's cache
+key. A write bumps its collections (one transaction, O(1) per write, no key scan); entries of
+older generations are never read again and expire on their own.
+
+Every process keeps the hash as it last read it (one `HGETALL` for every collection) and may
+use that view for `interval` seconds from when the `HGETALL` was *sent*; a write waits
+`interval` after its bump before answering. So once a write is answered, no worker of any
+replica still uses a view from before its bump: any such view was requested before the bump
+and expired `interval` after that (durations only: no shared clock is needed). Hot hits
+answered from memory stay correct within the same bound, and the view costs one round trip
+per process per `interval`, not one per request.
+
+While Redis is unreachable the view is this process's own: bumps count locally and are pushed
+to Redis (before it is read again) once it answers, so a write made meanwhile still makes
+the entries from before it unreachable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Iterable
+
+from . import keys
+from .link import REDIS_ERRORS, AnyRedis, RedisLink
+
+__all__ = ["Generations"]
+
+log = logging.getLogger("teamup_proxy")
+
+
+class Generations:
+    """This process's view of the generation hash, and the bumps writes make to it."""
+
+    def __init__(
+        self,
+        link: RedisLink,
+        client: AnyRedis | None,
+        prefix: str,
+        *,
+        interval: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.link = link
+        self.client = client
+        self.key = keys.generations(prefix)
+        self.interval = interval
+        self.clock = clock
+        self._view: dict[str, int] = {}
+        self._sent = float("-inf")  # when the HGETALL behind the view was sent
+        self._pending: dict[str, int] = {}  # bumps Redis has not seen yet
+        self._refresh: asyncio.Future[float] | None = None
+
+    def now(self, collection: str) -> int | None:
+        """The collection's generation if the view may still be used (no I/O), else None."""
+        if self.clock() < self._sent + self.interval or not self._redis:
+            return self._view.get(collection, 0)
+        return None
+
+    def last(self, collection: str) -> int:
+        """The collection's generation as this process saw it last (logs, an admin purge)."""
+        return self._view.get(collection, 0)
+
+    @property
+    def _redis(self) -> bool:
+        return self.client is not None and self.link.up
+
+    async def get(self, collection: str) -> int:
+        """The collection's generation, from a view at most `interval` old (or read after
+        this call began)."""
+        found = self.now(collection)
+        if found is not None:
+            return found
+        asked = self.clock()
+        while True:
+            if self._refresh is None:
+                self._refresh = asyncio.ensure_future(self._read())
+                self._refresh.add_done_callback(self._forget)
+            sent = await asyncio.shield(self._refresh)
+            # A refresh sent before this call began will do only while still young.
+            if sent >= asked or self.clock() < sent + self.interval or not self._redis:
+                return self._view.get(collection, 0)
+
+    def _forget(self, done: asyncio.Future[float]) -> None:
+        if self._refresh is done:
+            self._refresh = None
+
+    async def _read(self) -> float:
+        sent = self.clock()
+        client = self.client
+        if client is None or not self.link.up:
+            return sent
+        try:
+            pipe = client.pipeline(transaction=True)
+            pending = dict(self._pending)
+            for name, count in pending.items():
+                pipe.hincrby(self.key, name, count)
+            pipe.hgetall(self.key)
+            replies = await pipe.execute()
+        except REDIS_ERRORS as exc:
+            self.link.failed(exc, "generations")
+            return sent
+        for name, count in pending.items():
+            left = self._pending.get(name, 0) - count
+            if left > 0:
+                self._pending[name] = left
+            else:
+                self._pending.pop(name, None)
+        raw = replies[-1]
+        view = {_text(k): int(v) for k, v in raw.items()}
+        # Never backwards: a bump this process made after the HGETALL was sent may be newer
+        # (and a lost hash must not bring back entries of generations already left behind).
+        for name, value in self._view.items():
+            if view.get(name, 0) < value:
+                view[name] = value
+        self._view = view
+        self._sent = max(self._sent, sent)
+        return sent
+
+    async def bump(self, collections: Iterable[str]) -> bool:
+        """Add one to each collection's generation in Redis (one transaction); True when
+        Redis took it. Without Redis the bump is this process's until Redis answers again."""
+        names = tuple(dict.fromkeys(collections))
+        if not names:
+            return True
+        client = self.client
+        if client is not None and self.link.up:
+            try:
+                pipe = client.pipeline(transaction=True)
+                for name in names:
+                    pipe.hincrby(self.key, name, 1)
+                values = await pipe.execute()
+            except REDIS_ERRORS as exc:
+                self.link.failed(exc, "generations")
+            else:
+                for name, value in zip(names, values, strict=True):
+                    self._view[name] = max(self._view.get(name, 0), int(value))
+                return True
+        for name in names:
+            self._view[name] = self._view.get(name, 0) + 1
+            self._pending[name] = self._pending.get(name, 0) + 1
+        log.warning(
+            "a write's invalidation is local to this process until Redis answers",
+            extra={"event": "generation_local", "collections": list(names)},
+        )
+        return False
+
+    async def settle(self) -> None:
+        """Wait until no process can still use a view from before the last bump (call after a
+        bump, before the write is answered)."""
+        if self.interval > 0 and self.client is not None:
+            await asyncio.sleep(self.interval)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

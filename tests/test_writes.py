@@ -1,0 +1,336 @@
+"""Writes through the proxy, in process against the mock TeamUp and a real redis-server:
+routing, `write` scopes, body and query checks, sent once, Idempotency-Key, invalidation,
+the budget, the audit line and the metric."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from proxy.core.operations import Operation, load_operations
+from proxy.testing.e2e import KEY, OTHER_KEY, auth
+from proxy.testing.mock import MockState
+from proxy.testing.writes import MOCK_WRITES, MockWrites, WriteFaults
+from proxy.web.auth import hash_key
+from tests.conftest import LogLines, MakeProxy
+from tests.test_caching import eventually
+
+Proxy = TestClient[web.Request, web.Application]
+CUSTOMER = "/api/v2/customers/377001"
+CUSTOMERS = "/api/v2/customers"
+
+
+def clients(billing_write: list[str] | None = None, crm_write: list[str] | None = None) -> Any:
+    """billing may write what it is given (default customers and events), crm nothing."""
+    return {
+        "billing": {
+            "key_sha256": hash_key(KEY),
+            "rate": "1000/minute",
+            "write": ["customers", "events"] if billing_write is None else billing_write,
+        },
+        "crm": {"key_sha256": hash_key(OTHER_KEY), "rate": "1000/minute", "write": crm_write or []},
+    }
+
+
+@pytest.fixture
+def mock_writes(mock_server: TestServer) -> MockWrites:
+    return mock_server.app[MOCK_WRITES]
+
+
+@pytest.fixture
+async def proxy(make_proxy: MakeProxy, redis_url: str) -> Proxy:
+    return await make_proxy(redis_url=redis_url, clients=clients(), cache_l1_ttl=1.0)
+
+
+def sent(mock_writes: MockWrites, operation: str | None = None) -> int:
+    return sum(1 for w in mock_writes.received if operation in (None, w.operation))
+
+
+async def patch(
+    proxy: Proxy, body: bytes = b'{"first_name": "Zed"}', headers: dict[str, str] | None = None
+) -> Any:
+    response = await proxy.patch(
+        CUSTOMER,
+        data=body,
+        headers={**auth(), "Content-Type": "application/json", **(headers or {})},
+    )
+    await response.read()
+    return response
+
+
+def example_path(op: Operation) -> str:
+    """The operation's path with a valid value for each path parameter."""
+    values = {}
+    for param in op.contract.path_params:
+        if param.kind == "int":
+            values[param.name] = "1"
+        elif param.kind == "enum":
+            values[param.name] = param.choices[0]
+        else:
+            values[param.name] = next(v for v in ("abc", "1", "a-1") if param.parse(v) is not None)
+    return op.path.format(**values)
+
+
+async def test_every_documented_write_is_routed_to_its_operation(
+    make_proxy: MakeProxy, redis_url: str, mock_writes: MockWrites
+) -> None:
+    proxy = await make_proxy(redis_url=redis_url, clients=clients(billing_write=["*"]))
+    writes = [op for op in load_operations().values() if not op.is_read and op.area != "auth"]
+    assert len(writes) == 187
+    for op in writes:
+        body = b"" if op.method == "DELETE" else b"{}"
+        headers = {**auth(), "Content-Type": "application/json"} if body else auth()
+        response = await proxy.request(op.method, example_path(op), data=body, headers=headers)
+        text = await response.text()
+        assert response.status not in (405, 413, 415), (op.operation_id, response.status, text)
+        assert response.headers.get("X-Proxy-Operation") == op.operation_id, (
+            op,
+            response.status,
+            text,
+        )
+        assert mock_writes.received[-1].operation == op.operation_id
+    assert sent(mock_writes) == len(writes)
+
+
+async def test_a_write_is_allowed_to_one_client_and_refused_to_another(
+    proxy: Proxy, mock_writes: MockWrites
+) -> None:
+    allowed = await patch(proxy)
+    assert allowed.status == 200, await allowed.text()
+    assert (await allowed.json())["first_name"] == "Zed"
+    assert allowed.headers["X-Proxy-Operation"] == "customers_partial_update"
+    refused = await patch(proxy, headers=auth(OTHER_KEY))
+    assert refused.status == 403
+    body = await refused.json()
+    assert body["code"] == "permission_denied" and "write" in body["message"]
+    assert sent(mock_writes) == 1
+
+
+async def test_undocumented_method_is_405_and_nothing_is_sent(
+    proxy: Proxy, mock_writes: MockWrites
+) -> None:
+    response = await proxy.delete(CUSTOMERS, headers=auth())
+    assert response.status == 405
+    assert "POST" in response.headers["Allow"]
+    assert sent(mock_writes) == 0
+
+
+async def test_the_body_is_forwarded_byte_for_byte_with_only_content_type(
+    proxy: Proxy, mock_writes: MockWrites
+) -> None:
+    body = b'{ "first_name" :  "Zo\\u00eb",\n "x": [1,2] }'
+    response = await patch(proxy, body, {"X-Custom": "nope", "Cookie": "a=b"})
+    assert response.status == 200
+    (received,) = mock_writes.received
+    assert received.body.encode("latin-1") == body
+    headers = {k.lower(): v for k, v in received.headers.items()}
+    assert "x-custom" not in headers and "cookie" not in headers
+    assert headers["content-type"] == "application/json"
+    assert headers["authorization"] != auth()["Authorization"]
+
+
+async def raw_exchange(proxy: Proxy, head: str, body: bytes = b"") -> bytes:
+    """Send a request head and (part of) a body over one socket, send nothing more, and read
+    the proxy's answer. (Data the proxy never reads would make its close a reset, which can
+    destroy the answer in flight: what `Expect: 100-continue` is for.)"""
+    reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+    writer.write(head.encode() + body)
+    await writer.drain()
+    answer = await asyncio.wait_for(reader.read(4096), 5)
+    writer.close()
+    return answer
+
+
+def head(method: str, path: str, extra: str) -> str:
+    return (
+        f"{method} {path} HTTP/1.1\r\nHost: proxy\r\nAuthorization: Token {KEY}\r\n"
+        f"Content-Type: application/json\r\n{extra}\r\n"
+    )
+
+
+async def test_not_json_and_too_large_never_reach_teamup(
+    proxy: Proxy, mock_writes: MockWrites
+) -> None:
+    text = await proxy.patch(
+        CUSTOMER, data=b"first_name=Zed", headers={**auth(), "Content-Type": "text/plain"}
+    )
+    assert text.status == 415
+    assert (await text.json())["code"] == "unsupported_media_type"
+    invalid = await patch(proxy, b"{not json")
+    assert invalid.status == 400
+    two_mib = 2 * 1024 * 1024
+    # Refused on its Content-Length alone.
+    declared = await raw_exchange(proxy, head("PATCH", CUSTOMER, f"Content-Length: {two_mib}\r\n"))
+    assert declared.startswith(b"HTTP/1.1 413 ")
+    # With `Expect: 100-continue` the body is never invited.
+    expect = await raw_exchange(
+        proxy,
+        head("PATCH", CUSTOMER, f"Content-Length: {two_mib}\r\nExpect: 100-continue\r\n"),
+    )
+    assert expect.startswith(b"HTTP/1.1 413 ")
+    assert sent(mock_writes) == 0
+
+
+async def test_a_chunked_body_past_the_cap_is_refused(
+    make_proxy: MakeProxy, redis_url: str, mock_writes: MockWrites
+) -> None:
+    proxy = await make_proxy(redis_url=redis_url, clients=clients(), max_request_body_bytes=1000)
+    chunk = b"x" * 400
+    # Three chunks (1200 bytes) and no end: refused once past the cap, the rest never awaited.
+    framed = b"".join(b"%x\r\n%s\r\n" % (len(chunk), chunk) for _ in range(3))
+    answer = await raw_exchange(
+        proxy, head("PATCH", CUSTOMER, "Transfer-Encoding: chunked\r\n"), framed
+    )
+    assert answer.startswith(b"HTTP/1.1 413 ")
+    # Within the cap, the same framing is a write.
+    small = b'b\r\n{"a": "bc"}\r\n0\r\n\r\n'
+    ok = await raw_exchange(proxy, head("PATCH", CUSTOMER, "Transfer-Encoding: chunked\r\n"), small)
+    assert ok.startswith(b"HTTP/1.1 200 ")
+    assert sent(mock_writes) == 1
+
+
+async def test_the_query_is_validated_like_a_read(proxy: Proxy, mock_writes: MockWrites) -> None:
+    response = await proxy.patch(
+        CUSTOMER + "?nope=1",
+        data=b"{}",
+        headers={**auth(), "Content-Type": "application/json"},
+    )
+    assert response.status == 400
+    assert "nope" in (await response.json())["field_errors"]
+    bad_id = await proxy.patch(
+        "/api/v2/customers/abc", data=b"{}", headers={**auth(), "Content-Type": "application/json"}
+    )
+    assert bad_id.status == 404
+    assert sent(mock_writes) == 0
+
+
+@pytest.mark.parametrize("fault", [{"status": 500}, {"drop": True}])
+@pytest.mark.parametrize("when", ["before", "after"])
+async def test_a_failed_write_reaches_teamup_exactly_once(
+    proxy: Proxy, mock_writes: MockWrites, fault: dict[str, Any], when: str
+) -> None:
+    mock_writes.faults = WriteFaults(when=when, times=1, **fault)
+    response = await patch(proxy)
+    assert response.status == 502
+    code = (await response.json())["code"]
+    assert code == ("upstream_error" if "status" in fault else "upstream_outcome_unknown")
+    assert sent(mock_writes) == 1
+
+
+async def test_a_write_teamup_rate_limits_is_not_retried(
+    proxy: Proxy, mock_writes: MockWrites, mock_state: MockState
+) -> None:
+    mock_writes.faults = WriteFaults(status=429, times=1)
+    response = await patch(proxy)
+    assert response.status == 503
+    assert "not done" in (await response.json())["message"]
+    assert sent(mock_writes) == 1
+
+
+async def test_same_idempotency_key_is_sent_once_and_answered_the_same(
+    proxy: Proxy, mock_writes: MockWrites
+) -> None:
+    first = await patch(proxy, headers={"Idempotency-Key": '"booking-1"'})
+    second = await patch(proxy, headers={"Idempotency-Key": '"booking-1"'})
+    assert first.status == second.status == 200
+    assert await first.read() == await second.read()
+    assert "Idempotent-Replayed" not in first.headers
+    assert second.headers["Idempotent-Replayed"] == "true"
+    assert sent(mock_writes) == 1
+    other = await patch(
+        proxy, b'{"first_name": "Other"}', headers={"Idempotency-Key": '"booking-1"'}
+    )
+    assert other.status == 422
+    # Another client's key of the same name is its own.
+    assert sent(mock_writes) == 1
+
+
+async def test_a_repeat_while_the_first_is_in_flight_is_409(
+    proxy: Proxy, mock_writes: MockWrites, mock_state: MockState
+) -> None:
+    mock_state.faults.latency = 0.5
+    first = asyncio.ensure_future(patch(proxy, headers={"Idempotency-Key": "k-409"}))
+    await eventually(lambda: asyncio.sleep(0, sent(mock_writes) > 0))
+    second = await patch(proxy, headers={"Idempotency-Key": "k-409"})
+    assert second.status == 409
+    assert (await first).status == 200
+    assert sent(mock_writes) == 1
+
+
+async def test_a_write_not_sent_frees_its_key(
+    make_proxy: MakeProxy, redis_url: str, mock_writes: MockWrites
+) -> None:
+    proxy = await make_proxy(
+        redis_url=redis_url,
+        clients=clients(),
+        upstream_rate_limit="1/minute",
+        upstream_burst=1,
+        upstream_queue_timeout=0,
+    )
+    first = await patch(proxy)  # spends the only unit
+    assert first.status == 200
+    held = await patch(proxy, headers={"Idempotency-Key": "k-budget"})
+    assert held.status == 503
+    assert "NOT sent" in (await held.json())["message"]
+    assert sent(mock_writes) == 1
+
+
+async def test_a_patch_invalidates_the_retrieve_and_the_list(
+    proxy: Proxy, mock_writes: MockWrites, mock_state: MockState
+) -> None:
+    for path in (CUSTOMER, CUSTOMERS):
+        miss = await proxy.get(path, headers=auth())
+        assert miss.status == 200
+        hit = await proxy.get(path, headers=auth())
+        assert "hit" in hit.headers["Cache-Status"]
+    before = mock_state.operation_calls.copy()
+    assert (await patch(proxy)).status == 200
+    retrieve = await proxy.get(CUSTOMER, headers=auth())
+    assert "fwd=uri-miss" in retrieve.headers["Cache-Status"]
+    assert (await retrieve.json())["first_name"] == "Zed"
+    listed = await proxy.get(CUSTOMERS, headers=auth())
+    assert "fwd=uri-miss" in listed.headers["Cache-Status"]
+    assert mock_state.operation_calls["customers_retrieve"] == before["customers_retrieve"] + 1
+    # Another collection is untouched.
+    venues = await proxy.get("/api/v2/venues", headers=auth())
+    again = await proxy.get("/api/v2/venues", headers=auth())
+    assert "hit" in again.headers["Cache-Status"] and venues.status == 200
+
+
+async def test_a_failed_write_invalidates_nothing(proxy: Proxy, mock_writes: MockWrites) -> None:
+    await proxy.get(CUSTOMER, headers=auth())
+    mock_writes.faults = WriteFaults(status=400, times=1)
+    assert (await patch(proxy)).status == 400
+    hit = await proxy.get(CUSTOMER, headers=auth())
+    assert "hit" in hit.headers["Cache-Status"]
+
+
+async def test_audit_line_and_metric(
+    proxy: Proxy, mock_writes: MockWrites, json_logs: LogLines
+) -> None:
+    await patch(proxy, headers={"Idempotency-Key": "k-audit"})
+    await patch(proxy, headers={"Idempotency-Key": "k-audit"})
+    await patch(proxy, headers=auth(OTHER_KEY))
+    lines = [r for r in json_logs.records() if r.get("logger") == "teamup_proxy.audit"]
+    assert [(r["client"], r["status"], r["replayed"]) for r in lines] == [
+        ("billing", 200, False),
+        ("billing", 200, True),
+        ("crm", 403, False),
+    ]
+    first = lines[0]
+    assert first["operation"] == "customers_partial_update" and first["method"] == "PATCH"
+    assert first["path"] == CUSTOMER and first["upstream_ms"] is not None
+    assert first["request_id"]
+    text = json.dumps(lines)
+    assert "Zed" not in text and KEY not in text
+    metrics = await (await proxy.get("/metrics")).text()
+    assert (
+        'teamup_proxy_writes_total{client="billing",operation="customers_partial_update",'
+        'outcome="2xx"} 1.0' in metrics
+    )
+    assert 'outcome="replayed"} 1.0' in metrics
