@@ -129,7 +129,7 @@ async def test_a_patch_makes_the_next_reads_come_from_teamup_on_every_worker(
         seen = set()
         bodies = set()
         for _ in range(times):
-            status, body, headers = await call(proxy, "GET", path, **auth())
+            status, body, headers = await call(proxy, "GET", path, None, **auth())
             assert status == 200
             seen.add(worker(headers))
             bodies.add(body)
@@ -148,9 +148,9 @@ async def test_a_patch_makes_the_next_reads_come_from_teamup_on_every_worker(
     # of that new answer, on both workers (none served the answer from before the write).
     assert mock_state.operation_calls["customers_retrieve"] == 2
     assert mock_state.operation_calls["customers_list"] == 2
-    _, body, _ = await call(proxy, "GET", CUSTOMER, **auth())
+    _, body, _ = await call(proxy, "GET", CUSTOMER, None, **auth())
     assert orjson.loads(body)["first_name"] == "Zed"
-    _, listed, _ = await call(proxy, "GET", CUSTOMERS + "?ids=377002", **auth())
+    _, listed, _ = await call(proxy, "GET", CUSTOMERS + "?ids=377002", None, **auth())
     assert orjson.loads(listed)["results"][0]["first_name"] == "Zed"
 
 
