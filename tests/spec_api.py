@@ -239,3 +239,54 @@ def _piece_gaps(rest: str, param: Mapping[str, Any], section: str) -> Iterator[s
             yield f"default {schema.get('default')!r} is not the page's {default[1]!r}"
     elif "default" in schema and not param.get("x-implicit"):
         yield f"default {schema['default']!r} is not on the page, and no x-implicit says why"
+
+
+_WIDGET_MARK = re.compile(r" — (?P<where>path|query|header)(?P<required>required)?")
+
+
+def widget_problems(text: str, params: list[Mapping[str, Any]]) -> list[str] | None:
+    """The page's request widget (on 166 pages) lists `<name> — <in>` per parameter, the
+    required ones (`— queryrequired`) before `Show optional parameters`: a third reading of the
+    parameters, to hold against the document's. None: the page has no widget."""
+    start = text.find("TokenParameters")
+    end = text.find("Send API Request", start)
+    if start < 0 or end < 0:
+        return None
+    region = html.unescape(text[start + len("TokenParameters") : end])
+    optional_at = region.find("Show optional parameters")
+    parts = (
+        (region[:optional_at] if optional_at >= 0 else region, True),
+        (region[optional_at:] if optional_at >= 0 else "", False),
+    )
+    problems: list[str] = []
+    found: set[tuple[str, str, bool]] = set()
+    names = sorted({str(p["name"]) for p in params}, key=len, reverse=True)
+    for part, required in parts:
+        for mark in _WIDGET_MARK.finditer(part):
+            before = part[: mark.start()]
+            name = next((name for name in names if before.endswith(name)), None)
+            if name is None:
+                problems.append(f"the widget lists {before[-30:]!r} — {mark['where']}, unknown")
+                continue
+            if bool(mark["required"]) != required:
+                problems.append(f"the widget places {name} oddly")
+            found.add((name, mark["where"], required))
+    documented = {
+        (str(p["name"]), str(p["in"]), bool(p.get("required")) and p["in"] in ("path", "query"))
+        for p in params
+    }
+    # A requirement the document adds (x-tightened) is not the page's.
+    documented = {
+        (name, where, required and name not in _tightened_required(params))
+        for name, where, required in documented
+    }
+    if found != documented:
+        problems.append(
+            f"the widget lists {sorted(found - documented)}, "
+            f"the document {sorted(documented - found)}"
+        )
+    return problems
+
+
+def _tightened_required(params: list[Mapping[str, Any]]) -> set[str]:
+    return {str(p["name"]) for p in params if "required" in str(p.get("x-tightened", ""))}

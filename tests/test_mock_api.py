@@ -2,8 +2,8 @@
 in the right shape, a bad parameter 400, a bad path value 404, no credential 401; lists page
 through absolute `next` links to the last page; `format=xml` is well-formed XML.
 
-Runs against proxy/spec/teamup.json once it holds the lists and retrieves, against the fixture
-tests/fixtures/operations.json (a handful of operations in the same format) until then.
+Runs against proxy/spec/teamup.json; tests/fixtures/operations.json (a handful of operations in
+the same format) shows that `document=` serves another document's reads.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, quote, urlsplit
 
+import aiohttp
 import orjson
 import pytest
 import pytest_asyncio
@@ -31,7 +32,7 @@ Test = Callable[[Client, Operation], Awaitable[None]]
 TOKEN = "s3cret"
 AUTH = {"Authorization": f"Token {TOKEN}"}
 FIXTURE = Path(__file__).parent / "fixtures" / "operations.json"
-DOCUMENT: Path | None = None if any(o.kind == "list" for o in operations()) else FIXTURE
+DOCUMENT: Path | None = None  # the packaged proxy/spec/teamup.json
 OPERATIONS = operations(DOCUMENT)
 CATALOG = Catalog(OPERATIONS, 7)  # a twin of the mock's (seed 7): names objects that exist
 LISTS = [o for o in OPERATIONS if o.kind == "list"]
@@ -144,8 +145,27 @@ def assert_object(operation: Operation, item: Any) -> None:
 
 
 def test_every_get_of_the_document_is_served() -> None:
-    assert OPERATIONS, "the document has no GET operations besides the reports"
-    assert len({o.operation_id for o in OPERATIONS}) == len(OPERATIONS)
+    document = orjson.loads((Path(__file__).parents[1] / "proxy/spec/teamup.json").read_bytes())
+    reads = {
+        (path, item["get"]["operationId"])
+        for path, item in document["paths"].items()
+        if "get" in item and item["get"]["x-kind"] in ("list", "retrieve", "other")
+    }
+    assert {(o.path, o.operation_id) for o in OPERATIONS} == reads
+    assert {o.kind for o in OPERATIONS} == {"list", "retrieve", "other"}
+
+
+@MODULE_LOOP
+async def test_another_document() -> None:
+    app = create_mock_app(TOKEN, document=FIXTURE)
+    async with TestClient(TestServer(app)) as fixture_client:
+        served = await get(fixture_client, "/api/v2/checkins/settings")
+        assert served.status == 200
+        assert set(await served.json()) == {"enabled", "granularity"}
+        absent = await get(fixture_client, "/api/v2/invoices")  # not in the fixture
+        assert absent.status == 404
+        report = await get(fixture_client, "/api/v2/reports/customers/data", {"format": "json"})
+        assert report.status == 200  # the reports always come from the packaged document
 
 
 @by_id(OPERATIONS)
@@ -199,11 +219,15 @@ async def test_bad_path_values(client: Client, operation: Operation) -> None:
     good = CATALOG.example(operation)
     query = required_query(operation)
     for position, param in enumerate(operation.path_params):
-        bad = ["..", "a.b", quote("a/b", safe=""), "a%25b"]
+        bad = ["..", quote("a/b", safe=""), "a%25b"]
         if param.kind == "integer":
             bad += ["abc", "0", "-1", f"0{good[position]}", "999999999", "1.5"]
         elif param.enum:
             bad += ["not-a-choice"]
+        else:
+            pattern = param.pattern
+            assert pattern is not None
+            bad += [v for v in ("a.b", "a b", "a;b", "a:b", "a*b") if not pattern.search(v)]
         for value in bad:
             values = [*good[:position], value, *good[position + 1 :]]
             path = operation.path
@@ -236,6 +260,18 @@ async def test_faults(client: Client, operation: Operation) -> None:
     assert throttled.headers["X-Extra"] == "1"
     assert (await get(client, path, query)).status == 200
     assert faults == Faults(extra_headers={"X-Extra": "1"})
+
+
+@MODULE_LOOP
+async def test_drop_and_latency(client: Client) -> None:
+    faults = client.app[MOCK_STATE].faults
+    path = CATALOG.example_path(LISTS[0])
+    faults.drop, faults.times = True, 1
+    with pytest.raises(aiohttp.ClientError):
+        await get(client, path)
+    faults.latency = 0.01
+    assert (await get(client, path)).status == 200
+    assert client.app[MOCK_STATE].operation_calls == {LISTS[0].operation_id: 2}
 
 
 # --- lists ------------------------------------------------------------------------------------

@@ -93,7 +93,7 @@ def parse(op: Operation, query: list[tuple[str, str]], path: Any = ()) -> Any:
 
 
 def route_of(op: Operation) -> Route:
-    found = ROUTER.match(concrete(op))
+    found = AUTH_ROUTER.match(concrete(op))
     assert isinstance(found, Route), (op.operation_id, found)
     return found
 
@@ -163,7 +163,7 @@ def test_undocumented_paths_are_not_routed_and_writes_are_405() -> None:
 
 def test_keys_never_cross_operations_or_ids() -> None:
     made: dict[str, str] = {}
-    for op in ROUTED.values():
+    for op in READS:
         route = route_of(op)
         query = parse(op, list(required(op).items()), route.path)
         assert isinstance(query, CanonicalQuery)
@@ -279,7 +279,7 @@ def _question(draw: st.DrawFn, op: Operation) -> tuple[dict[str, Any], list[list
 
 
 def _operations_in_groups() -> Iterator[list[Operation]]:
-    ops = list(ROUTED.values())
+    ops = READS  # auth/* included: routed when switched on
     size = 18
     for start in range(0, len(ops), size):
         yield ops[start : start + size]
@@ -358,6 +358,92 @@ def _pairs(query: str) -> list[tuple[str, str]]:
     return parse_qsl(query, keep_blank_values=True)
 
 
-def test_every_hypothesis_group_covers_every_routed_read() -> None:
-    assert sum(len(g) for g in GROUPS) == len(ROUTED)
-    assert {op.operation_id for op in itertools.chain.from_iterable(GROUPS)} == set(ROUTED)
+def test_every_hypothesis_group_covers_every_read() -> None:
+    assert sum(len(g) for g in GROUPS) == len(READS) == 162
+    assert {op.operation_id for op in itertools.chain.from_iterable(GROUPS)} == set(IDS)
+
+
+# --- settings: read scopes, TTL overrides, the public URL ----------------------------------------
+
+
+def test_settings_name_only_what_the_document_has() -> None:
+    from pydantic import ValidationError
+
+    from proxy.settings import ClientConfig
+    from proxy.testing.e2e import make_settings
+    from proxy.web.auth import hash_key
+
+    digest = hash_key("k")
+
+    def client(**scopes: Any) -> ClientConfig:
+        return ClientConfig.model_validate({"key_sha256": digest, **scopes})
+
+    assert client(read=["customers", "events"]).may_read("events")
+    assert client(read=["*"]).may_read("anything")
+    assert client().may_read("venues")  # default: everything routed
+    narrowed = client(read=["reports"], reports=["customers"])
+    assert narrowed.may_read("reports", "customers")
+    assert not narrowed.may_read("reports", "invoices")
+    assert not narrowed.may_read("customers")
+    with pytest.raises(ValidationError, match="unknown path segment"):
+        client(read=["custmers"])
+    with pytest.raises(ValidationError, match="unknown name"):
+        make_settings("http://127.0.0.1:1", ttls={"evnts": {"fresh": 1}})
+    with pytest.raises(ValidationError, match="public_url"):
+        make_settings("http://127.0.0.1:1", public_url="ftp://proxy.example")
+    base = make_settings("http://127.0.0.1:1", public_url="https://proxy.example/teamup/")
+    assert base.public_url == "https://proxy.example/teamup"
+
+
+def test_the_most_specific_ttl_wins() -> None:
+    from proxy.testing.e2e import make_settings
+
+    def ttls(**overrides: Any) -> Any:
+        settings = make_settings("http://127.0.0.1:1", **overrides)
+        return lambda name: settings.operation_ttls(DOCUMENT[name], DOCUMENT.ttl_classes)
+
+    plain = ttls()
+    assert (plain("venues_list").fresh, plain("venues_list").stale) == (3600, 86400)
+    assert (plain("customers_list").fresh, plain("customers_list").stale) == (60, 600)
+    assert (plain("customers").fresh, plain("customers").stale) == (300, 3600)  # a report
+    layered = ttls(
+        ttls={
+            "standard": {"fresh": 1, "stale": 2},
+            "events": {"fresh": 3},
+            "events_retrieve": {"fresh": 4},
+            "reports": {"stale": 5},
+        },
+        reports={"customers": {"cache_ttl": 6}},
+    )
+    assert (layered("customers_list").fresh, layered("customers_list").stale) == (1, 2)
+    assert (layered("events_list").fresh, layered("events_list").stale) == (3, 2)
+    assert (layered("events_retrieve").fresh, layered("events_retrieve").stale) == (4, 2)
+    assert (layered("customers").fresh, layered("customers").stale) == (6, 5)
+    assert (layered("invoices").fresh, layered("invoices").stale) == (300, 5)
+
+
+_SEGMENTS = st.one_of(
+    st.sampled_from(sorted({op.path.split("/")[3] for op in READS})),
+    st.sampled_from(["1", "007", "0", "..", ".", "%2F", "%2e%2e", "a%00b", "", "me", "x:y"]),
+    st.text(max_size=12),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(_SEGMENTS, min_size=1, max_size=6), st.booleans())
+def test_any_path_routes_to_a_documented_read_or_to_a_404(
+    segments: list[str], doubled: bool
+) -> None:
+    path = ("/api/v2//" if doubled else "/api/v2/") + "/".join(segments)
+    found = AUTH_ROUTER.match(path)
+    assert found is None or isinstance(found, Route | BadPath)
+    if isinstance(found, Route):
+        for name, value in found.path:
+            if isinstance(value, str):
+                assert value not in (".", "..") and "/" not in value and "%" not in value, name
+            else:
+                assert value >= 0
+        for operation in found.operations.values():  # a value or errors, never an exception
+            assert isinstance(
+                operation.contract.parse(MultiDict(), found.path), CanonicalQuery | QueryErrors
+            )

@@ -11,8 +11,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from openapi_spec_validator import validate
 
-from tests.spec_api import API_DIR, Row, operation_problems, page_text, request_line, rows
+from tests.spec_api import (
+    API_DIR,
+    Row,
+    operation_problems,
+    page_text,
+    request_line,
+    rows,
+    widget_problems,
+)
 
 DOCUMENT: dict[str, Any] = json.loads(
     resources.files("proxy.spec").joinpath("teamup.json").read_bytes()
@@ -50,12 +59,14 @@ def test_each_operation_states_what_its_page_states(row: Row) -> None:
     assert operation["x-area"] == row.folder
     assert operation["x-kind"] == row.kind
     assert operation_problems(row, text, operation) == []
+    assert widget_problems(text, operation["parameters"]) in (None, [])
     path_names = re.findall(r"\{(\w+)\}", row.template)
     path_params = [p for p in operation["parameters"] if p["in"] == "path"]
     assert [p["name"] for p in path_params] == path_names
 
 
 def test_every_operation_of_the_index_and_no_other() -> None:
+    validate(DOCUMENT)  # OpenAPI 3.1, $refs resolving
     assert len(ROWS) == 353
     paged = {key for key, operation in OPERATIONS.items() if "x-added" not in operation}
     assert paged == {(row.method, row.template) for row in ROWS}
@@ -122,11 +133,11 @@ def test_every_list_pages_the_way_teamup_does() -> None:
         assert page == {"type": "integer", "minimum": 1, "default": 1}, path
         largest = 250 if path == "/api/v2/events" else 100
         assert size == {"type": "integer", "maximum": largest, "minimum": 1, "default": 100}, path
-        assert operation["responses"]["200"]["content"]["application/json"]["schema"] == {
-            "$ref": "#/components/schemas/List"
-        }
-    envelope = DOCUMENT["components"]["schemas"]["List"]
-    assert envelope["required"] == ["count", "next", "previous", "results"]
+        content = operation["responses"]["200"]["content"]
+        envelope = content["application/json"]["schema"]
+        assert envelope["required"] == ["count", "next", "previous", "results"], path
+        assert envelope["properties"]["results"]["type"] == "array", path
+        assert "application/xml" in content, path
 
 
 def test_common_read_parameters() -> None:
@@ -172,6 +183,8 @@ def test_path_parameters_admit_one_plain_segment_only() -> None:
             for bad in ("a/b", "..", ".", "%2F", "a%2fb", "", "a b"):
                 assert pattern.search(bad) is None, (path, param["name"], bad)
             assert pattern.search("AbC-12_3") or pattern.search("123"), (path, param["name"])
+    trigger = OPERATIONS["GET", "/api/v2/crm/workflow_triggers/{trigger}"]["parameters"][0]
+    assert re.search(trigger["schema"]["pattern"], "lead_form.submitted")
 
 
 def test_a_self_contradicting_page_says_which_reading_it_took() -> None:

@@ -293,8 +293,74 @@ _DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
 
 
 def _fields(text: str, kind: str) -> dict[str, str]:
-    """The top-level fields of the page's first example answer (of a list's first result),
-    read from the example even where the page cuts it short."""
+    """The top-level fields of one answer object (of a list's first result): the XML example's
+    (complete on most pages) in its order, typed by the JSON example where that shows them."""
+    from_json = _json_fields(text)
+    from_xml = _xml_fields(text)
+    return {name: from_json.get(name, kind) for name, kind in from_xml.items()} | from_json
+
+
+_TAG = re.compile(r"<(?P<close>/)?(?P<name>[A-Za-z_][A-Za-z0-9_.-]*)(?P<empty>/)?>")
+
+
+def _xml_fields(text: str) -> dict[str, str]:
+    responses = text.find("\nResponses")
+    if responses < 0:
+        return {}
+    examples = text.find("\n## Example", responses)
+    line = html.unescape(text[responses + 1 : examples if examples >= 0 else len(text)])
+    root = line.find("<root>")
+    if root < 0:
+        return {}
+    end = line.find("</root>", root)
+    body = line[root + len("<root>") : end if end >= 0 else len(line)]
+    if body.lstrip().startswith("<count>"):
+        start = body.find("<results>")
+        if start < 0:
+            return {}
+        stop = body.find("</results>", start)
+        body = body[start + len("<results>") : stop if stop >= 0 else len(body)]
+    fields: dict[str, str] = {}
+    depth = 0
+    opened: tuple[str, int] | None = None
+    for tag in _TAG.finditer(body):
+        name = tag["name"]
+        if tag["empty"]:
+            if depth == 0:
+                fields.setdefault(name, "array")
+        elif tag["close"]:
+            depth -= 1
+            if depth == 0 and opened is not None:
+                inner = body[opened[1] : tag.start()]
+                kind = "object" if _TAG.search(inner) else _text_type(inner.strip())
+                fields[name] = "array" if name in fields else kind
+                opened = None
+        else:
+            if depth == 0:
+                opened = (name, tag.end())
+            depth += 1
+    return fields
+
+
+def _text_type(value: str) -> str:
+    if value in ("true", "false"):
+        return "boolean"
+    if re.fullmatch(r"-?[0-9]+", value):
+        return "integer"
+    if re.fullmatch(r"-?[0-9]+\.[0-9]+", value):
+        return "number"
+    if value.startswith(("http://", "https://")):
+        return "uri"
+    if _DATE_TIME.fullmatch(value):
+        return "date-time"
+    if _DATE.fullmatch(value):
+        return "date"
+    return "string"
+
+
+def _json_fields(text: str) -> dict[str, str]:
+    """The top-level fields of the page's first JSON example answer, read even where the page
+    cuts it short."""
     at = text.find("## Example Request / Response JSON")
     example = _EXAMPLE.search(text, at) if at >= 0 else None
     if example is None:

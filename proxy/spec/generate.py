@@ -1,11 +1,11 @@
 """Build proxy/spec/teamup.json from TeamUp's API pages (`proxy.spec.api_pages`).
 
 Every operation of docs/upstream/api/endpoints.tsv becomes one OpenAPI operation with the `x-`
-keys README's "The operation document" section lists. The 32 report data operations are kept as
-the committed document states them (their parameters were reviewed by hand and are checked
-against docs/upstream/reports by proxy/spec/report_pages.py); they only gain the keys every
-operation has. Every judgement call the pages force is a table below, so a rerun gives the same
-document: `scripts/extract-spec --write` writes it, `--check` fails when the committed one differs.
+keys README's "Every TeamUp operation" lists. The 32 report data operations are kept as the
+committed document states them (their parameters were reviewed by hand and are checked against
+docs/upstream/reports by proxy/spec/report_pages.py); they only gain the keys every operation
+has. Every judgement call the pages force is a table below, so a rerun gives the same document:
+`scripts/extract-spec --write` writes it, `--check` fails when the committed one differs.
 """
 
 from __future__ import annotations
@@ -18,9 +18,10 @@ from typing import Any
 from proxy.spec.api_pages import ApiPage, ApiParam
 
 __all__ = [
-    "EVENTS_PAGE_SIZE_MAX",
+    "DOTTED_PATH_PATTERN",
+    "MAX_ITEMS",
+    "MAX_TEXT",
     "PAGE_SIZE_DEFAULT",
-    "PAGE_SIZE_MAX",
     "SAFE_PATH_PATTERN",
     "TTL_CLASSES",
     "generate_document",
@@ -30,22 +31,38 @@ __all__ = [
 ]
 
 READ_KINDS = ("list", "retrieve", "other", "report-data")
+# TeamUp's page size when a list is asked without one (the pages state only the maximum).
 PAGE_SIZE_DEFAULT = 100
-PAGE_SIZE_MAX = 100
-EVENTS_PAGE_SIZE_MAX = 250
 # A string path parameter the page gives no pattern for: one segment of plain characters, never
 # `/`, `.` or `%` (so never `..` nor a percent-encoded separator).
 SAFE_PATH_PATTERN = "^[A-Za-z0-9_-]+$"
 # Base64 ids keep `+` and `=` (still one segment, no separator).
 BASE64_PATH_PATTERN = "^[A-Za-z0-9+=_-]+$"
+# Dotted names (`lead_form.submitted`): dots only between plain runs, so never `.` or `..`.
+DOTTED_PATH_PATTERN = r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$"
+# Bounds the proxy puts on what a read's query may hold (as on the report operations), so a
+# canonical query, and the cache key made of it, stays small.
+MAX_ITEMS = 200
+MAX_TEXT = 100
+# Integer arrays that are not lists of ids (their items may be 0); none outside the reports yet.
+NOT_ID_LISTS: frozenset[str] = frozenset()
+_PATH_PATTERNS = {
+    # GET /crm/workflow_triggers/:trigger - the triggers other pages list are dotted names.
+    "trigger": (
+        DOTTED_PATH_PATTERN,
+        "The page gives no pattern; the trigger names other pages list are dotted "
+        "(`lead_form.submitted`, the `workflow_trigger` values of crm/workflow_actions).",
+    ),
+}
 
 TTL_CLASSES: dict[str, dict[str, Any]] = {
     "reference": {
         "fresh": 3600,
         "stale": 86400,
         "why": (
-            "Configuration an operator edits a few times a month (venues, rooms, membership "
-            "types and terms, forms, fields, waivers, themes, settings): an hour fresh is far "
+            "Configuration an operator edits a few times a month (the provider, venues, rooms, "
+            "membership types and terms, forms, fields, waivers, themes, settings): an hour "
+            "fresh is far "
             "below how often it changes, and a day of stale answers rides out a TeamUp outage."
         ),
     },
@@ -63,7 +80,8 @@ TTL_CLASSES: dict[str, dict[str, Any]] = {
         "stale": 60,
         "why": (
             "State that moves minute by minute and that a caller acts on (attendance, "
-            "occupancy, account and trial status, usage, checkouts, job results): ten seconds "
+            "occupancy, account and trial status, usage, gift card balances, checkouts, job "
+            "results): ten seconds "
             "still collapses a burst into one upstream call without serving yesterday's answer."
         ),
     },
@@ -85,7 +103,8 @@ _TTL_RULES: tuple[tuple[str, str], ...] = (
         r"/(attendances|course_session_attendances)(/|$)|/account_status$|/share_status$"
         r"|/usage$|/allotment$|/trial_status$|/status$|^/api/v2/bulk_actions/|^/api/v2/checkouts"
         r"|/blocked_times$|/overrides$|/unavailable_upcoming_events$|/resolved$"
-        r"|/payment_resolution$|/sms_account$|^/api/v2/external_calendars/events$",
+        r"|/payment_resolution$|/sms_account$|^/api/v2/external_calendars/events$"
+        r"|^/api/v2/gift_cards/\{id\}$",
         "volatile",
     ),
     (
@@ -95,14 +114,15 @@ _TTL_RULES: tuple[tuple[str, str], ...] = (
         r"|crm/workflows|crm/workflow_actions|waivers|policy_versions|payment_processors"
         r"|content_filters|content_collections|discount_code_groups|feature_flags|applications"
         r"|communication/notification_types|integrations/wellhub|checkins/settings"
-        r"|gift_cards/config|courses|availability_schedule_offering_types)(/|$)"
+        r"|gift_cards/config|business_closures|availability_schedule_offering_types)(/|$)"
+        r"|^/api/v2/providers(/\{id\})?$"
         r"|^/api/v2/providers/\{id\}/(theme|email_settings|customer_referral_settings)$",
         "reference",
     ),
 )
 
-# Where the page's type and values disagree or the page is silent, what the document says.
-_ARRAY_PARAMS_OF_TEXT = {
+# A parameter whose page type contradicts its description: the schema the document takes.
+_READINGS = {
     # `instructors integer`, described as "comma-separated instructor id values, or use me".
     ("events_list", "instructors"): (
         {"type": "string", "pattern": "^([1-9][0-9]*|me)$"},
@@ -117,7 +137,6 @@ ERROR_STATUSES = {
     "404": "No such object or operation.",
     "429": "Too many requests.",
 }
-_SET_NOTE = "Order and duplicates are meaningless: the values are a set."
 
 
 def template_path(path: str) -> str:
@@ -161,7 +180,6 @@ def generate_document(
                 paths.setdefault(path, {})[method] = copy.deepcopy(operation)
     paths = dict(sorted(paths.items()))
     components = copy.deepcopy(dict((committed or {}).get("components", {})))
-    components.setdefault("schemas", {})["List"] = _list_schema()
     error = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
     components["responses"] = {
         f"Error{code}": {"description": description, "content": error}
@@ -219,10 +237,11 @@ def _report_operation(page: ApiPage, kept: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _operation(page: ApiPage, path: str) -> dict[str, Any]:
-    operation: dict[str, Any] = {
-        "operationId": operation_id(page),
-        "summary": page.summary,
-    }
+    title = page.title.removeprefix("Endpoints_")
+    operation: dict[str, Any] = {"operationId": operation_id(page), "summary": title}
+    if page.summary.lower() not in title.lower():
+        # The page's own heading where it says more than the title (`Retrieve a customer`).
+        operation["description"] = page.summary
     operation.update(_common(page, path))
     if page.method == "GET" and page.fields:
         operation["x-fields"] = dict(page.fields)
@@ -257,7 +276,7 @@ def _parameter(page: ApiPage, param: ApiParam) -> dict[str, Any]:
     tightened: list[str] = []
     implicit: list[str] = []
     if param.where == "path":
-        result["schema"] = _path_schema(param, tightened)
+        result["schema"] = _path_schema(param, tightened, notes)
     elif param.where == "header":
         schema: dict[str, Any] = {"type": "string"}
         if param.enum is not None:
@@ -278,7 +297,7 @@ def _parameter(page: ApiPage, param: ApiParam) -> dict[str, Any]:
     return result
 
 
-def _path_schema(param: ApiParam, tightened: list[str]) -> dict[str, Any]:
+def _path_schema(param: ApiParam, tightened: list[str], notes: list[str]) -> dict[str, Any]:
     if param.type == "integer":
         tightened.append("minimum 1: ids are positive")
         return {"type": "integer", "minimum": 1}
@@ -287,6 +306,10 @@ def _path_schema(param: ApiParam, tightened: list[str]) -> dict[str, Any]:
         schema["enum"] = list(param.enum)
     elif param.pattern is not None:
         schema["pattern"] = param.pattern
+    elif param.name in _PATH_PATTERNS:
+        schema["pattern"], note = _PATH_PATTERNS[param.name]
+        tightened.append("pattern: dotted plain segments; the page states none")
+        notes.append(note)
     elif param.name.startswith("base64_"):
         schema["pattern"] = BASE64_PATH_PATTERN
         tightened.append("pattern: one base64 segment; the page states none")
@@ -317,11 +340,12 @@ def _query_schema(
     tightened: list[str],
     implicit: list[str],
 ) -> dict[str, Any]:
-    override = _ARRAY_PARAMS_OF_TEXT.get((operation_id(page), param.name))
+    override = _READINGS.get((operation_id(page), param.name))
     if override is not None:
         item_schema, note = override
         notes.append(note)
-        return {"type": "array", "items": dict(item_schema)}
+        tightened.append(f"maxItems {MAX_ITEMS}: the proxy's cap on a list")
+        return {"type": "array", "items": dict(item_schema), "maxItems": MAX_ITEMS}
     item = _scalar(param.type)
     if param.enum is not None:
         values: list[Any] = list(param.enum)
@@ -345,13 +369,24 @@ def _query_schema(
         item["minimum"] = param.minimum
     if param.maximum is not None:
         item["maximum"] = param.maximum
+    read = page.method == "GET"
+    if read and item == {"type": "string"} and not param.array:
+        item["maxLength"] = MAX_TEXT
+        tightened.append(f"maxLength {MAX_TEXT}: free text is bounded to keep cache keys small")
     schema: dict[str, Any]
     if param.array:
+        if read and item["type"] == "integer" and "minimum" not in item:
+            if param.name not in NOT_ID_LISTS:
+                item["minimum"] = 1
+                tightened.append("items minimum 1: ids are positive")
         schema = {"type": "array", "items": item}
         if param.min_items is not None:
             schema["minItems"] = param.min_items
         if param.max_items is not None:
             schema["maxItems"] = param.max_items
+        elif read:
+            schema["maxItems"] = MAX_ITEMS
+            tightened.append(f"maxItems {MAX_ITEMS}: the proxy's cap on a list")
     else:
         schema = item
     if param.default is not None:
@@ -396,7 +431,7 @@ def _responses(page: ApiPage) -> dict[str, Any]:
                 "One page: count, absolute next / previous URLs on TeamUp's host, results."
             ),
             "content": {
-                "application/json": {"schema": {"$ref": "#/components/schemas/List"}},
+                "application/json": {"schema": _list_schema()},
                 "application/xml": {},
             },
         }

@@ -6,7 +6,8 @@ date-timecustomers integer[]…`. `parse_page` splits that text into parameters 
 array-ness, `Possible values`, `Default value`, `required`, description) and reads the report's
 columns and, from the response's example row and schema text, the type of each column.
 `gaps` lists every way the document departs from a page; `scripts/extract-spec` and
-`tests/test_spec_pages.py` both use it, so the rules live here only.
+`tests/test_spec_pages.py` both use it, so the rules live here only (in the package, because
+scripts import the package, never the tests).
 """
 
 from __future__ import annotations

@@ -970,6 +970,7 @@ def main(argv: list[str] | None = None) -> None:
     app = create_mock_app(args.token, latency=args.latency, seed=args.seed, document=args.document)
     for endpoint in endpoints().values():
         _table(args.seed, endpoint)  # every report's rows now, not during its first request
+    app[_CATALOG].warm()
     web.run_app(
         app,
         host=args.host,

@@ -68,6 +68,14 @@ def _fill(template: str, values: Sequence[str]) -> str:
     return re.sub(r"{[^}]+}", lambda _: next(parts), template)
 
 
+def _owners(operation: Operation) -> list[tuple[str, Param]]:
+    """Each path parameter with the template of the collection it picks from (the path before
+    its segment: `/api/v2/customers` for the `{id}` of `/api/v2/customers/{id}/account_status`)."""
+    found = re.finditer(r"{[^}]+}", operation.path)
+    owners = [operation.path[: match.start()].rsplit("/", 1)[0] for match in found]
+    return list(zip(owners, operation.path_params, strict=True))
+
+
 @dataclass(frozen=True, slots=True)
 class _Collection:
     key: str  # template, e.g. /api/v2/events or /api/v2/checkouts/{id}/items
@@ -150,29 +158,19 @@ class Catalog:
 
     def exists(self, operation: Operation, values: Sequence[str]) -> bool:
         """Whether every integer path value of a request names a member of its collection."""
-        segments = operation.path.split("/")
-        position = 0
-        for at, segment in enumerate(segments):
-            if not segment.startswith("{"):
-                continue
-            param, value = operation.path_params[position], values[position]
-            position += 1
-            template = "/".join(segments[:at])
-            last = position == len(values) and operation.kind == "retrieve"
-            if (param.kind == "integer" or last) and self.index(template, param, value) is None:
+        last = len(values) - 1
+        for position, (template, param) in enumerate(_owners(operation)):
+            named = param.kind == "integer" or (position == last and operation.kind == "retrieve")
+            if named and self.index(template, param, values[position]) is None:
                 return False
         return True
 
     def example(self, operation: Operation) -> list[str]:
         """Path values that name existing objects (the first of each collection)."""
-        segments = operation.path.split("/")
         values: list[str] = []
-        for at, segment in enumerate(segments):
-            if not segment.startswith("{"):
-                continue
-            param = operation.path_params[len(values)]
+        for template, param in _owners(operation):
             if param.kind == "integer":
-                values.append(str(entity_id(_kind("/".join(segments[:at])), 0)))
+                values.append(str(entity_id(_kind(template), 0)))
             elif param.enum:
                 values.append(param.enum[0])
             else:
@@ -287,6 +285,12 @@ class Catalog:
             found = tuple(self.obj(key, parents, index) for index in range(size))
             self._members[cache_key] = found
         return found
+
+    def warm(self) -> None:
+        """Generate every top-level collection now, not during its first request."""
+        for key in self.collections:
+            if "{" not in key and not self.collections[key].single:
+                self.members(key, ())
 
     def expanded(self, kind: str, ident: Any) -> Any:
         """The object an id of a kind stands for, as `expand` answers it."""

@@ -243,7 +243,7 @@ class UpstreamClient:
     async def fetch(
         self, path: str, query_string: str, *, fmt: str, request_id: str
     ) -> UpstreamResponse:
-        """GET one report's `path` (from the endpoint document, never from a caller);
+        """GET one read's `path` (from the operation document, never from a caller);
         a failed connect is retried once, nothing else is."""
         if self._session is None:
             raise RuntimeError("UpstreamClient.start() was not awaited")
