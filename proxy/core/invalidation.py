@@ -12,7 +12,13 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-__all__ = ["EXTRA", "default_invalidates", "read_collection", "write_invalidates"]
+__all__ = [
+    "EXTRA",
+    "default_invalidates",
+    "read_collection",
+    "read_collections",
+    "write_invalidates",
+]
 
 # Writes whose effect shows beyond their own segment (a booking changes attendance reads).
 EXTRA: Mapping[str, tuple[str, ...]] = {
@@ -33,32 +39,48 @@ def read_collection(segment: str, report: str | None) -> str:
     return segment
 
 
+def read_collections(paths: Mapping[str, Mapping[str, Any]]) -> frozenset[str]:
+    """Every collection some read of an OpenAPI `paths` object belongs to."""
+    found = set()
+    for path, item in paths.items():
+        spec = item.get("get")
+        if isinstance(spec, Mapping):
+            report = spec.get("x-report")
+            segment = path.removeprefix("/api/v2/").split("/")[0]
+            found.add(read_collection(segment, None if report is None else str(report)))
+    return frozenset(found)
+
+
 def _singular(segment: str) -> str:
     return segment[:-1] if segment.endswith("s") else segment
 
 
-def default_invalidates(segment: str, kind: str, reports: Iterable[str]) -> tuple[str, ...]:
+def default_invalidates(segment: str, kind: str, collections: Iterable[str]) -> tuple[str, ...]:
     """The collections a write under `segment` changes unless the document says otherwise:
     its own segment, the reports named after it (`customers` → `reports/customers`,
-    `reports/customer_credits`, …) and `EXTRA`. A report export changes nothing."""
+    `reports/customer_credits`, …) and `EXTRA` — those of `collections` (the document's read
+    collections: a write under a segment nobody reads invalidates nothing). A report export
+    changes nothing."""
+    known = frozenset(collections)
     if kind == "report-export" or segment == "auth":
         return ()
     found = [segment]
     prefix = _singular(segment) + "_"
-    for report in sorted({name.split(".", 1)[0] for name in reports}):
-        if report == segment or report.startswith(prefix):
-            found.append(f"reports/{report}")
+    for name in sorted(known):
+        report = name.removeprefix("reports/")
+        if name.startswith("reports/") and (report == segment or report.startswith(prefix)):
+            found.append(name)
     found.extend(EXTRA.get(segment, ()))
-    return tuple(dict.fromkeys(found))
+    return tuple(name for name in dict.fromkeys(found) if name in known)
 
 
 def write_invalidates(
-    spec: Mapping[str, Any], segment: str, kind: str, reports: Iterable[str]
+    spec: Mapping[str, Any], segment: str, kind: str, collections: Iterable[str]
 ) -> tuple[str, ...]:
     """The operation's `x-invalidates` when the document gives it, else the defaults."""
     given = spec.get("x-invalidates")
     if given is None:
-        return default_invalidates(segment, kind, reports)
+        return default_invalidates(segment, kind, collections)
     if not isinstance(given, list) or not all(isinstance(name, str) for name in given):
         raise ValueError(f"{spec.get('operationId')}: x-invalidates must be a list of names")
     return tuple(dict.fromkeys(given))

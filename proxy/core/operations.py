@@ -19,7 +19,7 @@ from urllib.parse import quote
 import orjson
 
 from .contract import Contract, PathValue, contract_from_operation
-from .invalidation import read_collection, write_invalidates
+from .invalidation import read_collection, read_collections, write_invalidates
 
 __all__ = [
     "API_PREFIX",
@@ -279,12 +279,7 @@ def operations_from_document(document: Mapping[str, Any]) -> Operations:
     fails at start-up."""
     found: dict[str, Operation] = {}
     classes = _ttl_classes(document)
-    report_names = [
-        str(spec["x-report"])
-        for item in document["paths"].values()
-        for method, spec in item.items()
-        if method == "get" and "x-report" in spec
-    ]
+    collections = read_collections(document["paths"])
     reports: set[str] = set()
     for path, item in document["paths"].items():
         if not path.startswith(API_PREFIX) or "//" in path:
@@ -322,8 +317,13 @@ def operations_from_document(document: Mapping[str, Any]) -> Operations:
                 report,
                 contract_from_operation(spec, names),
                 spec,
-                () if method == "get" else write_invalidates(spec, segment, kind, report_names),
+                () if method == "get" else write_invalidates(spec, segment, kind, collections),
             )
+    for op in found.values():
+        unknown = [name for name in op.invalidates if name not in collections]
+        if unknown:
+            # A misspelt name would never invalidate anything: refuse it at start-up.
+            raise ValueError(f"{op.operation_id}: x-invalidates names no read: {unknown}")
     return Operations(found, classes)
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from proxy.spec.api_pages import ApiPage, ApiParam
 
-from ..core.invalidation import default_invalidates
+from ..core.invalidation import default_invalidates, read_collections
 
 __all__ = [
     "DOTTED_PATH_PATTERN",
@@ -486,13 +486,11 @@ def _list_schema() -> dict[str, Any]:
 def add_invalidates(paths: Mapping[str, Mapping[str, dict[str, Any]]]) -> None:
     """`x-invalidates` on every write: the collections whose cached reads it can change (the
     defaults by path of proxy/core/invalidation.py; issue 21)."""
-    reports = [
-        str(op["x-report"]) for item in paths.values() for op in item.values() if "x-report" in op
-    ]
+    collections = read_collections(paths)
     for path, item in paths.items():
         segment = path.removeprefix("/api/v2/").split("/")[0]
         for method, operation in item.items():
             if method == "get":
                 continue
             kind = str(operation.get("x-kind", "write"))
-            operation["x-invalidates"] = list(default_invalidates(segment, kind, reports))
+            operation["x-invalidates"] = list(default_invalidates(segment, kind, collections))
