@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from proxy.core.operations import load_document, load_operations, operations_from_document
@@ -41,7 +43,7 @@ def test_a_customer_write_reaches_its_reads_and_reports() -> None:
 
 
 def test_a_misspelt_collection_is_refused_at_start_up() -> None:
-    document = {
+    document: dict[str, Any] = {
         "paths": {
             "/api/v2/customers": {
                 "get": {"operationId": "customers_list", "x-kind": "list"},
