@@ -94,14 +94,22 @@ class WriteService:
         request_id: str,
         token: str | None,
     ) -> WriteAnswer:
-        """One write. It runs to its end even if the caller hangs up: a write that reached
-        TeamUp must have its answer kept (for a retry with its key) and its reads invalidated."""
+        """One write. Once it is being sent it runs to its end even if the caller hangs up: a
+        write that reached TeamUp must have its answer kept (for a retry with its key) and its
+        reads invalidated. One whose caller hung up while it still waited its turn for the
+        budget is dropped, never sent (the caller saw no answer and may retry)."""
+        sending = asyncio.Event()
         task = asyncio.ensure_future(
-            self._write(caller, operation, query, body, content_type, request_id, token)
+            self._write(caller, operation, query, body, content_type, request_id, token, sending)
         )
         self._running.add(task)
         task.add_done_callback(self._running.discard)
-        return await asyncio.shield(task)
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if not sending.is_set():
+                task.cancel()
+            raise
 
     async def close(self) -> None:
         """Let writes in flight finish (their callers may have gone; TeamUp has not)."""
@@ -117,6 +125,7 @@ class WriteService:
         content_type: str,
         request_id: str,
         token: str | None,
+        sending: asyncio.Event,
     ) -> WriteAnswer:
         claimed: Claimed | None = None
         if token is not None:
@@ -142,7 +151,9 @@ class WriteService:
             claimed = found
             stored_print = print_
         try:
-            result = await self._send(caller, operation, query, body, content_type, request_id)
+            result = await self._send(
+                caller, operation, query, body, content_type, request_id, sending
+            )
         except BaseException:
             if claimed is not None:
                 await self.idempotency.release(claimed)
@@ -178,12 +189,14 @@ class WriteService:
         body: bytes,
         content_type: str,
         request_id: str,
+        sending: asyncio.Event,
     ) -> WriteAnswer:
         fmt = query.get("format")
         fmt_name = fmt if isinstance(fmt, str) else "json"
         try:
             # The write waits its client's turn for a unit of the shared budget, like a miss.
             await self.guard.acquire_slot(Turn(caller.name, caller.config.weight))
+            sending.set()  # from here on it runs to its end, caller or not
             response = await self.upstream.send(
                 operation.method,
                 operation.upstream_path(query.path),

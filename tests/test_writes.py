@@ -17,6 +17,7 @@ from proxy.testing.e2e import KEY, OTHER_KEY, auth
 from proxy.testing.mock import MockState
 from proxy.testing.writes import MOCK_WRITES, MockWrites, WriteFaults
 from proxy.web.auth import hash_key
+from proxy.web.handlers import STATE
 from tests.conftest import LogLines, MakeProxy
 from tests.test_caching import eventually
 
@@ -334,3 +335,35 @@ async def test_audit_line_and_metric(
         'outcome="2xx"} 1.0' in metrics
     )
     assert 'outcome="replayed"} 1.0' in metrics
+
+
+async def test_a_write_whose_caller_hangs_up_while_queued_is_never_sent(
+    make_proxy: MakeProxy, redis_url: str, mock_writes: MockWrites, json_logs: LogLines
+) -> None:
+    proxy = await make_proxy(
+        redis_url=redis_url,
+        clients=clients(),
+        upstream_rate_limit="1/minute",
+        upstream_burst=1,
+        upstream_queue_timeout=120,
+    )
+    assert (await patch(proxy)).status == 200  # spends the only unit for a minute
+    queue = proxy.app[STATE].service.guard.queue
+    waiting = asyncio.ensure_future(patch(proxy, headers={"Idempotency-Key": "k-gone"}))
+    await eventually(lambda: asyncio.sleep(0, len(queue) == 1))
+    waiting.cancel()  # the caller hangs up while its write waits for the budget
+    await eventually(lambda: asyncio.sleep(0, len(queue) == 0))
+    assert sent(mock_writes) == 1
+    # Its key was given back: a retry is not a 409 (it queues again; the test stops there).
+    retry = asyncio.ensure_future(patch(proxy, headers={"Idempotency-Key": "k-gone"}))
+    await eventually(lambda: asyncio.sleep(0, len(queue) == 1))
+    retry.cancel()
+    await eventually(
+        lambda: asyncio.sleep(
+            0,
+            any(
+                r.get("logger") == "teamup_proxy.audit" and r["outcome"] == "gone"
+                for r in json_logs.records()
+            ),
+        )
+    )

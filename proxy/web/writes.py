@@ -3,6 +3,7 @@ and the query, limit, then `WriteService`; one audit line and one metric per wri
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
@@ -105,6 +106,9 @@ async def write(request: web.Request, operation: Operation, path: PathValue) -> 
         if result is not None:
             outcome = result.outcome
         return response
+    except asyncio.CancelledError:
+        outcome = "gone"  # the caller hung up (sent or not: see WriteService.write)
+        raise
     finally:
         state = request.app[STATE]
         upstream_ms = result.answer.upstream_ms if result is not None else None
