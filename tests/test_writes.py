@@ -15,6 +15,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from proxy.core.operations import Operation, load_operations
 from proxy.testing.e2e import KEY, OTHER_KEY, auth
 from proxy.testing.mock import MockState
+from proxy.testing.support import RedisServer
 from proxy.testing.writes import MOCK_WRITES, MockWrites, WriteFaults
 from proxy.web.auth import hash_key
 from proxy.web.handlers import STATE
@@ -367,3 +368,33 @@ async def test_a_write_whose_caller_hangs_up_while_queued_is_never_sent(
             ),
         )
     )
+
+
+async def test_writes_while_redis_is_down_and_after(
+    make_proxy: MakeProxy, own_redis: RedisServer, mock_writes: MockWrites, mock_state: MockState
+) -> None:
+    """Redis away: a write is still sent once, its key replays in this process, and its own
+    reads are invalidated here; Redis back: the bump reaches it before it is read again."""
+    proxy = await make_proxy(
+        redis_url=own_redis.url, clients=clients(), redis_retry_interval=0.1, cache_l1_ttl=1.0
+    )
+    assert (await proxy.get(CUSTOMER, headers=auth())).status == 200
+    own_redis.stop()
+    key = {"Idempotency-Key": "k-down"}
+    first = await patch(proxy, headers=key)
+    again = await patch(proxy, headers=key)
+    assert first.status == again.status == 200
+    assert again.headers["Idempotent-Replayed"] == "true"
+    assert sent(mock_writes) == 1
+    calls = mock_state.operation_calls["customers_retrieve"]
+    after = await proxy.get(CUSTOMER, headers=auth())
+    assert (await after.json())["first_name"] == "Zed"
+    assert mock_state.operation_calls["customers_retrieve"] == calls + 1
+    own_redis.start()
+
+    async def generation_in_redis() -> bool:
+        await proxy.get(CUSTOMERS, headers=auth())  # a lookup reads the hash (and pushes first)
+        with own_redis.client() as sync:
+            return sync.hget("teamup-proxy:gen", "customers") == b"1"
+
+    await eventually(generation_in_redis)
