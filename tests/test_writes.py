@@ -395,6 +395,6 @@ async def test_writes_while_redis_is_down_and_after(
     async def generation_in_redis() -> bool:
         await proxy.get(CUSTOMERS, headers=auth())  # a lookup reads the hash (and pushes first)
         with own_redis.client() as sync:
-            return sync.hget("teamup-proxy:gen", "customers") == b"1"
+            return bool(sync.hget("teamup-proxy:gen", "customers") == b"1")
 
     await eventually(generation_in_redis)
