@@ -269,6 +269,8 @@ class WriteService:
             await self._invalidate(operation)
         body = self.links.rewrite(response.body) if status < 300 else response.body
         headers = dict(response.headers)
+        if "Location" in headers:  # a created object's URL points at the proxy, as links do
+            headers["Location"] = self.links.rewrite(headers["Location"].encode()).decode()
         if body and "Content-Type" not in headers:
             headers["Content-Type"] = JSON
         answer = Answer(status, body, headers, "write", status, upstream_ms)

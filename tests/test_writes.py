@@ -398,3 +398,22 @@ async def test_writes_while_redis_is_down_and_after(
             return bool(sync.hget("teamup-proxy:gen", "customers") == b"1")
 
     await eventually(generation_in_redis)
+
+
+async def test_a_create_is_listed_and_retrievable_through_the_proxy(
+    proxy: Proxy, mock_writes: MockWrites
+) -> None:
+    before = await (await proxy.get(CUSTOMERS, headers=auth())).json()
+    created = await proxy.post(
+        CUSTOMERS,
+        data=b'{"first_name": "New", "last_name": "Customer"}',
+        headers={**auth(), "Content-Type": "application/json"},
+    )
+    assert created.status == 201
+    body = await created.json()
+    # TeamUp's absolute Location points at the proxy (root-relative without PROXY_PUBLIC_URL).
+    assert created.headers["Location"] == f"{CUSTOMERS}/{body['id']}"
+    again = await proxy.get(created.headers["Location"], headers=auth())
+    assert again.status == 200 and (await again.json())["first_name"] == "New"
+    after = await (await proxy.get(CUSTOMERS, headers=auth())).json()
+    assert after["count"] == before["count"] + 1

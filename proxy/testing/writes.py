@@ -207,9 +207,14 @@ def _handler(write: DocOperation, target: _Target) -> Any:
                 return _failed(request, after)
             if body is None:
                 return web.Response(status=status)
-            return web.Response(
+            response = web.Response(
                 status=status, body=orjson.dumps(body), content_type="application/json"
             )
+            if status == 201:  # where the created object is, as DRF's CreateModelMixin says
+                response.headers["Location"] = (
+                    f"{request.scheme}://{request.host}{path.rstrip('/')}/{body['id']}"
+                )
+            return response
 
         return await _guarded(request, "", write.operation_id, answer)
 
