@@ -13,6 +13,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from proxy.core.operations import Operation, load_operations
+from proxy.settings import ClientConfig
 from proxy.testing.e2e import KEY, OTHER_KEY, auth
 from proxy.testing.mock import MockState
 from proxy.testing.support import RedisServer
@@ -417,3 +418,15 @@ async def test_a_create_is_listed_and_retrievable_through_the_proxy(
     assert again.status == 200 and (await again.json())["first_name"] == "New"
     after = await (await proxy.get(CUSTOMERS, headers=auth())).json()
     assert after["count"] == before["count"] + 1
+
+
+def test_write_scopes_are_checked_at_start_up() -> None:
+    key = hash_key(KEY)
+    assert ClientConfig.model_validate({"key_sha256": key}).write == ()  # default: no writes
+    assert not ClientConfig.model_validate({"key_sha256": key}).may_write("customers")
+    anything = ClientConfig.model_validate({"key_sha256": key, "write": ["*"]})
+    assert anything.may_write("customers") and anything.may_write("events")
+    booking = ClientConfig.model_validate({"key_sha256": key, "write": ["events"]})
+    assert booking.may_write("events") and not booking.may_write("customers")
+    with pytest.raises(ValueError, match="unknown path segment"):
+        ClientConfig.model_validate({"key_sha256": key, "write": ["customer"]})
