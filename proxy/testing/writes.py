@@ -239,6 +239,11 @@ async def _list_writes(request: web.Request) -> web.Response:
     return web.Response(body=orjson.dumps(body), content_type="application/json")
 
 
+async def _forget_writes(request: web.Request) -> web.Response:
+    request.app[MOCK_WRITES].received.clear()
+    return web.Response(status=204)
+
+
 def install_writes(app: web.Application, reads: Sequence[Operation], seed: int) -> None:
     """Route every documented write of the shipped document on the mock app."""
     writes = MockWrites()
@@ -254,3 +259,4 @@ def install_writes(app: web.Application, reads: Sequence[Operation], seed: int) 
         app.router.add_route(op.method, route.replace("/api/v2/", "/api/v2//", 1), handler)
     app.router.add_route("PUT", "/_mock/write-faults", _put_faults)
     app.router.add_route("GET", "/_mock/writes", _list_writes)
+    app.router.add_route("DELETE", "/_mock/writes", _forget_writes)
