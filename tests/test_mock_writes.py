@@ -49,9 +49,10 @@ async def test_a_body_must_be_a_json_object(mock: Mock) -> None:
     assert unauthorised.status == 401
 
 
-async def test_update_delete_and_create_change_what_reads_see(mock: Mock) -> None:
+async def test_update_and_delete_change_what_reads_see(mock: Mock) -> None:
     path = "/api/v2/applications"
     status, listed = await json_of(mock, "GET", path)
+    assert status == 200
     first = listed["results"][0]["id"]
     assert (await json_of(mock, "PATCH", f"{path}/{first}", b'{"name": "Renamed"}'))[0] == 200
     assert (await json_of(mock, "GET", f"{path}/{first}"))[1]["name"] == "Renamed"
