@@ -91,13 +91,18 @@ class Generations:
         client = self.client
         if client is None or not self.link.up:
             return sent
+        # Bumps made while Redis was away go first (while it refuses writes they wait: the
+        # local view keeps them meanwhile).
+        pending = dict(self._pending) if self.link.writable else {}
         try:
-            pipe = client.pipeline(transaction=True)
-            pending = dict(self._pending)
-            for name, count in pending.items():
-                pipe.hincrby(self.key, name, count)
-            pipe.hgetall(self.key)
-            replies = await pipe.execute()
+            if pending:
+                pipe = client.pipeline(transaction=True)
+                for name, count in pending.items():
+                    pipe.hincrby(self.key, name, count)
+                pipe.hgetall(self.key)
+                replies = await pipe.execute()
+            else:
+                replies = [await client.hgetall(self.key)]
         except REDIS_ERRORS as exc:
             self.link.failed(exc, "generations")
             return sent
