@@ -5,11 +5,15 @@ and a bump made while Redis is away still reaches it before it is read again."""
 from __future__ import annotations
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 
 from proxy.backends import keys
 from proxy.backends.generations import Generations
 from proxy.backends.link import RedisLink
 from proxy.testing.e2e import FakeClock
+from tests.test_cluster import client, cluster
+
+__all__ = ["client", "cluster"]  # the Cluster fixtures, shared with test_cluster
 
 PREFIX = "teamup-proxy:"
 
@@ -81,3 +85,15 @@ async def test_a_view_never_goes_back(redis_client: aioredis.Redis) -> None:
     clock.advance(1)
     # Entries of generation 0 or 1 may still be in Redis: never read them again.
     assert await a.get("customers") == 2
+
+
+async def test_bumps_and_reads_on_a_cluster(client: RedisCluster) -> None:
+    """One hash, one slot: the script adds and reads atomically on Redis Cluster too."""
+    clock = FakeClock(0.0)
+    a = Generations(RedisLink(client), client, PREFIX, interval=0.05, clock=clock)
+    b = Generations(RedisLink(client), client, PREFIX, interval=0.05, clock=clock)
+    assert await b.get("customers") == 0
+    assert await a.bump(["customers", "reports/customers"])
+    clock.advance(1)
+    assert await b.get("customers") == 1
+    assert await b.get("reports/customers") == 1

@@ -20,10 +20,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 from . import keys
 from .link import REDIS_ERRORS, AnyRedis, RedisLink
+from .scripts import load_script
 
 __all__ = ["Generations"]
 
@@ -51,6 +52,8 @@ class Generations:
         self._sent = float("-inf")  # when the HGETALL behind the view was sent
         self._pending: dict[str, int] = {}  # bumps Redis has not seen yet
         self._refresh: asyncio.Future[float] | None = None
+        # One script adds and reads atomically, on a single server and on Cluster alike.
+        self._script = client.register_script(load_script("generations")) if client else None
 
     def now(self, collection: str) -> int | None:
         """The collection's generation if the view may still be used (no I/O), else None."""
@@ -96,13 +99,9 @@ class Generations:
         pending = dict(self._pending) if self.link.writable else {}
         try:
             if pending:
-                pipe = client.pipeline(transaction=True)
-                for name, count in pending.items():
-                    pipe.hincrby(self.key, name, count)
-                pipe.hgetall(self.key)
-                replies = await pipe.execute()
+                raw = await self._run(pending)
             else:
-                replies = [await client.hgetall(self.key)]
+                raw = _pairs(await client.hgetall(self.key))
         except REDIS_ERRORS as exc:
             self.link.failed(exc, "generations")
             return sent
@@ -112,8 +111,7 @@ class Generations:
                 self._pending[name] = left
             else:
                 self._pending.pop(name, None)
-        raw = replies[-1]
-        view = {_text(k): int(v) for k, v in raw.items()}
+        view = dict(raw)
         # Never backwards: a bump this process made after the HGETALL was sent may be newer
         # (and a lost hash must not bring back entries of generations already left behind).
         for name, value in self._view.items():
@@ -132,15 +130,12 @@ class Generations:
         client = self.client
         if client is not None and self.link.up:
             try:
-                pipe = client.pipeline(transaction=True)
-                for name in names:
-                    pipe.hincrby(self.key, name, 1)
-                values = await pipe.execute()
+                found = dict(await self._run(dict.fromkeys(names, 1)))
             except REDIS_ERRORS as exc:
                 self.link.failed(exc, "generations")
             else:
-                for name, value in zip(names, values, strict=True):
-                    self._view[name] = max(self._view.get(name, 0), int(value))
+                for name in names:
+                    self._view[name] = max(self._view.get(name, 0), found.get(name, 0))
                 return True
         for name in names:
             self._view[name] = self._view.get(name, 0) + 1
@@ -151,11 +146,24 @@ class Generations:
         )
         return False
 
+    async def _run(self, counts: dict[str, int]) -> list[tuple[str, int]]:
+        """Add `counts` to the hash and read all of it, in one script call."""
+        assert self._script is not None
+        args: list[str | int] = []
+        for name, count in counts.items():
+            args.extend((name, count))
+        flat = await self._script(keys=[self.key], args=args)
+        return [(_text(flat[i]), int(flat[i + 1])) for i in range(0, len(flat), 2)]
+
     async def settle(self) -> None:
         """Wait until no process can still use a view from before the last bump (call after a
         bump, before the write is answered)."""
         if self.interval > 0 and self.client is not None:
             await asyncio.sleep(self.interval)
+
+
+def _pairs(raw: Mapping[bytes | str, bytes | str]) -> list[tuple[str, int]]:
+    return [(_text(k), int(v)) for k, v in raw.items()]
 
 
 def _text(value: bytes | str) -> str:
