@@ -96,7 +96,11 @@ async def test_every_documented_write_is_routed_to_its_operation(
             response.status,
             text,
         )
-        assert mock_writes.received[-1].operation == op.operation_id
+        received = mock_writes.received[-1]
+        assert received.operation == op.operation_id
+        # Only the caller's Content-Type reaches TeamUp, and only with a body.
+        given = {k.lower(): v for k, v in received.headers.items()}
+        assert given.get("content-type") == ("application/json" if body else None)
     assert sent(mock_writes) == len(writes)
 
 

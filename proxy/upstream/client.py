@@ -403,7 +403,12 @@ class UpstreamClient:
 
         try:
             async with self._session.request(
-                method, url, data=body, headers=headers, allow_redirects=False
+                # No body: no payload at all (aiohttp would label b"" application/octet-stream).
+                method,
+                url,
+                data=body or None,
+                headers=headers,
+                allow_redirects=False,
             ) as response:
                 try:
                     return await self._write_answer(response, fmt, started)
