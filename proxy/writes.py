@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import time
 from dataclasses import dataclass
 
 from .backends.generations import Generations
@@ -141,6 +142,17 @@ class WriteService:
             if isinstance(found, Held):
                 if found.fingerprint != print_:
                     return self._mismatch()
+                since = found.since
+                if since is not None and time.time() - since > self.idempotency.flight:
+                    # Its proxy died while sending it: done or not, nobody knows; never again.
+                    unknown = _error(
+                        502,
+                        FailureKind.OUTCOME_UNKNOWN.code,
+                        "A request with this Idempotency-Key was being sent to TeamUp when its "
+                        "proxy stopped: it may or may not have been done. It is not sent again; "
+                        "check before retrying with a new key.",
+                    )
+                    return WriteAnswer(unknown, "outcome_unknown", False, replayed=True)
                 conflict = _error(
                     409,
                     "idempotency_key_in_use",
@@ -152,7 +164,7 @@ class WriteService:
             stored_print = print_
         try:
             result = await self._send(
-                caller, operation, query, body, content_type, request_id, sending
+                caller, operation, query, body, content_type, request_id, sending, claimed
             )
         except BaseException:
             if claimed is not None:
@@ -190,6 +202,7 @@ class WriteService:
         content_type: str,
         request_id: str,
         sending: asyncio.Event,
+        claimed: Claimed | None,
     ) -> WriteAnswer:
         fmt = query.get("format")
         fmt_name = fmt if isinstance(fmt, str) else "json"
@@ -197,6 +210,8 @@ class WriteService:
             # The write waits its client's turn for a unit of the shared budget, like a miss.
             await self.guard.acquire_slot(Turn(caller.name, caller.config.weight))
             sending.set()  # from here on it runs to its end, caller or not
+            if claimed is not None:
+                await self.idempotency.sending(claimed)
             response = await self.upstream.send(
                 operation.method,
                 operation.upstream_path(query.path),

@@ -8,10 +8,15 @@ import asyncio
 import json
 from typing import Any
 
+import orjson
 import pytest
+import redis.asyncio as aioredis
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
+from multidict import MultiDict
 
+from proxy.backends import keys
+from proxy.core.contract import CanonicalQuery
 from proxy.core.operations import Operation, load_operations
 from proxy.settings import ClientConfig
 from proxy.testing.e2e import KEY, OTHER_KEY, auth
@@ -20,6 +25,7 @@ from proxy.testing.support import RedisServer
 from proxy.testing.writes import MOCK_WRITES, MockWrites, WriteFaults
 from proxy.web.auth import hash_key
 from proxy.web.handlers import STATE
+from proxy.writes import fingerprint
 from tests.conftest import LogLines, MakeProxy
 from tests.test_caching import eventually
 
@@ -434,3 +440,22 @@ def test_write_scopes_are_checked_at_start_up() -> None:
     assert booking.may_write("events") and not booking.may_write("customers")
     with pytest.raises(ValueError, match="unknown path segment"):
         ClientConfig.model_validate({"key_sha256": key, "write": ["customer"]})
+
+
+async def test_a_key_whose_proxy_died_while_sending_is_never_sent_again(
+    proxy: Proxy, redis_url: str, mock_writes: MockWrites
+) -> None:
+    """A mark left by a proxy that died mid-send: the outcome is unknown, so a repeat with its
+    key learns that (502 upstream_outcome_unknown) and nothing is sent."""
+    operation = load_operations()["customers_partial_update"]
+    query = operation.contract.parse(MultiDict(), (("id", 377001),))
+    assert isinstance(query, CanonicalQuery)
+    body = b'{"first_name": "Zed"}'
+    mark = {"f": fingerprint(operation, query, "application/json", body), "n": "x", "t": 1.0}
+    client = aioredis.Redis.from_url(redis_url)
+    await client.set(keys.idempotency(keys.PREFIX, "billing", "k-died"), b"S" + orjson.dumps(mark))
+    await client.aclose()
+    response = await patch(proxy, body, headers={"Idempotency-Key": "k-died"})
+    assert response.status == 502
+    assert (await response.json())["code"] == "upstream_outcome_unknown"
+    assert sent(mock_writes) == 0

@@ -44,17 +44,22 @@ class Stored:
 
 @dataclass(frozen=True, slots=True)
 class Held:
-    """Another request with this key is being sent now."""
+    """Another request with this key is waiting for the budget (`since` None) or was being
+    sent at wall-clock time `since` (if its proxy died meanwhile, the mark stays: whether
+    TeamUp did it is unknown, and it must never be sent again)."""
 
     fingerprint: str
+    since: float | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Claimed:
-    """This request holds the key: send the write, then `finish` or `release`."""
+    """This request holds the key: `sending` just before it is sent, then `finish` (or
+    `release`, if it never was)."""
 
     key: str
     mark: bytes
+    fingerprint: str = ""
 
 
 def _mark(fingerprint: str) -> bytes:
@@ -64,7 +69,9 @@ def _mark(fingerprint: str) -> bytes:
 def _parse(data: bytes) -> Stored | Held:
     if data[:1] == b"D":
         return Stored.from_bytes(data)
-    return Held(str(orjson.loads(data[1:])["f"]))
+    meta = orjson.loads(data[1:])
+    since = meta.get("t") if data[:1] == b"S" else None
+    return Held(str(meta["f"]), None if since is None else float(since))
 
 
 class IdempotencyStore:
@@ -79,6 +86,7 @@ class IdempotencyStore:
         ttl: int,
         flight_ttl: float,
         clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
     ) -> None:
         self.link = link
         self.client = client
@@ -86,6 +94,8 @@ class IdempotencyStore:
         self.ttl = ttl
         self.flight_ms = max(1000, int(flight_ttl * 1000))
         self.clock = clock
+        self.wall = wall  # `since` of a mark another replica reads
+        self.flight = flight_ttl
         self._memory: dict[str, tuple[float, bytes]] = {}
         self._begin = client.register_script(load_script("idempotency_begin")) if client else None
         self._release = (
@@ -103,13 +113,30 @@ class IdempotencyStore:
                 self.link.failed(exc, "idempotency")
             else:
                 if int(reply[0]) == 1:
-                    return Claimed(key, mark)
+                    return Claimed(key, mark, fingerprint)
                 return _parse(bytes(reply[1]))
         found = self._memory_get(key)
         if found is not None:
             return _parse(found)
         self._memory_set(key, mark, self.flight_ms / 1000)
-        return Claimed(key, mark)
+        return Claimed(key, mark, fingerprint)
+
+    async def sending(self, claimed: Claimed) -> None:
+        """The write is about to be sent: from now on the mark outlives a proxy that dies (for
+        the key's whole lifetime), so a repeat learns the outcome is unknown, never resends."""
+        mark = b"S" + orjson.dumps(
+            {"f": claimed.fingerprint, "n": secrets.token_hex(8), "t": self.wall()}
+        )
+        if self.client is not None and self.link.up:
+            try:
+                await self.client.set(claimed.key, mark, ex=self.ttl)
+            except REDIS_ERRORS as exc:
+                self.link.failed(exc, "idempotency")
+            else:
+                claimed.mark = mark
+                return
+        self._memory_set(claimed.key, mark, self.ttl)
+        claimed.mark = mark
 
     async def finish(self, claimed: Claimed, answer: Stored) -> None:
         """Keep the completed answer for `ttl` seconds."""
