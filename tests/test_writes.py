@@ -246,8 +246,9 @@ async def test_a_write_teamup_rate_limits_is_not_retried(
 
 
 async def test_same_idempotency_key_is_sent_once_and_answered_the_same(
-    proxy: Proxy, mock_writes: MockWrites
+    make_proxy: MakeProxy, redis_url: str, mock_writes: MockWrites
 ) -> None:
+    proxy = await make_proxy(redis_url=redis_url, clients=clients(crm_write=["customers"]))
     first = await patch(proxy, headers={"Idempotency-Key": '"booking-1"'})
     second = await patch(proxy, headers={"Idempotency-Key": '"booking-1"'})
     assert first.status == second.status == 200
@@ -259,8 +260,15 @@ async def test_same_idempotency_key_is_sent_once_and_answered_the_same(
         proxy, b'{"first_name": "Other"}', headers={"Idempotency-Key": '"booking-1"'}
     )
     assert other.status == 422
-    # Another client's key of the same name is its own.
     assert sent(mock_writes) == 1
+    # Another client's key of the same name is its own.
+    crm = await patch(proxy, headers={**auth(OTHER_KEY), "Idempotency-Key": '"booking-1"'})
+    assert crm.status == 200 and "Idempotent-Replayed" not in crm.headers
+    assert sent(mock_writes) == 2
+    # A malformed key is refused before anything else.
+    bad = await patch(proxy, headers={"Idempotency-Key": '"unterminated'})
+    assert bad.status == 400 and (await bad.json())["code"] == "idempotency_key_invalid"
+    assert sent(mock_writes) == 2
 
 
 async def test_a_repeat_while_the_first_is_in_flight_is_409(
