@@ -467,3 +467,23 @@ async def test_a_key_whose_proxy_died_while_sending_is_never_sent_again(
     assert response.status == 502
     assert (await response.json())["code"] == "upstream_outcome_unknown"
     assert sent(mock_writes) == 0
+
+
+async def test_report_exports_follow_the_routed_reports_and_the_reports_scope(
+    make_proxy: MakeProxy, redis_url: str, mock_writes: MockWrites
+) -> None:
+    limited = clients(billing_write=["reports"])
+    limited["billing"]["reports"] = ["customers"]
+    proxy = await make_proxy(
+        redis_url=redis_url, clients=limited, reports_enabled="customers,invoices"
+    )
+    export = "/api/v2/reports/{}/export"
+    headers = {**auth(), "Content-Type": "application/json"}
+    allowed = await proxy.post(export.format("customers"), data=b"{}", headers=headers)
+    assert allowed.status == 200
+    assert allowed.headers["X-Proxy-Operation"] == "reports_customers_export_export_data"
+    refused = await proxy.post(export.format("invoices"), data=b"{}", headers=headers)
+    assert refused.status == 403
+    off = await proxy.post(export.format("classes"), data=b"{}", headers=headers)
+    assert off.status == 404
+    assert sent(mock_writes) == 1

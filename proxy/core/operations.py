@@ -69,6 +69,13 @@ class Operation:
     invalidates: tuple[str, ...] = ()
 
     @property
+    def exported_report(self) -> str | None:
+        """The report a report export (`POST /api/v2/reports/<name>/export`) exports."""
+        if self.kind != "report-export":
+            return None
+        return self.path.removeprefix(API_PREFIX + "reports/").split("/")[0]
+
+    @property
     def collection(self) -> str:
         """The collection a read belongs to (its generation is part of its cache key)."""
         return read_collection(self.segment, self.report)
@@ -147,9 +154,17 @@ class Operations(Mapping[str, Operation]):
 
         return self.where(keep)
 
-    def writes(self, *, auth: bool) -> Operations:
-        """The writes the proxy sends: every documented one, but `auth/*` unless switched on."""
-        return self.where(lambda op: not op.is_read and (auth or op.area != "auth"))
+    def writes(self, *, auth: bool, reports: frozenset[str] | None = None) -> Operations:
+        """The writes the proxy sends: every documented one, but `auth/*` unless switched on,
+        and a report's export only when that report is routed (`reports`; None: all)."""
+
+        def keep(op: Operation) -> bool:
+            if op.is_read or (op.area == "auth" and not auth):
+                return False
+            exported = op.exported_report
+            return exported is None or reports is None or exported in reports
+
+        return self.where(keep)
 
 
 @dataclass(frozen=True, slots=True)

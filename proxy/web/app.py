@@ -281,7 +281,7 @@ def create_app(
         operations = documented.routed(reports=settings.enabled_reports, auth=auth)
         # What the router knows: the routed reads and every documented write; `auth/*` only
         # when switched on.
-        writes = documented.writes(auth=auth)
+        writes = documented.writes(auth=auth, reports=settings.enabled_reports)
         visible = documented.where(
             lambda op: op.operation_id in operations or op.operation_id in writes
         )

@@ -155,12 +155,16 @@ async def _write(
         return refused, None, None
     caller = Caller(*found)
     fields["client"] = caller.name
-    if not caller.config.may_write(operation.segment):
+    exported = operation.exported_report
+    if not caller.config.may_write(operation.segment) or (
+        exported is not None and not caller.config.may_read("reports", exported)
+    ):
         refused = error_response(
             403,
             "permission_denied",
-            f"Client {caller.name!r} may not write /api/v2/{operation.segment}. Operators: see "
-            "`write` in PROXY_CLIENTS (no writes unless listed).",
+            f"Client {caller.name!r} may not write /api/v2/{operation.segment}"
+            + (f" (export the {exported} report)" if exported else "")
+            + ". Operators: see `write` (no writes unless listed) and `reports` in PROXY_CLIENTS.",
         )
         return refused, caller.name, None
     limit = settings.max_request_body_bytes
