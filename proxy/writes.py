@@ -20,7 +20,7 @@ from .core.contract import CanonicalQuery
 from .core.errors import JSON, error_body
 from .core.failures import FailureKind, UpstreamFailure
 from .core.links import LinkRewriter
-from .core.operations import Operation
+from .core.operations import Operation, Operations
 from .metrics import Metrics
 from .service import Answer, Caller, retry_after_header
 from .settings import Settings
@@ -75,8 +75,10 @@ class WriteService:
         generations: Generations,
         idempotency: IdempotencyStore,
         metrics: Metrics,
+        operations: Operations | None = None,
     ) -> None:
         self.settings = settings
+        self.operations = operations or Operations({})  # the routed writes
         self.guard = guard
         self.upstream = upstream
         self.generations = generations

@@ -487,3 +487,21 @@ async def test_report_exports_follow_the_routed_reports_and_the_reports_scope(
     off = await proxy.post(export.format("classes"), data=b"{}", headers=headers)
     assert off.status == 404
     assert sent(mock_writes) == 1
+
+
+async def test_the_proxys_openapi_document_lists_the_writes(proxy: Proxy) -> None:
+    document = await (await proxy.get("/openapi.json")).json()
+    patch_op = document["paths"]["/api/v2/customers/{id}"]["patch"]
+    assert patch_op["operationId"] == "customers_partial_update"
+    assert "Idempotency-Key" in [p.get("name") for p in patch_op["parameters"]]
+    assert "application/json" in patch_op["requestBody"]["content"]
+    assert "`customers`" in patch_op["description"]
+    methods = [
+        method
+        for path, item in document["paths"].items()
+        for method in item
+        if method != "get" and path.startswith("/api/v2/")
+    ]
+    writes = [op for op in load_operations().values() if not op.is_read and op.area != "auth"]
+    assert len(methods) == 2 * len(writes)  # single and doubled slash
+    assert not [p for p in document["paths"] if p.startswith("/api/v2/auth/")]

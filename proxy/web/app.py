@@ -320,6 +320,7 @@ def create_app(
                 + 5,
             ),
             metrics=m,
+            operations=writes,
         )
         directory = ClientDirectory(settings.clients)
         state = ProxyState(
