@@ -163,13 +163,14 @@ class WriteService:
                 )
                 return WriteAnswer(conflict, "conflict", False)
             claimed = found
-            stored_print = print_
         try:
             result = await self._send(
                 caller, operation, query, body, content_type, request_id, sending, claimed
             )
         except BaseException:
-            if claimed is not None:
+            # Not sent: the key is free again. Sent (a bug past that point): its "sending" mark
+            # stays, and a repeat learns the outcome is unknown.
+            if claimed is not None and not sending.is_set():
                 await self.idempotency.release(claimed)
             raise
         if claimed is not None:
@@ -179,7 +180,7 @@ class WriteService:
                     (k, v) for k, v in answer.headers.items() if k.lower() != "retry-after"
                 )
                 await self.idempotency.finish(
-                    claimed, Stored(stored_print, answer.status, kept, answer.body)
+                    claimed, Stored(claimed.fingerprint, answer.status, kept, answer.body)
                 )
             else:
                 await self.idempotency.release(claimed)
@@ -241,7 +242,10 @@ class WriteService:
             return WriteAnswer(answer, "not_sent", False)
         if failure.kind in _MAYBE_DONE:
             await self._invalidate(operation)
-        answer = _error(failure.status, failure.kind.code, failure.message, failure.retry_after)
+        message = failure.message
+        if failure.kind in (FailureKind.TOO_LARGE, FailureKind.INVALID_RESPONSE):
+            message += ". The write was sent: it may have been done; it is not resent."
+        answer = _error(failure.status, failure.kind.code, message, failure.retry_after)
         if failure.elapsed is not None:
             answer.upstream_ms = failure.elapsed * 1000
         outcome = "outcome_unknown" if failure.kind is FailureKind.OUTCOME_UNKNOWN else "invalid"

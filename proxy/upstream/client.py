@@ -468,7 +468,7 @@ class UpstreamClient:
         if 200 <= status <= 299 and body:
             problem = check_body(fmt, response.headers.get("Content-Type", ""), body)
             if problem is not None:
-                raise invalid(problem + " (the write was sent)", elapsed(), status)
+                raise invalid(problem, elapsed(), status)
         return UpstreamResponse(
             status=status,
             headers=tuple(passed),
