@@ -382,7 +382,10 @@ async def test_a_write_whose_caller_hangs_up_while_queued_is_never_sent(
         lambda: asyncio.sleep(
             0,
             any(
-                r.get("logger") == "teamup_proxy.audit" and r["outcome"] == "gone"
+                r.get("logger") == "teamup_proxy.audit"
+                and r["outcome"] == "gone"
+                and r["client"] == "billing"
+                and r["status"] == 499
                 for r in json_logs.records()
             ),
         )

@@ -111,6 +111,8 @@ async def write(request: web.Request, operation: Operation, path: PathValue) -> 
         raise
     finally:
         state = request.app[STATE]
+        known = fields.get("client")  # set as soon as the caller is identified
+        client = client or (known if isinstance(known, str) else None)
         upstream_ms = result.answer.upstream_ms if result is not None else None
         state.service.metrics.writes.labels(client or "unknown", operation.label, outcome).inc()
         audit.info(
