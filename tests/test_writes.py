@@ -508,3 +508,21 @@ async def test_the_proxys_openapi_document_lists_the_writes(proxy: Proxy) -> Non
     writes = [op for op in load_operations().values() if not op.is_read and op.area != "auth"]
     assert len(methods) == 2 * len(writes)  # single and doubled slash
     assert not [p for p in document["paths"] if p.startswith("/api/v2/auth/")]
+
+
+async def test_writes_wait_their_turn_for_the_shared_budget(
+    make_proxy: MakeProxy, redis_url: str, mock_writes: MockWrites
+) -> None:
+    """No unit free: the write queues (fairly, like a miss) and is sent when one is, once."""
+    proxy = await make_proxy(
+        redis_url=redis_url,
+        clients=clients(),
+        upstream_rate_limit="4/second",
+        upstream_burst=1,
+        upstream_queue_timeout=5,
+    )
+    first, second = await asyncio.gather(patch(proxy), patch(proxy, b'{"first_name": "B"}'))
+    assert first.status == second.status == 200
+    assert sent(mock_writes) == 2
+    metrics = await (await proxy.get("/metrics")).text()
+    assert 'teamup_proxy_upstream_queue_wait_seconds_count{client="billing"} 1.0' in metrics
