@@ -526,3 +526,16 @@ async def test_writes_wait_their_turn_for_the_shared_budget(
     assert sent(mock_writes) == 2
     metrics = await (await proxy.get("/metrics")).text()
     assert 'teamup_proxy_upstream_queue_wait_seconds_count{client="billing"} 1.0' in metrics
+
+
+async def test_expect_100_continue_invites_a_body_that_can_be_taken(
+    proxy: Proxy, mock_writes: MockWrites
+) -> None:
+    response = await proxy.patch(
+        CUSTOMER,
+        data=b'{"first_name": "Eve"}',
+        headers={**auth(), "Content-Type": "application/json"},
+        expect100=True,
+    )
+    assert response.status == 200 and (await response.json())["first_name"] == "Eve"
+    assert sent(mock_writes) == 1
