@@ -112,6 +112,19 @@ class Metrics:
             buckets=_SIZES,
             registry=r,
         )
+        self.writes = Counter(
+            "teamup_proxy_writes_total",
+            "Writes by client, operation and outcome (sent: the TeamUp status class, 2xx, 4xx, "
+            "5xx; outcome_unknown; not_sent; replayed; refused: the proxy's own 4xx)",
+            ["client", "operation", "outcome"],
+            registry=r,
+        )
+        self.write_seconds = Histogram(
+            "teamup_proxy_write_upstream_seconds",
+            "Latency of writes sent to TeamUp",
+            buckets=_LATENCY,
+            registry=r,
+        )
         self.client_write_timeouts = Counter(
             "teamup_proxy_client_write_timeouts_total",
             "Answers abandoned because the caller read nothing for PROXY_CLIENT_WRITE_TIMEOUT",

@@ -16,6 +16,7 @@ import orjson
 from .backends import keys
 from .backends.bus import Bus
 from .backends.flight import VANISHED, Failed, LocalFlight, RedisLease
+from .backends.generations import Generations
 from .backends.limiters import FallbackLimiter
 from .backends.link import REDIS_ERRORS
 from .backends.reservations import ReservingLimiter
@@ -107,8 +108,13 @@ class ReadService:
         operations: Operations,
         clock: Callable[[], float] = time.time,
         batched_writes: bool = False,
+        generations: Generations | None = None,
     ) -> None:
         self.settings = settings
+        # The collection generations writes bump (part of every key; backends/generations.py).
+        self.generations = generations or Generations(
+            limiter.link, None, keys.PREFIX, interval=settings.generation_check_interval
+        )
         self.store = store
         self.l1 = l1
         self.leases = leases
@@ -136,6 +142,7 @@ class ReadService:
         self._forgotten: dict[str, float] = {}
         self._forgot_all = -math.inf
         self._prefix_floors = False
+        self.collections = {name: op.collection for name, op in operations.items()}
         # Each operation's policy, resolved once from the document and the settings.
         self.policies: dict[str, Policy] = {}
         for name, operation in operations.items():
@@ -155,9 +162,22 @@ class ReadService:
             else ""
         )
 
-    def key(self, query: CanonicalQuery) -> str:
-        """The cache key of a canonical question (built in `backends.keys`)."""
-        return keys.cache_key(query, self._variant)
+    def key(self, query: CanonicalQuery, generation: int | None = None) -> str:
+        """The cache key of a canonical question (built in `backends.keys`) under its
+        collection's generation (None: the one this process saw last)."""
+        if generation is None:
+            generation = self.generations.last(self.collections[query.operation])
+        return keys.cache_key(query, self._variant, generation)
+
+    def key_of(self, query: CanonicalQuery, generation: int) -> str:
+        """The cache key of a canonical question under a given generation."""
+        return keys.cache_key(query, self._variant, generation)
+
+    async def generation(self, operation: str) -> int:
+        """The generation of an operation's collection, from a view no older than allowed."""
+        collection = self.collections[operation]
+        found = self.generations.now(collection)
+        return found if found is not None else await self.generations.get(collection)
 
     async def serve(
         self,
@@ -180,7 +200,7 @@ class ReadService:
         if isinstance(parsed, QueryErrors):
             decision = await limiter.hit(limit_key, rate)
         else:
-            key = self.key(parsed)
+            key = self.key(parsed, await self.generation(parsed.operation))
             answer = None if bypass else self.l1_hit(key, self.policies[parsed.operation])
             if answer is not None:
                 # A hot hit with a reserved unit at hand does no I/O at all.
@@ -203,7 +223,7 @@ class ReadService:
             invalid = Answer(400, orjson.dumps(parsed.body()), {"Content-Type": JSON}, "rejected")
             return rate, decision, invalid
         if answer is None:
-            answer = await self.answer(caller, parsed, request_id, cached, bypass=bypass)
+            answer = await self.answer(caller, parsed, request_id, cached, bypass=bypass, key=key)
         return rate, decision, answer
 
     def bypasses(self, no_cache: bool) -> bool:
@@ -335,9 +355,10 @@ class ReadService:
         cached: CachedResponse | None,
         *,
         bypass: bool = False,
+        key: str | None = None,
     ) -> Answer:
-        """The answer to one caller's query, given what `lookup` found for it."""
-        key = self.key(query)
+        """The answer to one caller's query, given what `lookup` found for it (under `key`)."""
+        key = key or self.key(query)
         now = self.clock()
         policy = self.policies[query.operation]
         action = on_lookup(cached, now, policy, bypass=bypass)

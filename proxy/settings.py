@@ -87,6 +87,8 @@ class ClientConfig(BaseModel):
     # First path segments after /api/v2/ (`customers`, `events`, `reports`, …; `*`: all).
     # None: everything routed.
     read: tuple[str, ...] | None = None
+    # The first path segments this client may write (`*`: all). Default: no writes at all.
+    write: tuple[str, ...] = ()
 
     _check_key = field_validator("key_sha256")(_check_sha256)
 
@@ -99,6 +101,16 @@ class ClientConfig(BaseModel):
     @classmethod
     def _check_read(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
         return None if value is None or "*" in value else _known_segments(value)
+
+    @field_validator("write")
+    @classmethod
+    def _check_write(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return _known_segments(value) if value else ()
+
+    def may_write(self, segment: str) -> bool:
+        """Whether this client may send a write under `segment` (least privilege: none unless
+        listed)."""
+        return "*" in self.write or segment in self.write
 
     def may_read(self, segment: str, report: str | None = None) -> bool:
         """Whether this client may read an operation under `segment` (and, for a report data
@@ -218,6 +230,14 @@ class Settings(BaseSettings):
     client_write_buffer_bytes: int = Field(64 * 1024 * 1024, ge=1024 * 1024)
     # SO_SNDBUF of accepted connections (0: the kernel's autotuning); bounds kernel memory.
     client_sndbuf_bytes: int = Field(0, ge=0, le=64 * 1024 * 1024)
+
+    # Writes (issue 21): the largest body a caller may send, how long an Idempotency-Key's
+    # answer is kept, and how long a worker may use the collection generations it last read
+    # from Redis (every write waits that long before answering, so no worker serves a read
+    # from before it once it has been answered).
+    max_request_body_bytes: int = Field(1024 * 1024, ge=1, le=64 * 1024 * 1024)
+    idempotency_ttl: int = Field(86400, ge=60, le=7 * 86400)
+    generation_check_interval: float = Field(0.05, ge=0, le=5)
 
     @field_validator("upstream_url")
     @classmethod

@@ -66,7 +66,9 @@ def _import_lazy_modules() -> None:
 _import_lazy_modules()
 
 
-DOCUMENT: dict[str, Any] = json.loads(orjson.dumps(build_document(ENDPOINTS, READS)))
+# Every documented write a default proxy routes (issue 21).
+WRITES = list(load_operations().writes(auth=False).values())
+DOCUMENT: dict[str, Any] = json.loads(orjson.dumps(build_document(ENDPOINTS, READS, WRITES)))
 # The static document the proxy served before every report was routed (customer_credits only).
 STATIC: dict[str, Any] = json.loads(
     (Path(__file__).parent / "fixtures" / "static-openapi.json").read_text()

@@ -6,6 +6,8 @@ live in one slot (the lease release script touches two of them atomically).
 
 from __future__ import annotations
 
+import hashlib
+
 from ..core.contract import CanonicalQuery
 
 __all__ = [
@@ -16,6 +18,8 @@ __all__ = [
     "entries",
     "entry",
     "failure",
+    "generations",
+    "idempotency",
     "lease",
     "limiter",
     "operation_prefix",
@@ -35,12 +39,28 @@ def operation_prefix(operation_id: str) -> str:
     return f"{KEY_VERSION}:{operation_id}:"
 
 
-def cache_key(query: CanonicalQuery, variant: str = "") -> str:
+def cache_key(query: CanonicalQuery, variant: str = "", generation: int = 0) -> str:
     """`v3:<operationId>:<sha256>`: the operation, then the digest of its path parameters and
     canonical query; `variant` (a short tag of what else shapes the stored body, such as the
-    public URL links are rewritten to) joins the digest when set."""
+    public URL links are rewritten to) joins the digest when set; `generation` (of the read's
+    collection, bumped by every write that changes it) ends it as `:g<n>` once it is past 0,
+    so that a write makes every older entry of the collection unreachable in O(1)."""
     digest = query.digest if not variant else f"{query.digest}.{variant}"
-    return f"{KEY_VERSION}:{query.operation}:{digest}"
+    key = f"{KEY_VERSION}:{query.operation}:{digest}"
+    return key if not generation else f"{key}:g{generation}"
+
+
+def generations(prefix: str) -> str:
+    """One hash: a generation number per collection (`customers`, `reports/customers`, …).
+    It has no TTL, so `volatile-*` eviction never takes it."""
+    return f"{prefix}gen"
+
+
+def idempotency(prefix: str, client: str, token: str) -> str:
+    """The stored answer (or in-flight mark) of one client's Idempotency-Key; the token is
+    hashed (any length, any bytes the header allows, never a key pattern)."""
+    digest = hashlib.sha256(token.encode()).hexdigest()
+    return f"{prefix}idem:{client}:{digest}"
 
 
 def entry(prefix: str, key: str) -> str:

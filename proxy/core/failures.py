@@ -22,6 +22,7 @@ class FailureKind(StrEnum):
     REFRESHING_ELSEWHERE = "refreshing_elsewhere"
     TOO_LARGE = "too_large"
     INVALID_RESPONSE = "invalid_response"
+    OUTCOME_UNKNOWN = "outcome_unknown"  # a write sent, and no answer: done or not, unknown
 
     @property
     def code(self) -> str:
@@ -39,6 +40,7 @@ _CODES = {
     FailureKind.UPSTREAM_ERROR: "upstream_error",
     FailureKind.TOO_LARGE: "upstream_response_too_large",
     FailureKind.INVALID_RESPONSE: "upstream_invalid_response",
+    FailureKind.OUTCOME_UNKNOWN: "upstream_outcome_unknown",
 }
 
 

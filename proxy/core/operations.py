@@ -19,6 +19,7 @@ from urllib.parse import quote
 import orjson
 
 from .contract import Contract, PathValue, contract_from_operation
+from .invalidation import read_collection, read_collections, write_invalidates
 
 __all__ = [
     "API_PREFIX",
@@ -64,6 +65,20 @@ class Operation:
     report: str | None  # the `x-report` name of a report data operation
     contract: Contract
     document: Mapping[str, Any] = field(repr=False, compare=False)
+    # A write: the collections whose generation a 2xx bumps (core/invalidation.py).
+    invalidates: tuple[str, ...] = ()
+
+    @property
+    def exported_report(self) -> str | None:
+        """The report a report export (`POST /api/v2/reports/<name>/export`) exports."""
+        if self.kind != "report-export":
+            return None
+        return self.path.removeprefix(API_PREFIX + "reports/").split("/")[0]
+
+    @property
+    def collection(self) -> str:
+        """The collection a read belongs to (its generation is part of its cache key)."""
+        return read_collection(self.segment, self.report)
 
     @property
     def is_read(self) -> bool:
@@ -136,6 +151,18 @@ class Operations(Mapping[str, Operation]):
             if not op.is_read or (op.area == "auth" and not auth):
                 return False
             return op.report is None or reports is None or op.report in reports
+
+        return self.where(keep)
+
+    def writes(self, *, auth: bool, reports: frozenset[str] | None = None) -> Operations:
+        """The writes the proxy sends: every documented one, but `auth/*` unless switched on,
+        and a report's export only when that report is routed (`reports`; None: all)."""
+
+        def keep(op: Operation) -> bool:
+            if op.is_read or (op.area == "auth" and not auth):
+                return False
+            exported = op.exported_report
+            return exported is None or reports is None or exported in reports
 
         return self.where(keep)
 
@@ -267,6 +294,7 @@ def operations_from_document(document: Mapping[str, Any]) -> Operations:
     fails at start-up."""
     found: dict[str, Operation] = {}
     classes = _ttl_classes(document)
+    collections = read_collections(document["paths"])
     reports: set[str] = set()
     for path, item in document["paths"].items():
         if not path.startswith(API_PREFIX) or "//" in path:
@@ -302,16 +330,16 @@ def operations_from_document(document: Mapping[str, Any]) -> Operations:
                 segment,
                 ttl_class,
                 report,
-                # A write's query is not read yet (issue 21): only its path parameters count.
-                contract_from_operation(spec if method == "get" else _path_only(spec), names),
+                contract_from_operation(spec, names),
                 spec,
+                () if method == "get" else write_invalidates(spec, segment, kind, collections),
             )
+    for op in found.values():
+        unknown = [name for name in op.invalidates if name not in collections]
+        if unknown:
+            # A misspelt name would never invalidate anything: refuse it at start-up.
+            raise ValueError(f"{op.operation_id}: x-invalidates names no read: {unknown}")
     return Operations(found, classes)
-
-
-def _path_only(spec: Mapping[str, Any]) -> dict[str, Any]:
-    parameters = [p for p in spec.get("parameters", ()) if p.get("in") == "path"]
-    return {"operationId": spec["operationId"], "parameters": parameters}
 
 
 @functools.cache

@@ -17,6 +17,8 @@ from typing import Any
 
 from proxy.spec.api_pages import ApiPage, ApiParam
 
+from ..core.invalidation import default_invalidates, read_collections
+
 __all__ = [
     "DOTTED_PATH_PATTERN",
     "MAX_ITEMS",
@@ -179,6 +181,7 @@ def generate_document(
             if "x-added" in operation and method not in paths.get(path, {}):
                 paths.setdefault(path, {})[method] = copy.deepcopy(operation)
     paths = dict(sorted(paths.items()))
+    add_invalidates(paths)
     components = copy.deepcopy(dict((committed or {}).get("components", {})))
     error = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
     components["responses"] = {
@@ -478,3 +481,16 @@ def _list_schema() -> dict[str, Any]:
             "results": {"type": "array", "items": {"type": "object"}},
         },
     }
+
+
+def add_invalidates(paths: Mapping[str, Mapping[str, dict[str, Any]]]) -> None:
+    """`x-invalidates` on every write: the collections whose cached reads it can change (the
+    defaults by path of proxy/core/invalidation.py; issue 21)."""
+    collections = read_collections(paths)
+    for path, item in paths.items():
+        segment = path.removeprefix("/api/v2/").split("/")[0]
+        for method, operation in item.items():
+            if method == "get":
+                continue
+            kind = str(operation.get("x-kind", "write"))
+            operation["x-invalidates"] = list(default_invalidates(segment, kind, collections))

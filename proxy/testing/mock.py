@@ -918,7 +918,7 @@ def create_mock_app(
     token: str, *, latency: float = 0.0, seed: int = 7, document: Path | None = None
 ) -> web.Application:
     """A fake TeamUp answering every GET of proxy/spec/teamup.json (or of `document`, for the
-    reads other than reports) with generated data."""
+    reads other than reports) with generated data, and every documented write."""
     app = web.Application(middlewares=[_not_found])
     app[MOCK_STATE] = MockState(token=token, faults=Faults(latency=latency))
     app[_SEED] = seed
@@ -936,6 +936,9 @@ def create_mock_app(
         route = _route(operation.path)
         app.router.add_route("GET", route, handler)
         app.router.add_route("GET", route.replace("/api/v2/", "/api/v2//", 1), handler)
+    from .writes import install_writes  # it builds on this module
+
+    install_writes(app, reads, seed)  # every documented write (proxy/testing/writes.py)
     app.router.add_route("GET", "/_mock/state", _state)
     app.router.add_route("PUT", "/_mock/faults", _put_faults)
     app.router.add_route("POST", "/_mock/reset", _reset)

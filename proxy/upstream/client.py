@@ -365,6 +365,121 @@ class UpstreamClient:
             reader.feed(chunk)
         return reader.finish()
 
+    async def send(
+        self,
+        method: str,
+        path: str,
+        query_string: str,
+        body: bytes,
+        *,
+        content_type: str | None,
+        fmt: str,
+        request_id: str,
+    ) -> UpstreamResponse:
+        """Send one write, exactly once: never retried, not even after a failed connect.
+
+        Raises UpstreamFailure: `unreachable` when nothing can have reached TeamUp (the
+        connect failed), `outcome_unknown` when the request may have reached it and no answer
+        came (a reset, a timeout)."""
+        if self._session is None:
+            raise RuntimeError("UpstreamClient.start() was not awaited")
+        url = URL(
+            f"{self.base_url}{path}" + (f"?{query_string}" if query_string else ""),
+            encoded=True,
+        )
+        headers = {
+            **self._headers,
+            "Accept": _ACCEPT.get(fmt, "application/json"),
+            "Accept-Encoding": "identity",
+            "User-Agent": "teamup-proxy",
+            "X-Request-ID": request_id,
+        }
+        if content_type:  # the one header of the caller's that reaches TeamUp
+            headers["Content-Type"] = content_type
+        started = time.perf_counter()
+
+        def elapsed() -> float:
+            return time.perf_counter() - started
+
+        try:
+            async with self._session.request(
+                # No body: no payload at all (aiohttp would label b"" application/octet-stream).
+                method,
+                url,
+                data=body or None,
+                headers=headers,
+                allow_redirects=False,
+            ) as response:
+                try:
+                    return await self._write_answer(response, fmt, started)
+                except BaseException:
+                    response.close()
+                    raise
+        except aiohttp.ClientConnectorError:
+            raise UpstreamFailure(
+                FailureKind.UNREACHABLE,
+                502,
+                "TeamUp could not be reached; the write was NOT sent",
+                elapsed=elapsed(),
+            ) from None
+        except TimeoutError:
+            raise UpstreamFailure(
+                FailureKind.OUTCOME_UNKNOWN,
+                502,
+                "TeamUp did not answer the write in time: it may or may not have been done. "
+                "The proxy does not resend it; check before retrying.",
+                elapsed=elapsed(),
+            ) from None
+        except aiohttp.ClientError:
+            raise UpstreamFailure(
+                FailureKind.OUTCOME_UNKNOWN,
+                502,
+                "The connection to TeamUp broke after the write was sent: it may or may not "
+                "have been done. The proxy does not resend it; check before retrying.",
+                elapsed=elapsed(),
+            ) from None
+
+    async def _write_answer(
+        self, response: aiohttp.ClientResponse, fmt: str, started: float
+    ) -> UpstreamResponse:
+        """What TeamUp answered a write: 2xx and 4xx passed on (body capped, checked, never
+        carrying the credential); anything else is the caller's 502 (the write was sent)."""
+
+        def elapsed() -> float:
+            return time.perf_counter() - started
+
+        status = response.status
+        if not (200 <= status <= 299 or 400 <= status <= 599) or status in (205, 206):
+            raise invalid(f"TeamUp answered a write with {status}", elapsed(), status)
+        body = b""
+        if status != 204 and (status < 500 and status not in _NOT_PASSED_4XX):
+            body = await self._read_body(response, elapsed)
+        passed = []
+        for name in (*PASS_RESPONSE_HEADERS, "Location"):
+            value = response.headers.get(name)
+            if value is None:
+                continue
+            if self._token in value:
+                raise self._echoed(f"header:{name}", status, elapsed())
+            if is_text_header(value):
+                passed.append((name, value))
+        if self._token.encode() in body:
+            raise self._echoed("body", status, elapsed())
+        if 200 <= status <= 299 and body:
+            problem = check_body(fmt, response.headers.get("Content-Type", ""), body)
+            if problem is not None:
+                raise invalid(problem, elapsed(), status)
+        return UpstreamResponse(
+            status=status,
+            headers=tuple(passed),
+            body=body,
+            elapsed=elapsed(),
+            cache_control="",
+            set_cookie=False,
+            retry_after=parse_retry_after(response.headers.get("Retry-After")),
+            retry_after_raw=response.headers.get("Retry-After"),
+        )
+
     def _echoed(self, where: str, status: int, elapsed: float) -> UpstreamFailure:
         log.error(
             "TeamUp echoed the proxy's credential in its answer; refused",

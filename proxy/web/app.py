@@ -21,6 +21,8 @@ from aiohttp.web_urldispatcher import UrlMappingMatchInfo
 from ..backends import keys
 from ..backends.bus import Bus
 from ..backends.flight import RedisLease
+from ..backends.generations import Generations
+from ..backends.idempotency import IdempotencyStore
 from ..backends.limiters import FallbackLimiter, MemoryLimiter, RedisLimiter, split
 from ..backends.link import REDIS_ERRORS, AnyRedis, RedisLink, connect_bus, connect_redis
 from ..backends.pipelining import AutoPipelineRedis
@@ -34,6 +36,7 @@ from ..service import ReadService
 from ..settings import Settings
 from ..upstream.client import UpstreamClient
 from ..upstream.guard import UpstreamGuard
+from ..writes import WriteService
 from .auth import ClientDirectory
 from .errors import error_response
 from .handlers import (
@@ -51,6 +54,7 @@ from .handlers import (
 from .hot import HotHits
 from .openapi import openapi_context, openapi_handler
 from .sending import Sending
+from .writes import expect_continue
 
 __all__ = ["SETTINGS", "create_app"]
 
@@ -286,12 +290,14 @@ def create_app(
         documented = document or load_operations()
         auth = settings.auth_endpoints_enabled
         operations = documented.routed(reports=settings.enabled_reports, auth=auth)
-        # What the router knows: the routed reads, and the documented writes (not routed yet:
-        # another method on their paths is a 405, not a 404); `auth/*` only when switched on.
+        # What the router knows: the routed reads and every documented write; `auth/*` only
+        # when switched on.
+        writes = documented.writes(auth=auth, reports=settings.enabled_reports)
         visible = documented.where(
-            lambda op: (
-                op.operation_id in operations or (not op.is_read and (auth or op.area != "auth"))
-            )
+            lambda op: op.operation_id in operations or op.operation_id in writes
+        )
+        generations = Generations(
+            link, client, KEY_PREFIX, interval=settings.generation_check_interval
         )
         service = ReadService(
             settings,
@@ -306,6 +312,26 @@ def create_app(
             operations=operations,
             clock=clock,
             batched_writes=isinstance(hot, AutoPipelineRedis),
+            generations=generations,
+        )
+        write_service = WriteService(
+            settings,
+            guard=guard,
+            upstream=up,
+            generations=generations,
+            idempotency=IdempotencyStore(
+                link,
+                client,
+                KEY_PREFIX,
+                ttl=settings.idempotency_ttl,
+                # An in-flight mark outlives the longest a write can take, then frees the key.
+                flight_ttl=settings.upstream_queue_timeout
+                + settings.upstream_timeout
+                + settings.generation_check_interval
+                + 5,
+            ),
+            metrics=m,
+            operations=writes,
         )
         directory = ClientDirectory(settings.clients)
         state = ProxyState(
@@ -314,9 +340,10 @@ def create_app(
             link=link,
             service=service,
             operations=operations,
-            router=Router(operations, visible),
+            router=Router(visible),
             sending=sending,
             reports=operations.reports(),
+            writes=write_service,
         )
         state.hot = HotHits(settings, directory, service, state.queries, sending)
         bus = None
@@ -348,6 +375,7 @@ def create_app(
             flusher.cancel()
             m.flush()
             state.ready = False
+            await write_service.close()
             await service.close()
             await client_limiter.close()
             await up.close()
@@ -368,7 +396,7 @@ def create_app(
     # never from the caller's path. One route keeps aiohttp's lookup as short as it was.
     api = _Api("/api/v2/{operation}")
     app.router.register_resource(api)
-    api.add_route(hdrs.METH_ANY, observed(read, "read"))
+    api.add_route(hdrs.METH_ANY, observed(read, "read"), expect_handler=expect_continue)
     for path, label in _ROUTES.items():
         if label == "read":
             continue

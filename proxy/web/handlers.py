@@ -16,6 +16,7 @@ from ..core.operations import BadPath, Operation, Operations, Router
 from ..metrics import metrics_handler
 from ..service import Caller, ReadService
 from ..settings import Settings
+from ..writes import WriteService
 from .auth import ClientDirectory, presented_key
 from .errors import JSON, error_response
 from .hot import HotHits
@@ -73,6 +74,7 @@ class ProxyState:
     reports: dict[str, Operation] = field(default_factory=dict)  # routed reports, by name
     queries: ParsedQueries = field(default_factory=ParsedQueries)
     hot: HotHits | None = None  # answers hot hits without the general path (web/hot.py)
+    writes: WriteService | None = None  # the documented writes (proxy/writes.py)
     ready: bool = False
     draining: bool = False
 
@@ -116,6 +118,12 @@ async def read(request: web.Request) -> web.StreamResponse:
     operation = route.operations.get(request.method)
     if operation is None:
         raise web.HTTPMethodNotAllowed(request.method, set(route.operations))
+    if not operation.is_read:
+        from .writes import write  # web/writes.py imports this module
+
+        written = await write(request, operation, route.path)
+        written.headers.setdefault("X-Proxy-Operation", operation.operation_id)
+        return written
     hot = state.hot
     fast = (
         hot.answer(request, operation, route.path, request[LOG], request[REQUEST_ID])

@@ -48,7 +48,9 @@ class _Question:
     client: str
     rate: Rate
     limit_key: str
-    cache_key: str
+    cache_key: str  # under `generation` of `collection`
+    collection: str
+    generation: int
     report: str  # the operation's label (metrics and the access log)
     route: str
     operation: str
@@ -58,6 +60,7 @@ class _Question:
     # that change per second (`Cache-Status`, `Age`) or per request (`RateLimit`).
     policy: str
     canonical: str
+    canonical_query: CanonicalQuery
     # The entry these headers were built for, and until when their `Cache-Status: ttl=` and
     # `Age` stay what they say.
     log_path: str = ""
@@ -127,6 +130,15 @@ class HotHits:
             question = self._learn(operation, path, raw, credential, request)
             if question is None:
                 return None
+        # The generation view may be used only for a short while after it was read (see
+        # backends/generations.py): past that, the general path reads it again.
+        generation = service.generations.now(question.collection)
+        if generation is None:
+            return None
+        if generation != question.generation:
+            question.generation = generation
+            question.cache_key = service.key_of(question.canonical_query, generation)
+            question.log_path = ""  # the access line names the key
         entry = l1.get_now(question.cache_key)
         now = service.clock()
         if on_lookup(entry, now, question.cache_policy) is not Action.HIT:
@@ -190,6 +202,9 @@ class HotHits:
             rate=rate,
             limit_key=f"client:{name}",
             cache_key=self.service.key(parsed),
+            collection=operation.collection,
+            generation=self.service.generations.last(operation.collection),
+            canonical_query=parsed,
             report=operation.label,
             route="report" if operation.report is not None else "read",
             operation=operation.operation_id,

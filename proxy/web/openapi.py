@@ -73,7 +73,9 @@ def load_template() -> Mapping[str, Any]:
 
 
 def build_document(
-    reports: Mapping[str, Operation], reads: Iterable[Operation] = ()
+    reports: Mapping[str, Operation],
+    reads: Iterable[Operation] = (),
+    writes: Iterable[Operation] = (),
 ) -> dict[str, Any]:
     """The proxy's document for the operations it routes: the template plus two path items
     (single and doubled slash) per report, sharing the report's parameters and responses
@@ -88,6 +90,13 @@ def build_document(
     for read in others:
         paths[read.path] = {"get": _read_operation(read, doubled=False)}
         paths[read.doubled_path] = {"get": _read_operation(read, doubled=True)}
+    sent = sorted(writes, key=lambda op: (op.path, op.method))
+    if sent:
+        components["responses"].update(_write_responses())
+    for write in sent:
+        method = write.method.lower()
+        paths.setdefault(write.path, {})[method] = _write_operation(write, doubled=False)
+        paths.setdefault(write.doubled_path, {})[method] = _write_operation(write, doubled=True)
     for report in reports.values():
         for param in _parameters(report):
             components["parameters"][f"{report.label}.{param['name']}"] = param
@@ -207,6 +216,107 @@ def _read_responses() -> dict[str, Any]:
     )
     missing["content"] = {"application/json": {"schema": {"type": "object"}}}
     return {"Read": found, "ReadForbidden": forbidden, "ReadNotFound": missing}
+
+
+_WRITE_RESPONSES = {
+    "2XX": "WriteAnswer",
+    "400": "BadRequest",
+    "401": "Unauthorized",
+    "403": "WriteForbidden",
+    "404": "ReadNotFound",
+    "409": "IdempotencyConflict",
+    "413": "PayloadTooLarge",
+    "414": "URITooLong",
+    "415": "UnsupportedMediaType",
+    "422": "IdempotencyKeyReused",
+    "429": "TooManyRequests",
+    "502": "BadGateway",
+    "503": "ServiceUnavailable",
+}
+_WRITE_DESCRIPTION = (
+    "TeamUp's `{method} {path}` ({summary}), sent exactly once: never cached, coalesced or "
+    "retried. Needs the first path segment in the client's `write` list. The body, if any, is "
+    "JSON, forwarded byte for byte. With `Idempotency-Key` a repeat of the same request is "
+    "answered from the first (`Idempotent-Replayed: true`), never sent again. A 2xx "
+    "invalidates the cached reads of: {invalidates}."
+)
+
+
+def _write_responses() -> dict[str, Any]:
+    """The responses of the writes (TeamUp's answer passed on, and the proxy's refusals)."""
+    template = load_template()["components"]["responses"]
+
+    def error(description: str) -> dict[str, Any]:
+        found: dict[str, Any] = copy.deepcopy(template["ReportForbidden"])
+        found["description"] = description
+        return found
+
+    answer = copy.deepcopy(template["Report"])
+    answer["description"] = (
+        "TeamUp's answer to the write, passed on (its 4xx too: TeamUp's own validation); "
+        "`Idempotent-Replayed: true` on a repeat answered from the first."
+    )
+    answer["content"] = {"application/json": {"schema": {}}, "application/xml": {}}
+    return {
+        "WriteAnswer": answer,
+        "WriteForbidden": error(
+            "Your client may not write this path (code `permission_denied`): its `write` list "
+            "in `PROXY_CLIENTS` does not name the first segment after /api/v2/. Nothing sent."
+        ),
+        "IdempotencyConflict": error(
+            "A request with this Idempotency-Key is still being sent (`idempotency_key_in_use`)."
+        ),
+        "IdempotencyKeyReused": error(
+            "This Idempotency-Key was used for another request (`idempotency_key_reused`)."
+        ),
+        "PayloadTooLarge": error(
+            "The body is over `PROXY_MAX_REQUEST_BODY_BYTES` (`request_too_large`); not sent."
+        ),
+        "UnsupportedMediaType": error("The body is not JSON (`unsupported_media_type`); not sent."),
+    }
+
+
+def _write_operation(write: Operation, *, doubled: bool) -> dict[str, Any]:
+    """One write, at its single- or doubled-slash path."""
+    summary = str(write.document.get("summary") or write.operation_id)
+    description = _WRITE_DESCRIPTION.format(
+        method=write.method,
+        path=write.path,
+        summary=summary[:1].lower() + summary[1:],
+        invalidates=", ".join(f"`{name}`" for name in write.invalidates) or "nothing",
+    )
+    if doubled:
+        summary += ", at the doubled-slash path TeamUp's docs print"
+    return {
+        "operationId": write.operation_id + ("_double_slash" if doubled else ""),
+        "summary": summary,
+        "description": description,
+        "tags": [write.area],
+        "security": copy.deepcopy(_SECURITY),
+        "parameters": [
+            *(_path_parameter(p) for p in write.contract.path_params),
+            *_parameters(write),
+            {"$ref": "#/components/parameters/X-Request-ID"},
+            {
+                "name": "Idempotency-Key",
+                "in": "header",
+                "description": (
+                    'Makes a retry safe: a structured-field string (`"…"`, 1 to 255 printable '
+                    "characters; a bare token is accepted), per client, kept 24 h "
+                    "(PROXY_IDEMPOTENCY_TTL)."
+                ),
+                "schema": {"type": "string", "maxLength": 257},
+            },
+        ],
+        "requestBody": {
+            "required": False,
+            "content": {"application/json": {"schema": {"type": "object"}}},
+        },
+        "responses": {
+            code: {"$ref": f"#/components/responses/{name}"}
+            for code, name in _WRITE_RESPONSES.items()
+        },
+    }
 
 
 def _read_operation(read: Operation, *, doubled: bool) -> dict[str, Any]:
@@ -378,17 +488,24 @@ class OpenAPIDocument:
     """One app's document: built and encoded on first use, then served as the same bytes
     (most apps in tests, and many workers, are never asked for it)."""
 
-    __slots__ = ("_body", "_endpoints", "_reads")
+    __slots__ = ("_body", "_endpoints", "_reads", "_writes")
 
-    def __init__(self, reports: Mapping[str, Operation], reads: Iterable[Operation] = ()) -> None:
+    def __init__(
+        self,
+        reports: Mapping[str, Operation],
+        reads: Iterable[Operation] = (),
+        writes: Iterable[Operation] = (),
+    ) -> None:
         self._endpoints = reports
         self._reads = tuple(reads)
+        self._writes = tuple(writes)
         self._body: bytes | None = None
 
     @property
     def body(self) -> bytes:
         if self._body is None:
-            self._body = orjson.dumps(build_document(self._endpoints, self._reads))
+            document = build_document(self._endpoints, self._reads, self._writes)
+            self._body = orjson.dumps(document)
         return self._body
 
 
@@ -400,7 +517,8 @@ async def openapi_context(app: web.Application) -> AsyncIterator[None]:
     has chosen them)."""
     state = app[STATE]
     reads = (op for op in state.operations.values() if op.report is None)
-    app[OPENAPI] = OpenAPIDocument(state.reports, reads)
+    writes = state.writes.operations.values() if state.writes is not None else ()
+    app[OPENAPI] = OpenAPIDocument(state.reports, reads, writes)
     yield
 
 
