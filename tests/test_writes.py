@@ -34,12 +34,16 @@ CUSTOMER = "/api/v2/customers/377001"
 CUSTOMERS = "/api/v2/customers"
 
 
-def clients(billing_write: list[str] | None = None, crm_write: list[str] | None = None) -> Any:
+def clients(
+    billing_write: list[str] | None = None,
+    crm_write: list[str] | None = None,
+    rate: str = "1000/minute",
+) -> Any:
     """billing may write what it is given (default customers and events), crm nothing."""
     return {
         "billing": {
             "key_sha256": hash_key(KEY),
-            "rate": "1000/minute",
+            "rate": rate,
             "write": ["customers", "events"] if billing_write is None else billing_write,
         },
         "crm": {"key_sha256": hash_key(OTHER_KEY), "rate": "1000/minute", "write": crm_write or []},
@@ -397,8 +401,14 @@ async def test_writes_while_redis_is_down_and_after(
 ) -> None:
     """Redis away: a write is still sent once, its key replays in this process, and its own
     reads are invalidated here; Redis back: the bump reaches it before it is read again."""
+    # A fast rate: off Redis a client's share starts spent (what Redis admitted is unknown).
     proxy = await make_proxy(
-        redis_url=own_redis.url, clients=clients(), redis_retry_interval=0.1, cache_l1_ttl=1.0
+        redis_url=own_redis.url,
+        clients=clients(rate="100000/second"),
+        redis_retry_interval=0.1,
+        cache_l1_ttl=1.0,
+        upstream_rate_limit="100000/second",
+        upstream_burst=1000,
     )
     assert (await proxy.get(CUSTOMER, headers=auth())).status == 200
     own_redis.stop()
