@@ -161,6 +161,10 @@ class Settings(BaseSettings):
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     log_format: Literal["json", "text"] = "json"
+    # Lines a process may hold for its writer thread; beyond, new lines are dropped and counted.
+    log_queue_lines: int = Field(10_000, ge=10, le=1_000_000)
+    # Seconds the exit may wait for stderr to take the last lines before leaving without them.
+    log_flush_timeout: float = Field(1.0, ge=0, le=60)
 
     host: str = "0.0.0.0"
     port: int = Field(8080, ge=0, le=65535)
