@@ -190,9 +190,20 @@ def _supervise(overrides: dict[str, Any], host: str, port: int, workers: int) ->
     finally:
         if own_metrics_dir:
             shutil.rmtree(os.environ.pop("PROMETHEUS_MULTIPROC_DIR"), ignore_errors=True)
-    # A worker that died before the SIGTERM was reported then (`worker_restart`); what counts
-    # here is how the others drained.
-    failed = [p.exitcode for p in draining if p.exitcode not in (0, -signal.SIGTERM)]
+    # Exit 1 when a worker had to be killed or failed its drain (an error exit, a crash). One
+    # SIGKILLed by someone else around the SIGTERM (the race this loop is built for) is
+    # reported but is no failed drain.
+    failed = [
+        p.exitcode
+        for p in draining
+        if p.exitcode not in (0, -signal.SIGTERM, -signal.SIGKILL) and p.pid not in killed
+    ]
+    for proc in draining:
+        if proc.exitcode not in (0, -signal.SIGTERM) and proc.pid not in killed:
+            log.warning(
+                "worker exited while stopping",
+                extra={"event": "worker_exit", "pid": proc.pid, "exitcode": proc.exitcode},
+            )
     return 1 if failed or killed else 0
 
 

@@ -46,8 +46,8 @@ def start_unread(proxy: ProxyProcess) -> subprocess.Popen[bytes]:
     return process
 
 
-def live_group(pgid: int) -> list[int]:
-    """Processes of process group `pgid` that are still running (zombies left out)."""
+def group_members(pgid: int) -> list[int]:
+    """Processes of process group `pgid` that are not zombies."""
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -60,6 +60,15 @@ def live_group(pgid: int) -> list[int]:
         if int(fields[2]) == pgid and fields[0] != "Z":
             found.append(int(entry.name))
     return found
+
+
+async def live_group(pgid: int, settle: float = 3.0) -> list[int]:
+    """Processes of group `pgid` still there `settle` seconds from now at the latest (a process
+    whose parent just exited may take a moment to finish its own exit)."""
+    deadline = time.monotonic() + settle
+    while (left := group_members(pgid)) and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    return left
 
 
 async def bad_request(port: int) -> bytes:
@@ -123,7 +132,7 @@ async def test_a_full_stderr_pipe_costs_lines_not_answers_and_serve_still_exits(
         except subprocess.TimeoutExpired:
             code = None
         assert code == 0, f"serve still running {EXIT_BOUND:g} s after SIGTERM"
-        assert live_group(process.pid) == []  # no worker outlived the supervisor
+        assert await live_group(process.pid) == []  # no worker outlived the supervisor
     finally:
         if process.returncode is None:
             os.killpg(process.pid, signal.SIGKILL)
