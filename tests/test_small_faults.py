@@ -1,0 +1,52 @@
+"""Issue 20's small ones: each answer is the same whatever this process has seen before."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+import redis.asyncio as aioredis
+
+from proxy.web.auth import hash_key
+from proxy.web.handlers import STATE
+from tests.conftest import MakeProxy
+from tests.e2e import KEY, REPORT
+
+BUSY = {"billing": {"key_sha256": hash_key(KEY), "rate": "100000/minute"}}
+
+
+@pytest.fixture
+async def real_redis(redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis.from_url(redis_url)
+    yield client
+    await client.aclose()
+
+
+@pytest.mark.parametrize(
+    ("learned", "asked"),
+    [
+        ({"Authorization": f"Token {KEY}"}, {"X-API-Key": f"Token {KEY}"}),
+        ({"X-API-Key": KEY}, {"Authorization": KEY}),
+        ({"X-API-Key": KEY}, {"Authorization": "", "X-API-Key": KEY}),
+    ],
+    ids=["x-api-key with a scheme", "authorization without one", "empty authorization"],
+)
+async def test_the_hot_memo_identifies_the_caller_as_the_general_path_does(
+    make_proxy: MakeProxy,
+    real_redis: aioredis.Redis,
+    learned: dict[str, str],
+    asked: dict[str, str],
+) -> None:
+    """Issue 20: `asked` was a 401 until the worker had answered the same question for the
+    `learned` header form; then the hot memo, keyed on the raw value, answered it 200."""
+    proxy = await make_proxy(clients=BUSY, cache_l1_ttl=30, redis_client=real_redis)
+    query = REPORT + "?format=json&limit=3"
+    assert (await proxy.get(query, headers=asked)).status == 401
+    for _ in range(3):  # a miss, then hot hits
+        assert (await proxy.get(query, headers=learned)).status == 200
+    hot = proxy.app[STATE].hot
+    assert hot is not None and len(hot._questions) == 1  # learned: the short path answers it
+    for _ in range(3):
+        refused = await proxy.get(query, headers=asked)
+        assert refused.status == 401
+        assert (await refused.json())["code"] == "not_authenticated"
