@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import socket
+import time
 from collections.abc import AsyncIterator
 
 import pytest
@@ -11,6 +14,7 @@ from proxy.web.auth import hash_key
 from proxy.web.handlers import STATE
 from tests.conftest import MakeProxy
 from tests.e2e import KEY, REPORT
+from tests.test_serve import metric_sum
 
 BUSY = {"billing": {"key_sha256": hash_key(KEY), "rate": "100000/minute"}}
 
@@ -50,3 +54,42 @@ async def test_the_hot_memo_identifies_the_caller_as_the_general_path_does(
         refused = await proxy.get(query, headers=asked)
         assert refused.status == 401
         assert (await refused.json())["code"] == "not_authenticated"
+
+
+def stalled_reader(port: int, path: str) -> socket.socket:
+    """A caller that asks for `path` and reads nothing (a 4 KiB receive window)."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", port))
+    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    return sock
+
+
+async def test_openapi_json_is_written_with_the_write_timeout(make_proxy: MakeProxy) -> None:
+    """Issue 20: `/openapi.json` (0.75 MB) was written without the write timeout: callers that
+    never read held their connection (and the answer) for good."""
+    write_timeout = 1.0
+    proxy = await make_proxy(client_write_timeout=write_timeout)
+    document = await proxy.get("/openapi.json")
+    assert document.status == 200 and len(await document.read()) > 256 * 1024
+    port = proxy.server.port
+    assert port is not None
+    sockets = [stalled_reader(port, "/openapi.json") for _ in range(5)]
+    try:
+        cut = 0.0
+        deadline = time.monotonic() + 10 * write_timeout + 5
+        while cut < len(sockets) and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+            cut = metric_sum(
+                await (await proxy.get("/metrics")).text(),
+                "teamup_proxy_client_write_timeouts_total",
+            )
+        assert cut == len(sockets)
+        for sock in sockets:  # reset: the caller learns the answer was given up
+            sock.settimeout(5)
+            with pytest.raises(ConnectionResetError):
+                while sock.recv(1 << 20):
+                    pass
+    finally:
+        for sock in sockets:
+            sock.close()

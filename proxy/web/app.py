@@ -47,6 +47,7 @@ from .handlers import (
 )
 from .hot import HotHits
 from .openapi import openapi_context, openapi_handler
+from .sending import PacedResponse
 
 __all__ = ["SETTINGS", "create_app"]
 
@@ -130,6 +131,10 @@ async def observe(
         response = error_response(500, "internal_error", "The proxy failed to answer.")
     response.headers["X-Request-ID"] = request_id
     response.headers["Server"] = "teamup-proxy"
+    if type(response) is web.Response and request.method != "HEAD":
+        # Every answer, not only reports (`/openapi.json` is 0.75 MB), is written with the
+        # write timeout: a caller that reads nothing is cut off instead of held for good.
+        response = _paced(request, response, request_id)
     elapsed = time.perf_counter() - started
     if route is None:
         resource = request.match_info.route.resource
@@ -164,6 +169,20 @@ async def observe(
             else:
                 access_log.info("request", extra=extra)
     return response
+
+
+def _paced(request: web.Request, response: web.Response, request_id: str) -> PacedResponse:
+    """`response` as a `PacedResponse` (same status, headers and body)."""
+    body = response.body
+    return PacedResponse(
+        request,
+        status=response.status,
+        body=body if isinstance(body, bytes) else b"",
+        headers=response.headers,
+        timeout=request.app[SETTINGS].client_write_timeout,
+        counter=request.app[METRICS].client_write_timeouts,
+        request_id=request_id,
+    )
 
 
 def create_app(

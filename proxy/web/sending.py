@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
 import socket
 import struct
+import termios
 import weakref
 from collections.abc import Mapping
 
@@ -71,6 +73,37 @@ def _has_room(transport: asyncio.Transport | None, size: int) -> bool:
         return False
 
 
+def _unsent(fd: int) -> int:
+    """Bytes the kernel still holds to send on socket `fd` (Linux's SIOCOUTQ); 0 if unknown."""
+    try:
+        return int(struct.unpack("i", fcntl.ioctl(fd, termios.TIOCOUTQ, b"\0\0\0\0"))[0])
+    except (OSError, AttributeError):
+        return 0
+
+
+async def _delivered(transport: asyncio.Transport | None, timeout: float) -> None:
+    """Wait while the kernel still sends the answer's tail, as long as the caller keeps reading.
+
+    The kernel's send buffer grows to megabytes: a whole answer of that size "is written" at
+    once, and only this watch can tell a caller that reads nothing (TimeoutError after
+    `timeout` seconds without progress)."""
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    fd = sock.fileno() if sock is not None else -1
+    if fd < 0:
+        return
+    loop = asyncio.get_running_loop()
+    left, moved = _unsent(fd), loop.time()
+    pause = 0.005
+    while left > 0:
+        await asyncio.sleep(pause)
+        pause = min(pause * 2, 0.25, timeout / 4)
+        now, unsent = loop.time(), _unsent(fd)
+        if unsent < left:
+            left, moved = unsent, now
+        elif now - moved >= timeout:
+            raise TimeoutError
+
+
 class PacedResponse(web.Response):
     """A response whose every write must make progress within `timeout`, or the connection ends."""
 
@@ -115,6 +148,7 @@ class PacedResponse(web.Response):
                 sent = min(size, offset + CHUNK)
             async with asyncio.timeout(self._timeout):
                 await web.StreamResponse.write_eof(self)
+            await _delivered(self._request.transport, self._timeout)
         except TimeoutError:
             self._counter.inc()
             log.warning(
