@@ -13,7 +13,7 @@ import redis.asyncio as aioredis
 from proxy.web.auth import hash_key
 from proxy.web.handlers import STATE
 from tests.conftest import MakeProxy
-from tests.e2e import KEY, REPORT
+from tests.e2e import ADMIN_KEY, KEY, REPORT
 from tests.test_serve import metric_sum
 
 BUSY = {"billing": {"key_sha256": hash_key(KEY), "rate": "100000/minute"}}
@@ -93,3 +93,38 @@ async def test_openapi_json_is_written_with_the_write_timeout(make_proxy: MakePr
     finally:
         for sock in sockets:
             sock.close()
+
+
+@pytest.mark.parametrize(
+    ("query", "name"),
+    [
+        ("created_at_timeframe=%FF", "created_at_timeframe"),
+        ("created_at_timeframe=ab%C0%80", "created_at_timeframe"),
+        ("created_at_timeframe=%ED%A0%80", "created_at_timeframe"),  # an encoded surrogate
+        ("format%FF=json", "format\ufffd"),
+    ],
+)
+async def test_a_query_that_is_not_utf8_is_a_400(
+    make_proxy: MakeProxy, query: str, name: str
+) -> None:
+    """Issue 20: `%FF` silently became U+FFFD and shared an entry with a real `%EF%BF%BD`."""
+    proxy = await make_proxy()
+    for path in (REPORT, "/admin/cache"):
+        method = proxy.get if path == REPORT else proxy.delete
+        headers = {"Authorization": f"Token {KEY if path == REPORT else ADMIN_KEY}"}
+        refused = await method(f"{path}?format=json&{query}", headers=headers)
+        assert refused.status == 400
+        body = await refused.json()
+        assert body["code"] == "parameter_invalid"
+        assert body["type"] == "invalid_request_error"
+        assert list(body["field_errors"]) == [name]
+        assert "not valid UTF-8" in body["field_errors"][name][0]
+
+
+async def test_a_real_replacement_character_is_still_a_question(make_proxy: MakeProxy) -> None:
+    proxy = await make_proxy()
+    answer = await proxy.get(
+        f"{REPORT}?format=json&created_at_timeframe=%EF%BF%BD", headers={"X-API-Key": KEY}
+    )
+    if answer.status == 400:
+        assert "UTF-8" not in await answer.text()

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
+from urllib.parse import unquote, unquote_to_bytes
 
 import orjson
 from aiohttp import web
@@ -31,7 +33,31 @@ __all__ = [
     "purge",
     "readyz",
     "report",
+    "undecodable",
 ]
+
+
+# A percent-escape of a byte above 0x7F: only these can make a query string invalid UTF-8.
+_HIGH_BYTE = re.compile(r"%[89a-fA-F][0-9a-fA-F]")
+
+
+def undecodable(raw: str) -> QueryErrors | None:
+    """The parameters whose name or value is not UTF-8 once percent-decoded (`%FF`, the
+    overlong `%C0%80`, an encoded surrogate), as a 400 like a lone surrogate gets; None if all
+    are. (Decoding would make them U+FFFD, sharing an answer with a real `%EF%BF%BD`.)"""
+    if not _HIGH_BYTE.search(raw):
+        return None
+    errors: dict[str, list[str]] = {}
+    for pair in raw.split("&"):
+        name, _, value = pair.partition("=")
+        for part, what in ((name, "name"), (value, "value")):
+            try:
+                unquote_to_bytes(part.replace("+", " ")).decode("utf-8")
+            except UnicodeDecodeError:
+                shown = unquote(name.replace("+", " "), errors="replace")
+                errors.setdefault(shown, []).append(f"The {what} is not valid UTF-8.")
+                break
+    return QueryErrors(errors) if errors else None
 
 
 class ParsedQueries:
@@ -49,7 +75,7 @@ class ParsedQueries:
         memo = (endpoint.report, request.rel_url.raw_query_string)
         found = self._data.get(memo)
         if found is None:
-            parsed = endpoint.contract.parse(request.query)
+            parsed = undecodable(memo[1]) or endpoint.contract.parse(request.query)
             canonical = "" if isinstance(parsed, QueryErrors) else parsed.canonical_string()
             found = (parsed, canonical)
             if len(self._data) >= self.size:
@@ -222,7 +248,8 @@ async def purge(request: web.Request) -> web.Response:
             removed = await state.service.purge(report=endpoint.report)
             body = {"purged": removed, "report": endpoint.report}
         else:
-            parsed = endpoint.contract.parse(request.query)
+            raw = request.rel_url.raw_query_string
+            parsed = undecodable(raw) or endpoint.contract.parse(request.query)
             if isinstance(parsed, QueryErrors):
                 return invalid_query(parsed)
             removed = await state.service.purge(parsed.cache_key())
