@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from typing import Annotated, Any, Literal
@@ -257,6 +258,14 @@ class Settings(BaseSettings):
                 "PROXY_FLIGHT_LEASE_MS must outlast PROXY_UPSTREAM_TIMEOUT, or a second replica "
                 "fetches while the first still waits for TeamUp"
             )
+        cap = self.max_client_weight
+        for name, client in self.clients.items():
+            if client.weight > cap:
+                raise ValueError(
+                    f"PROXY_CLIENTS ({name}.weight): {client.weight} is more than {cap}, the "
+                    "units the upstream budget frees in half of PROXY_UPSTREAM_QUEUE_TIMEOUT; "
+                    "a longer turn would make every other app's queued miss time out"
+                )
         digests = {client.key_sha256 for client in self.clients.values()}
         if self.admin_key_sha256 is not None and self.admin_key_sha256 in digests:
             raise ValueError("PROXY_ADMIN_KEY_SHA256 must not be a client's key")
@@ -283,6 +292,17 @@ class Settings(BaseSettings):
         """The global budget as the GCRA runs it: the steady rate, and a burst of at most
         `upstream_burst`, so no window of one period ever holds more than rate + burst calls."""
         return self.upstream_rate_limit.with_burst(self.upstream_burst)
+
+    @property
+    def max_client_weight(self) -> int:
+        """The largest `weight` a client may have: the units the budget frees in half the
+        queue timeout (at least 1). A client's turn in the fair queue then ends with half the
+        timeout to spare for everyone waiting behind it (other workers and replicas take units
+        from the same budget meanwhile). Without a queue (timeout 0) weights do nothing."""
+        if self.upstream_queue_timeout <= 0:
+            return 1000
+        per_half = self.upstream_queue_timeout / 2 / self.upstream_rate_limit.interval
+        return max(1, min(1000, math.floor(per_half)))
 
     @property
     def lease_ms(self) -> int:

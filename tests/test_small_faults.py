@@ -3,17 +3,25 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
 
+from proxy.settings import Settings
+from proxy.testing.mock import MockState
 from proxy.web.auth import hash_key
 from proxy.web.handlers import STATE
 from tests.conftest import MakeProxy
-from tests.e2e import ADMIN_KEY, KEY, REPORT
+from tests.e2e import ADMIN_KEY, KEY, REPORT, TOKEN
+from tests.procs import proxy_env
+from tests.test_fair_queue import HEAVY_KEY, LIGHT_KEY, ask_app, queue_of, until
 from tests.test_serve import metric_sum
 
 BUSY = {"billing": {"key_sha256": hash_key(KEY), "rate": "100000/minute"}}
@@ -128,3 +136,43 @@ async def test_a_real_replacement_character_is_still_a_question(make_proxy: Make
     )
     if answer.status == 400:
         assert "UTF-8" not in await answer.text()
+
+
+def weighted(weight: int) -> dict[str, Any]:
+    return {
+        "heavy": {"key_sha256": hash_key(HEAVY_KEY), "rate": "1000/minute", "weight": weight},
+        "light": {"key_sha256": hash_key(LIGHT_KEY), "rate": "1000/minute"},
+    }
+
+
+# 10 units a second, 1 s of queue timeout: the cap is the units of half a second, 5.
+BUDGET = {"upstream_rate_limit": "10/second", "upstream_burst": 1, "upstream_queue_timeout": 1}
+
+
+def test_a_weight_that_would_starve_the_others_stops_serve_with_one_line() -> None:
+    """Issue 20: a weight above timeout × rate made every other app's queued miss a 503; the
+    settings allowed it. Now `serve` refuses to start, naming the client and the cap."""
+    env = proxy_env(upstream_token=TOKEN, clients=json.dumps(weighted(6)), **BUDGET)
+    done = subprocess.run(
+        [sys.executable, "-m", "proxy", "serve", "--port", "0", "--workers", "1"],
+        env=env,
+        capture_output=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    lines = done.stderr.decode().strip().splitlines()
+    assert len(lines) == 1
+    assert "PROXY_CLIENTS (heavy.weight): 6 is more than 5" in lines[0]
+    assert Settings(**BUDGET, upstream_token=TOKEN, clients=weighted(5)).max_client_weight == 5
+
+
+async def test_at_the_cap_a_heavy_app_never_starves_a_light_one(
+    make_proxy: MakeProxy, mock_state: MockState
+) -> None:
+    proxy = await make_proxy(clients=weighted(5), **BUDGET)
+    queue = queue_of(proxy)
+    heavy = [asyncio.ensure_future(ask_app(proxy, n, HEAVY_KEY)) for n in range(1, 13)]
+    await until(lambda: len(queue) >= 8)
+    light = await ask_app(proxy, 51, LIGHT_KEY)  # behind at most one turn of the heavy app
+    assert light[0] == 200
+    await asyncio.gather(*heavy)
