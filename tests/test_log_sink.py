@@ -126,11 +126,13 @@ async def test_a_full_stderr_pipe_costs_lines_not_answers_and_serve_still_exits(
                     dropped = metric_sum(text, "teamup_proxy_log_lines_dropped_total")
                 assert dropped > 0
         # SIGTERM with the pipe still full: the drain ends, the last lines are given up.
+        began = time.monotonic()
         process.send_signal(signal.SIGTERM)
         try:
             code = await asyncio.to_thread(process.wait, EXIT_BOUND)
         except subprocess.TimeoutExpired:
             code = None
+        print(f"exit {time.monotonic() - began:.2f} s after SIGTERM; {dropped:g} lines dropped")
         assert code == 0, f"serve still running {EXIT_BOUND:g} s after SIGTERM"
         assert await live_group(process.pid) == []  # no worker outlived the supervisor
     finally:

@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import signal
+import time
 
 import aiohttp
 import pytest
@@ -60,7 +61,9 @@ async def test_a_worker_killed_just_before_sigterm_never_outlives_serve(
         os.kill(workers[0], signal.SIGKILL)
         if delay:
             await asyncio.sleep(delay)
+        began = time.monotonic()
         code = await proxy.stop(signal.SIGTERM, wait=EXIT_BOUND)
+        print(f"delay {delay:g} s: exit {code} {time.monotonic() - began:.2f} s after SIGTERM")
         assert code == 0, proxy.stderr.decode()[-3000:]  # -9: the test killed it after EXIT_BOUND
         assert await live_group(proxy.process.pid) == []
     finally:
@@ -83,7 +86,9 @@ async def test_a_worker_that_does_not_drain_is_killed_and_reported(
     assert proxy.process is not None
     try:
         os.kill(workers[1], signal.SIGSTOP)  # it can never handle its SIGTERM
+        began = time.monotonic()
         code = await proxy.stop(signal.SIGTERM, wait=EXIT_BOUND)
+        print(f"stopped worker: exit {code} {time.monotonic() - began:.2f} s after SIGTERM")
         assert code == 1  # not 0: a worker had to be killed (and -9 would be the test's kill)
         assert await live_group(proxy.process.pid) == []
     finally:
