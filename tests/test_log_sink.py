@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import aiohttp
-import pytest
 from aiohttp.test_utils import TestServer
 
 from proxy.logs import JsonFormatter, LineHandler, LineWriter
@@ -65,10 +64,11 @@ def group_members(pgid: int) -> list[int]:
 async def live_group(pgid: int, settle: float = 3.0) -> list[int]:
     """Processes of group `pgid` still there `settle` seconds from now at the latest (a process
     whose parent just exited may take a moment to finish its own exit)."""
-    deadline = time.monotonic() + settle
-    while (left := group_members(pgid)) and time.monotonic() < deadline:
+    for _ in range(int(settle / 0.05)):
+        if not group_members(pgid):
+            break
         await asyncio.sleep(0.05)
-    return left
+    return group_members(pgid)
 
 
 async def bad_request(port: int) -> bytes:

@@ -14,12 +14,11 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from proxy.settings import Settings
 from proxy.testing.mock import MockState
 from proxy.web.auth import hash_key
 from proxy.web.handlers import STATE
 from tests.conftest import MakeProxy
-from tests.e2e import ADMIN_KEY, KEY, REPORT, TOKEN
+from tests.e2e import ADMIN_KEY, KEY, REPORT, TOKEN, make_settings
 from tests.procs import proxy_env
 from tests.test_fair_queue import HEAVY_KEY, LIGHT_KEY, ask_app, queue_of, until
 from tests.test_serve import metric_sum
@@ -146,11 +145,15 @@ def weighted(weight: int) -> dict[str, Any]:
 
 
 # 10 units a second, 1 s of queue timeout: the cap is the units of half a second, 5.
-BUDGET = {"upstream_rate_limit": "10/second", "upstream_burst": 1, "upstream_queue_timeout": 1}
+BUDGET: dict[str, Any] = {
+    "upstream_rate_limit": "10/second",
+    "upstream_burst": 1,
+    "upstream_queue_timeout": 1,
+}
 
 
 def test_a_weight_that_would_starve_the_others_stops_serve_with_one_line() -> None:
-    """Issue 20: a weight above timeout × rate made every other app's queued miss a 503; the
+    """Issue 20: a weight above timeout times rate made every other app's queued miss a 503; the
     settings allowed it. Now `serve` refuses to start, naming the client and the cap."""
     env = proxy_env(upstream_token=TOKEN, clients=json.dumps(weighted(6)), **BUDGET)
     done = subprocess.run(
@@ -163,7 +166,7 @@ def test_a_weight_that_would_starve_the_others_stops_serve_with_one_line() -> No
     lines = done.stderr.decode().strip().splitlines()
     assert len(lines) == 1
     assert "PROXY_CLIENTS (heavy.weight): 6 is more than 5" in lines[0]
-    assert Settings(**BUDGET, upstream_token=TOKEN, clients=weighted(5)).max_client_weight == 5
+    assert make_settings("http://127.0.0.1:1", clients=weighted(5), **BUDGET).max_client_weight == 5
 
 
 async def test_at_the_cap_a_heavy_app_never_starves_a_light_one(

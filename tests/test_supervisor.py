@@ -31,7 +31,10 @@ async def started(proxy: ProxyProcess) -> list[int]:
     assert proxy.process is not None
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as http:
         for _ in range(200):
-            if len(worker_pids(proxy.process.pid)) == 2 and proxy.stderr.count(b'"event":"listening"') == 2:
+            if (
+                len(worker_pids(proxy.process.pid)) == 2
+                and proxy.stderr.count(b'"event":"listening"') == 2
+            ):
                 break
             await asyncio.sleep(0.05)
         async with http.get(f"{proxy.url}/healthz") as response:

@@ -81,12 +81,12 @@ def _unsent(fd: int) -> int:
         return 0
 
 
-async def _delivered(transport: asyncio.Transport | None, timeout: float) -> None:
+async def _delivered(transport: asyncio.Transport | None, patience: float) -> None:
     """Wait while the kernel still sends the answer's tail, as long as the caller keeps reading.
 
     The kernel's send buffer grows to megabytes: a whole answer of that size "is written" at
     once, and only this watch can tell a caller that reads nothing (TimeoutError after
-    `timeout` seconds without progress)."""
+    `patience` seconds without progress)."""
     sock = transport.get_extra_info("socket") if transport is not None else None
     fd = sock.fileno() if sock is not None else -1
     if fd < 0:
@@ -96,11 +96,11 @@ async def _delivered(transport: asyncio.Transport | None, timeout: float) -> Non
     pause = 0.005
     while left > 0:
         await asyncio.sleep(pause)
-        pause = min(pause * 2, 0.25, timeout / 4)
+        pause = min(pause * 2, 0.25, patience / 4)
         now, unsent = loop.time(), _unsent(fd)
         if unsent < left:
             left, moved = unsent, now
-        elif now - moved >= timeout:
+        elif now - moved >= patience:
             raise TimeoutError
 
 
