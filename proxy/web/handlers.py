@@ -60,6 +60,19 @@ def undecodable(raw: str) -> QueryErrors | None:
     return QueryErrors(errors) if errors else None
 
 
+def with_undecodable(
+    raw: str, parsed: CanonicalQuery | QueryErrors
+) -> CanonicalQuery | QueryErrors:
+    """`parsed`, unless `raw` is not UTF-8: then its errors too, all reported at once."""
+    errors = undecodable(raw)
+    if errors is None:
+        return parsed
+    if isinstance(parsed, QueryErrors):
+        for name, messages in parsed.field_errors.items():
+            errors.field_errors.setdefault(name, []).extend(messages)
+    return errors
+
+
 class ParsedQueries:
     """Recently parsed raw query strings: hot questions tend to arrive spelled the same way."""
 
@@ -75,7 +88,7 @@ class ParsedQueries:
         memo = (endpoint.report, request.rel_url.raw_query_string)
         found = self._data.get(memo)
         if found is None:
-            parsed = undecodable(memo[1]) or endpoint.contract.parse(request.query)
+            parsed = with_undecodable(memo[1], endpoint.contract.parse(request.query))
             canonical = "" if isinstance(parsed, QueryErrors) else parsed.canonical_string()
             found = (parsed, canonical)
             if len(self._data) >= self.size:
@@ -249,7 +262,7 @@ async def purge(request: web.Request) -> web.Response:
             body = {"purged": removed, "report": endpoint.report}
         else:
             raw = request.rel_url.raw_query_string
-            parsed = undecodable(raw) or endpoint.contract.parse(request.query)
+            parsed = with_undecodable(raw, endpoint.contract.parse(request.query))
             if isinstance(parsed, QueryErrors):
                 return invalid_query(parsed)
             removed = await state.service.purge(parsed.cache_key())
