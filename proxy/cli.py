@@ -92,6 +92,8 @@ def _run_worker(overrides: dict[str, Any], host: str, port: int, reuse_port: boo
     code = 0
     try:
         asyncio.run(_serve_app(create_app(settings), settings, host, port, reuse_port=reuse_port))
+    except SettingsError:
+        raise  # one line on stderr, as for any other settings error
     except Exception:
         log.exception("worker failed", extra={"event": "worker_failed", "pid": os.getpid()})
         code = 1

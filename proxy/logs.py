@@ -152,6 +152,8 @@ class LineWriter:
         on a sink that takes nothing instead of blocking in write(2)."""
         if threading.current_thread() is self._thread:
             return False
+        if not self._thread.is_alive():  # closed and done: nobody would write it
+            return not (self._queue or self._busy)
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._state:
             while self._queue or self._busy:

@@ -88,7 +88,10 @@ async def _delivered(transport: asyncio.Transport | None, patience: float) -> No
     once, and only this watch can tell a caller that reads nothing (TimeoutError after
     `patience` seconds without progress)."""
     sock = transport.get_extra_info("socket") if transport is not None else None
-    fd = sock.fileno() if sock is not None else -1
+    try:
+        fd = sock.fileno() if sock is not None else -1
+    except (OSError, ValueError):
+        return
     if fd < 0:
         return
     loop = asyncio.get_running_loop()
