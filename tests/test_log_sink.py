@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import IO
 
 import aiohttp
 from aiohttp.test_utils import TestServer
@@ -177,3 +178,64 @@ def test_dropped_lines_are_counted_and_reported_once_the_sink_takes_again() -> N
     finally:
         os.close(read)
         os.close(write)
+
+
+async def test_once_stderr_takes_lines_again_serve_says_how_many_it_dropped(
+    mock_server: TestServer,
+) -> None:
+    upstream = str(mock_server.make_url("")).rstrip("/")
+    proxy = ProxyProcess(upstream, workers=1, log_queue_lines=50, log_flush_timeout=1)
+    process = await asyncio.to_thread(start_unread, proxy)
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http:
+            for start in range(0, 600, 50):  # ~240 KB of access log into a 64 KiB pipe
+                replies = [
+                    http.get(f"{proxy.url}{REPORT}?limit={n % 9 + 1}", headers=auth())
+                    for n in range(start, start + 50)
+                ]
+                for reply in await asyncio.gather(*replies):
+                    assert reply.status == 200
+                    reply.release()
+            await asyncio.sleep(1.1)  # the counter is published every second
+            async with http.get(f"{proxy.url}/metrics") as response:
+                text = await response.text()
+            dropped = metric_sum(text, "teamup_proxy_log_lines_dropped_total")
+            assert dropped > 0
+            assert process.stderr is not None
+            read = await asyncio.to_thread(read_until, process.stderr, b"log_lines_dropped")
+        reports = [
+            json.loads(line)
+            for line in read.splitlines()
+            if line.startswith(b"{") and b'"log_lines_dropped"' in line
+        ]
+        assert reports and reports[0]["level"] == "warning"
+        assert 0 < reports[0]["dropped"] <= dropped
+        assert f"{reports[0]['dropped']} log lines dropped" in reports[0]["message"]
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(process.wait, EXIT_BOUND) == 0
+    finally:
+        if process.returncode is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        if process.stderr is not None:
+            process.stderr.close()
+
+
+def read_until(stream: IO[bytes], marker: bytes, within: float = 10.0) -> bytes:
+    """Read `stream` (a pipe) until `marker` has come by and its line is whole."""
+    fd = stream.fileno()
+    os.set_blocking(fd, False)
+    data = b""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        try:
+            chunk = os.read(fd, 1 << 20)
+        except BlockingIOError:
+            chunk = b""
+        data += chunk
+        at = data.find(marker)
+        if at >= 0 and b"\n" in data[at:]:
+            return data
+        if not chunk:
+            time.sleep(0.02)
+    return data
