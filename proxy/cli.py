@@ -62,6 +62,18 @@ async def _serve_app(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    parent = multiprocessing.parent_process()
+    if parent is not None and isinstance(parent.sentinel, int):
+        # A worker whose supervisor died (SIGKILL, OOM) drains and exits instead of serving on
+        # unsupervised: the sentinel pipe reads EOF once the supervisor is gone.
+        sentinel = parent.sentinel
+
+        def orphaned() -> None:
+            loop.remove_reader(sentinel)
+            log.warning("supervisor gone; draining", extra={"event": "supervisor_gone"})
+            stop.set()
+
+        loop.add_reader(sentinel, orphaned)
     log.info(
         "listening", extra={"event": "listening", "host": host, "port": port, "pid": os.getpid()}
     )

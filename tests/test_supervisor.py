@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -103,3 +104,30 @@ async def test_a_worker_that_does_not_drain_is_killed_and_reported(
     assert killed[0]["level"] == "error"
     stopped = {r["pid"] for r in records if r.get("event") == "stopped"}
     assert workers[0] in stopped and workers[1] not in stopped
+
+
+async def test_workers_of_a_supervisor_killed_with_sigkill_drain_and_exit(
+    mock_server: TestServer, redis_url: str
+) -> None:
+    upstream = str(mock_server.make_url("")).rstrip("/")
+    proxy = ProxyProcess(
+        upstream,
+        workers=2,
+        redis_url=redis_url,
+        shutdown_timeout=SHUTDOWN_TIMEOUT,
+        log_flush_timeout=LOG_FLUSH_TIMEOUT,
+    )
+    workers = await started(proxy)
+    assert proxy.process is not None
+    try:
+        os.kill(proxy.process.pid, signal.SIGKILL)  # the supervisor only, not its group
+        assert await live_group(proxy.process.pid, settle=EXIT_BOUND) == []
+    finally:
+        for pid in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        if proxy._drain is not None:
+            await proxy._drain
+    records = [json.loads(line) for line in proxy.stderr.splitlines() if line.startswith(b"{")]
+    gone = {r["pid"] for r in records if r.get("event") == "stopped"}
+    assert gone == set(workers)  # each drained (logged `stopped`), none was just killed
