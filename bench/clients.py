@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
-    from tests.support import RedisServer
+    from proxy.testing.support import RedisServer
 
 __all__ = ["main"]
 
@@ -499,7 +499,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
     args = parse_args(argv)
-    from tests.support import RedisServer
+    from proxy.testing.support import RedisServer
 
     installs = install_missing() if args.install else []
     skipped: dict[str, str] = {}

@@ -30,8 +30,8 @@ import aiohttp
 import redis
 
 from bench.procs import REPORT_PATH, Mock, Redis, Service, _child_env, http_get
+from proxy.testing.support import free_port, wait_for_port
 from proxy.web.auth import hash_key
-from tests.support import free_port, wait_for_port
 
 TOKEN = "bench-upstream-token"
 KEYS = {"flood": "flood-app-key", "quiet": "quiet-app-key"}

@@ -72,6 +72,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--miss-requests", type=int, default=200, help="miss requests (200)")
     parser.add_argument("--mix-requests", type=int, default=20_000, help="mix requests (20000)")
     parser.add_argument("--mix-concurrency", type=int, default=32, help="mix concurrency (32)")
+    parser.add_argument("--site-visits", type=int, default=3000, help="website-mix visits (3000)")
+    parser.add_argument(
+        "--site-concurrency", type=int, default=32, help="website-mix concurrency (32)"
+    )
     parser.add_argument("--latency", type=float, default=0.08, help="mock latency, s (0.08)")
     parser.add_argument("--seed", type=int, default=20240601, help="seed of the mix")
     parser.add_argument(
@@ -110,9 +114,20 @@ def _found(binary: str) -> bool:
     return shutil.which(binary) is not None
 
 
-def ensure_tools(allow_install: bool) -> None:
+def _needed(scenarios: Sequence[str]) -> list[tuple[str, str]]:
+    """The tools the chosen scenarios use (Varnish serves the hot hit only)."""
+    wanted = {"redis-server", "nginx"}
+    if {"hot", "hotread"} & set(scenarios):
+        wanted.add("wrk")
+    if "hot" in scenarios:
+        wanted.add("varnishd")
+    return [(binary, package) for binary, package in _PACKAGES if binary in wanted]
+
+
+def ensure_tools(allow_install: bool, scenarios: Sequence[str] = tuple(SCENARIOS)) -> None:
     """apt-get the missing tools when root on Debian/Ubuntu; otherwise say what to install."""
-    missing = [package for binary, package in _PACKAGES if not _found(binary)]
+    needed = _needed(scenarios)
+    missing = [package for binary, package in needed if not _found(binary)]
     if not missing:
         return
     command = f"apt-get install -y {' '.join(missing)}"
@@ -125,7 +140,7 @@ def ensure_tools(allow_install: bool) -> None:
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
     subprocess.run(["apt-get", "install", "-y", "-qq", *missing], check=True, env=env)
-    still = [package for binary, package in _PACKAGES if not _found(binary)]
+    still = [package for binary, package in needed if not _found(binary)]
     if still:
         raise SystemExit(f"bench: apt-get did not provide {', '.join(still)}")
 
@@ -205,6 +220,8 @@ def _brief(name: str, metrics: Metrics) -> str:
         "miss": ("overhead_p50_ms", "overhead_p99_ms", "errors"),
         "mix": ("upstream_per_1000", "upstream_per_1000_without_refetched_errors", "errors"),
         "footprint": ("json_body_bytes", "json_entry_bytes", "csv_body_bytes", "csv_entry_bytes"),
+        "site": ("requests", "upstream_per_1000", "ideal_per_1000", "leaked_links", "errors"),
+        "hotread": ("list_req_per_s", "retrieve_req_per_s", "list_errors", "retrieve_errors"),
     }[name]
     return " ".join(f"{key}={metrics[key]:.6g}" for key in keys)
 
@@ -238,7 +255,9 @@ def run(
     varnish = Varnish(workdir / "varnish", mock, args.workers)
     ceiling = Ceiling(workdir / "ceiling", args.workers)
     services: tuple[Redis | Mock | Ours | Nginx | Varnish | Ceiling, ...]
-    services = (redis, mock, ours, ours_log, nginx, varnish)
+    # The second proxy, Varnish and the ceiling serve the hot hit only: not started without it.
+    hot = "hot" in args.scenarios
+    services = (redis, mock, ours, ours_log, nginx, varnish) if hot else (redis, mock, ours, nginx)
     for service in services:
         stack.callback(service.stop)
         print(f"bench: starting {service.name}", flush=True)
@@ -249,10 +268,11 @@ def run(
     )
     if status != 200:
         raise RuntimeError(f"the mock answered the hot query with {status}")
-    stack.callback(ceiling.stop)
-    print("bench: starting ceiling", flush=True)
-    ceiling.start_with(body, headers.get("Content-Type", "application/json"))
-    services = (*services, ceiling)
+    if hot:
+        stack.callback(ceiling.stop)
+        print("bench: starting ceiling", flush=True)
+        ceiling.start_with(body, headers.get("Content-Type", "application/json"))
+        services = (*services, ceiling)
     caller = {"Authorization": f"Token {client_key}"}
     targets = {
         "ours": Target("ours", ours, redis, caller),
@@ -273,12 +293,21 @@ def run(
         mix_requests=args.mix_requests,
         mix_concurrency=args.mix_concurrency,
         seed=args.seed,
+        site_visits=args.site_visits,
+        site_concurrency=args.site_concurrency,
     )
     if "mix" in args.scenarios:
         replay = ctx.replay()
         print(
             f"bench: mix of {len(replay.query_strings)} requests, {replay.distinct_keys} distinct "
             f"questions asked in {replay.distinct_spellings} distinct spellings",
+            flush=True,
+        )
+    if "site" in args.scenarios:
+        site = ctx.site()
+        print(
+            f"bench: website mix of {len(site.visits)} visits over {site.list_questions} "
+            "events lists (each spelled 5 ways), events and customers by id",
             flush=True,
         )
     records = []
@@ -305,7 +334,7 @@ def run(
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    ensure_tools(allow_install=not args.no_install)
+    ensure_tools(allow_install=not args.no_install, scenarios=args.scenarios)
     command = _command(argv)
     started = datetime.now(UTC)
     load_before = _load()
@@ -355,6 +384,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "miss_concurrency": 4,
             "mix_requests": args.mix_requests,
             "mix_concurrency": args.mix_concurrency,
+            "site_visits": args.site_visits,
+            "site_concurrency": args.site_concurrency,
             "latency_ms": args.latency * 1000,
             "seed": args.seed,
             "nproc": os.cpu_count(),

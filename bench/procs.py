@@ -17,8 +17,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from proxy.testing.support import free_port, wait_for_port
 from proxy.web.auth import hash_key
-from tests.support import free_port, wait_for_port
 
 __all__ = [
     "REPORT_PATH",
@@ -353,21 +353,33 @@ http {{
     server {{
         listen 127.0.0.1:{port} reuseport backlog=2048;
         location = /_bench/ping {{ return 204; }}
+        # Inherited by both locations below (neither sets a proxy_set_header or add_header).
+        proxy_http_version 1.1;
+        proxy_set_header Connection "";
+        proxy_set_header Host 127.0.0.1:{mock_port};
+        proxy_set_header Authorization "Token {token}";
+        proxy_cache teamup;
+        proxy_cache_key $request_uri;
+        proxy_cache_valid 200 300s;
+        proxy_cache_lock on;
+        proxy_cache_lock_timeout 15s;
+        proxy_cache_lock_age 15s;
+        proxy_cache_use_stale error timeout updating http_500 http_502 http_503 http_504;
+        proxy_cache_background_update on;
+        add_header X-Cache-Status $upstream_cache_status always;
         location ~ ^/api/v2/reports/[a-z_.]+/data$ {{
             proxy_pass http://teamup;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-            proxy_set_header Host 127.0.0.1:{mock_port};
-            proxy_set_header Authorization "Token {token}";
-            proxy_cache teamup;
-            proxy_cache_key $request_uri;
-            proxy_cache_valid 200 300s;
-            proxy_cache_lock on;
-            proxy_cache_lock_timeout 15s;
-            proxy_cache_lock_age 15s;
-            proxy_cache_use_stale error timeout updating http_500 http_502 http_503 http_504;
-            proxy_cache_background_update on;
-            add_header X-Cache-Status $upstream_cache_status always;
+        }}
+        # Every other TeamUp read (lists, retrieves, …), as the proxy routes them.
+        location /api/v2/ {{
+            proxy_pass http://teamup;
+            # Lists carry absolute `next` / `previous` links on TeamUp's host: pointed back at
+            # NGINX (as the proxy does), or a visitor following them would call TeamUp itself.
+            # The cache keeps TeamUp's bytes; the rewrite runs on every answer sent. (The mock
+            # never compresses, so the bodies are plain text to sub_filter.)
+            sub_filter "http://127.0.0.1:{mock_port}/api/" "http://127.0.0.1:{port}/api/";
+            sub_filter_once off;
+            sub_filter_types application/json application/xml;
         }}
     }}
 }}

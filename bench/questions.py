@@ -18,11 +18,12 @@ from urllib.parse import parse_qsl, quote
 
 from multidict import MultiDict
 
+from proxy.backends.keys import cache_key
 from proxy.core.contract import CanonicalQuery
-from proxy.core.endpoints import load_endpoints
+from proxy.core.operations import load_operations
 from proxy.testing.mock import DEFAULT_COLUMNS, _credits
 
-ENDPOINTS = load_endpoints()
+ENDPOINTS = load_operations().reports()
 CREDITS = ENDPOINTS["customer_credits"].contract
 
 __all__ = [
@@ -193,7 +194,7 @@ def canonical_key(query_string: str) -> str:
     parsed = contract.parse(MultiDict(parse_qsl(query_string, keep_blank_values=True)))
     if not isinstance(parsed, CanonicalQuery):
         raise ValueError(f"invalid bench query {query_string!r}: {parsed.field_errors}")
-    return parsed.cache_key()
+    return cache_key(parsed)
 
 
 def make_questions(count: int, seed: int, mock_seed: int) -> list[Question]:

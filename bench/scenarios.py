@@ -1,4 +1,4 @@
-"""The five scenarios; each runs against one target (ours or NGINX) and returns flat numbers."""
+"""The scenarios; each runs against one target (ours or NGINX) and returns flat numbers."""
 
 from __future__ import annotations
 
@@ -34,8 +34,9 @@ from .procs import (
     rss_bytes,
 )
 from .questions import Replay, build_replay, canonical_key
+from .site import HOT_LIST, HOT_RETRIEVE, SiteReplay, Visit, build_site, site_key
 
-__all__ = ["HOT_QUERY", "SCENARIOS", "Context", "Metrics", "Target"]
+__all__ = ["HOT_QUERY", "SCENARIOS", "Context", "Metrics", "Target", "replay_site"]
 
 Metrics = dict[str, float]
 T = TypeVar("T")
@@ -103,8 +104,11 @@ class Context:
     mix_requests: int
     mix_concurrency: int
     seed: int
+    site_visits: int = 3000
+    site_concurrency: int = 32
     _nonce: itertools.count[int] = field(default_factory=itertools.count)
     _replay: Replay | None = None
+    _site: SiteReplay | None = None
 
     def fresh_query(self, base: str) -> str:
         """`base` plus a filter no request has used yet (a bound past all the data: same rows)."""
@@ -115,6 +119,11 @@ class Context:
         if self._replay is None:
             self._replay = build_replay(self.mix_requests, self.seed, self.mock.seed)
         return self._replay
+
+    def site(self) -> SiteReplay:
+        if self._site is None:
+            self._site = build_site(self.site_visits, self.seed)
+        return self._site
 
 
 def _run(coro: Coroutine[Any, Any, T]) -> T:
@@ -137,7 +146,11 @@ def _percentile(values: Sequence[float], pct: float) -> float:
 
 def hot_hit(ctx: Context, target: Target) -> Metrics:
     """wrk against one cached query: throughput, latency, CPU per request, RSS per worker."""
-    url = target.url(HOT_QUERY)
+    return _wrk_hit(ctx, target, target.url(HOT_QUERY))
+
+
+def _wrk_hit(ctx: Context, target: Target, url: str) -> Metrics:
+    """wrk against one URL already in the target's cache."""
     status, headers, body = http_get(url, target.headers)
     status, headers, body = http_get(url, target.headers)
     if status != 200 or not target.is_hit(headers):
@@ -423,10 +436,134 @@ def footprint(ctx: Context, target: Target) -> Metrics:
     return out
 
 
+# --- 6. website mix ------------------------------------------------------------------------
+
+
+@dataclass
+class _SiteTally:
+    statuses: Counter[int] = field(default_factory=Counter)
+    failures: int = 0
+    leaked: int = 0  # `next` links that pointed anywhere but the server itself
+    followed: int = 0
+    sent: list[str] = field(default_factory=list)
+    bad: set[str] = field(default_factory=set)
+
+
+async def replay_site(
+    base: str, headers: Mapping[str, str], visits: Sequence[Visit], concurrency: int
+) -> _SiteTally:
+    """Every visit: its first request, then up to `follow` `next` links, as a browser would."""
+    tally = _SiteTally()
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    timeout = aiohttp.ClientTimeout(total=30)
+    pending = iter(visits)
+    async with aiohttp.ClientSession(
+        connector=connector, headers=dict(headers), timeout=timeout
+    ) as session:
+
+        async def worker() -> None:
+            for visit in pending:
+                target, left = visit.target, visit.follow
+                while True:
+                    url = yarl.URL(f"{base}{target}", encoded=True)
+                    try:
+                        async with session.get(url) as response:
+                            body = await response.read()
+                            status = response.status
+                    except (aiohttp.ClientError, TimeoutError):
+                        tally.failures += 1
+                        break
+                    tally.sent.append(target)
+                    tally.statuses[status] += 1
+                    if status != 200:
+                        tally.bad.add(target)
+                        break
+                    if left == 0:
+                        break
+                    link = json.loads(body).get("next")
+                    if not isinstance(link, str):
+                        break  # the last page
+                    if link.startswith(base + "/"):
+                        link = link[len(base) :]
+                    if not link.startswith("/"):
+                        tally.leaked += 1  # a browser would now call TeamUp itself
+                        break
+                    target, left = link, left - 1
+                    tally.followed += 1
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return tally
+
+
+def website_mix(ctx: Context, target: Target) -> Metrics:
+    """A seeded website load over events lists (following `next`) and retrieves by id."""
+    site = ctx.site()
+    target.make_cold()
+    ctx.mock.reset()
+    started = time.perf_counter()
+    tally = _run(replay_site(target.base, target.headers, site.visits, ctx.site_concurrency))
+    wall = time.perf_counter() - started
+    time.sleep(0.3)
+    calls = ctx.mock.calls()
+    total = max(1, len(tally.sent))
+    ideal = len({site_key(t) for t in tally.sent}) if target.ours else len(set(tally.sent))
+    errors = tally.failures + sum(n for status, n in tally.statuses.items() if status != 200)
+    return {
+        "requests": len(tally.sent),
+        "visits": len(site.visits),
+        "followed_next": tally.followed,
+        "leaked_links": tally.leaked,
+        "upstream_calls": calls,
+        "upstream_per_1000": calls / total * 1000,
+        "ideal_per_1000": ideal / total * 1000,
+        "distinct_targets": len(set(tally.sent)),
+        "errors": errors,
+        "status_4xx": sum(n for s, n in tally.statuses.items() if 400 <= s < 500),
+        "status_5xx": sum(n for s, n in tally.statuses.items() if s >= 500),
+        "client_failures": tally.failures,
+        "req_per_s": len(tally.sent) / wall,
+    }
+
+
+# --- 7. hot reads -------------------------------------------------------------------------
+
+
+_HOT_READ_REPEATS = 3
+_HOT_READ_METRICS = (
+    "req_per_s",
+    "p50_ms",
+    "p99_ms",
+    "cpu_us_per_req",
+    "redis_commands_per_1000",
+    "body_bytes",
+    "errors",
+)
+
+
+def hot_reads(ctx: Context, target: Target) -> Metrics:
+    """wrk on a cached events list page and a cached event (ours: and the report's hot query, in
+    the same run, as the yardstick), each `_HOT_READ_REPEATS` times in rotating order: medians."""
+    reads = [("list", HOT_LIST), ("retrieve", HOT_RETRIEVE)]
+    if target.ours:
+        reads.insert(0, ("report", f"{REPORT_PATH}?{HOT_QUERY}"))
+    runs: dict[str, list[Metrics]] = {label: [] for label, _ in reads}
+    for repeat in range(_HOT_READ_REPEATS):
+        # Rotated, so that a neighbour's load on a shared machine falls on each read alike.
+        for label, path in reads[repeat % len(reads) :] + reads[: repeat % len(reads)]:
+            runs[label].append(_wrk_hit(ctx, target, f"{target.base}{path}"))
+    return {
+        f"{label}_{name}": statistics.median(run[name] for run in done)
+        for label, done in runs.items()
+        for name in _HOT_READ_METRICS
+    }
+
+
 SCENARIOS: dict[str, Callable[[Context, Target], Metrics]] = {
     "hot": hot_hit,
     "collapse": cold_collapse,
     "miss": miss_overhead,
     "mix": realistic_mix,
     "footprint": footprint,
+    "site": website_mix,
+    "hotread": hot_reads,
 }

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from tests.faults.harness import Truth
+    from proxy.testing.faults import Truth
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "bench" / "out"
@@ -87,10 +87,10 @@ def rss_and_fds(pid: int) -> tuple[int, int] | None:
 async def soak(args: argparse.Namespace) -> dict[str, Any]:
     import aiohttp
 
-    from tests.e2e import ADMIN_KEY, KEY, OTHER_KEY
-    from tests.faults.harness import MockProcess, Truth, canonical, worker_pids
-    from tests.procs import ProxyProcess
-    from tests.support import RedisServer
+    from proxy.testing.e2e import ADMIN_KEY, KEY, OTHER_KEY
+    from proxy.testing.faults import MockProcess, Truth, canonical, worker_pids
+    from proxy.testing.procs import ProxyProcess
+    from proxy.testing.support import RedisServer
 
     redis = RedisServer().start()
     mock = await MockProcess().start()

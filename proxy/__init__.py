@@ -1,4 +1,4 @@
-"""teamup-proxy: a caching reverse proxy for TeamUp's customer credits report."""
+"""teamup-proxy: a caching reverse proxy in front of TeamUp's reporting API."""
 
 from __future__ import annotations
 

@@ -15,8 +15,8 @@ import socket
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
 
 from aiohttp import web
 
@@ -37,9 +37,18 @@ def _install_uvloop() -> None:
 
 
 async def _serve_app(
-    app: web.Application, settings: Settings, host: str, port: int, *, reuse_port: bool
+    app: web.Application,
+    settings: Settings,
+    host: str,
+    port: int,
+    *,
+    reuse_port: bool,
+    on_listening: Callable[[int], None] | None = None,
 ) -> None:
-    """Serve until SIGTERM/SIGINT, then drain: `/readyz` 503, stop accepting, finish in-flight."""
+    """Serve until SIGTERM/SIGINT, then drain: `/readyz` 503, stop accepting, finish in-flight.
+
+    `on_listening` gets the bound port (the real one when `port` is 0) once connections are taken.
+    """
     from .web.handlers import STATE
 
     runner = web.AppRunner(
@@ -58,6 +67,11 @@ async def _serve_app(
     await runner.setup()
     site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None, backlog=2048)
     await site.start()
+    if settings.client_sndbuf_bytes:
+        set_sndbuf(site, settings.client_sndbuf_bytes)
+    port = _bound_port(runner, port)
+    if on_listening is not None:
+        on_listening(port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -86,6 +100,21 @@ async def _serve_app(
         await asyncio.sleep(settings.drain_delay)
     await runner.cleanup()
     log.info("stopped", extra={"event": "stopped", "pid": os.getpid()})
+
+
+def set_sndbuf(site: web.BaseSite, size: int) -> None:
+    """SO_SNDBUF on the listening sockets: Linux gives accepted connections the listener's."""
+    server = getattr(site, "_server", None)  # aiohttp keeps the asyncio server private
+    for sock in getattr(server, "sockets", None) or ():
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
+
+
+def _bound_port(runner: web.AppRunner, requested: int) -> int:
+    """The port `runner` listens on: the kernel's choice when `requested` was 0."""
+    for address in runner.addresses:
+        if isinstance(address, tuple) and len(address) >= 2:
+            return int(address[1])
+    return requested
 
 
 def _run_worker(overrides: dict[str, Any], host: str, port: int, reuse_port: bool) -> None:
@@ -273,7 +302,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         _run_worker(overrides, settings.host, settings.port, False)
         return 0
     if settings.port == 0:
-        raise SettingsError("invalid settings: PROXY_PORT: 0 (any port) needs --workers 1")
+        # Each worker binds the port itself (SO_REUSEPORT): port 0 would give each its own.
+        raise SettingsError(
+            f"port 0 (any free port) needs one worker, not {workers}: "
+            "add --workers 1 (PROXY_WORKERS=1) or name a port"
+        )
     return _supervise(overrides, settings.host, settings.port, workers)
 
 
@@ -301,6 +334,21 @@ async def _demo(port: int) -> None:
     from .logs import setup_logging
 
     setup_logging("INFO", "text")
+    try:
+        await _serve_app(
+            create_app(settings),
+            settings,
+            "127.0.0.1",
+            port,
+            reuse_port=False,
+            on_listening=lambda bound: _demo_banner(bound, caller_key, admin_key),
+        )
+    finally:
+        await mock_runner.cleanup()
+
+
+def _demo_banner(port: int, caller_key: str, admin_key: str) -> None:
+    """What the demo prints once it listens: its real port, the keys, five curl lines."""
     base = f"http://127.0.0.1:{port}"
     report = f"{base}/api/v2/reports/customer_credits/data"
     grouped = f"{base}/api/v2/reports/customers.grouped/data"
@@ -319,13 +367,11 @@ async def _demo(port: int) -> None:
         f"'{grouped}?format=json&columns=gender,count&is_active=TRUE'\n"
         f"  curl -si -H 'X-API-Key: {caller_key}' "
         f"'{grouped}?is_active=1&columns=gender&columns=count&format=json'\n"
+        "A list that pages (follow its `next`: it points back at the proxy):\n"
+        f"  curl -si -H 'X-API-Key: {caller_key}' '{base}/api/v2/events?page_size=2'\n"
         "Ctrl-C stops it.",
         flush=True,
     )
-    try:
-        await _serve_app(create_app(settings), settings, "127.0.0.1", port, reuse_port=False)
-    finally:
-        await mock_runner.cleanup()
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -349,19 +395,74 @@ def cmd_hash_key(args: argparse.Namespace) -> int:
     return 0
 
 
+def port_number(text: str) -> int:
+    """argparse type of `--port`: 1-65535, or 0 for any free port."""
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a port: use 1-65535, or 0 for any free port"
+        )
+    return port
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argparse parser whose errors are one line on stderr (exit 2), pointing at --help."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+SERVE_HELP = """\
+Serve the proxy with settings from PROXY_* variables, a .env file or files in the secrets
+directory (/run/secrets, or PROXY_SECRETS_DIR). Required: the TeamUp credential, as
+PROXY_UPSTREAM_TOKEN or a file of that name in the secrets directory. Callers need
+PROXY_CLIENTS (their key digests, see hash-key). Every setting is in README's Configuration.
+Flags win over their variables. Port 0 (any free port) needs --workers 1; the bound port is
+in the "listening" log line."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line."""
-    parser = argparse.ArgumentParser(
-        prog="teamup-proxy", description="A caching reverse proxy for TeamUp's credits report."
+    parser = _Parser(
+        prog="teamup-proxy",
+        description=(
+            "A caching reverse proxy in front of TeamUp's reporting API: callers use their own "
+            "keys, the proxy holds the credential, answers repeats from Redis and keeps every "
+            "app inside TeamUp's rate budget."
+        ),
     )
-    sub = parser.add_subparsers(dest="command", required=True)
-    serve = sub.add_parser("serve", help="serve with settings from PROXY_* variables")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    serve = sub.add_parser(
+        "serve",
+        help="serve; needs PROXY_UPSTREAM_TOKEN (or its file in /run/secrets)",
+        description=SERVE_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     serve.add_argument("--host", help="address to bind (PROXY_HOST, default 0.0.0.0)")
-    serve.add_argument("--port", type=int, help="port (PROXY_PORT, default 8080)")
+    serve.add_argument(
+        "--port",
+        type=port_number,
+        help="1-65535, 0 = any free port (PROXY_PORT, default 8080)",
+    )
     serve.add_argument("--workers", type=int, help="processes (PROXY_WORKERS, default: CPUs)")
     serve.set_defaults(func=cmd_serve)
-    demo = sub.add_parser("demo", help="mock TeamUp + proxy + embedded store, for a try-out")
-    demo.add_argument("--port", type=int, default=8080, help="proxy port (default 8080)")
+    demo = sub.add_parser(
+        "demo",
+        help="mock TeamUp + proxy + embedded store, for a try-out",
+        description=(
+            "A mock TeamUp (80 ms latency) behind the proxy with an in-process store: prints "
+            "the proxy's address, a caller key, an admin key and five curl lines to try."
+        ),
+    )
+    demo.add_argument(
+        "--port",
+        type=port_number,
+        default=8080,
+        help="proxy port: 1-65535, 0 = any free port (default 8080)",
+    )
     demo.set_defaults(func=cmd_demo)
     hk = sub.add_parser("hash-key", help="print the SHA-256 of a caller key for PROXY_CLIENTS")
     hk.add_argument("key", help="the key, or - to read it from stdin")

@@ -119,6 +119,19 @@ class Metrics:
             "Answers abandoned because the caller read nothing for PROXY_CLIENT_WRITE_TIMEOUT",
             registry=r,
         )
+        self.client_write_refusals = Counter(
+            "teamup_proxy_client_write_budget_refusals_total",
+            "Large answers refused with 503 because the worker's PROXY_CLIENT_WRITE_BUFFER_BYTES "
+            "stayed full for PROXY_CLIENT_WRITE_TIMEOUT",
+            registry=r,
+        )
+        self.client_write_buffer = Gauge(
+            "teamup_proxy_client_write_buffer_bytes",
+            "Bytes of large answer bodies being written to callers (each distinct body once), "
+            "against PROXY_CLIENT_WRITE_BUFFER_BYTES per worker",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
 
         self.log_lines_dropped = Counter(
             "teamup_proxy_log_lines_dropped_total",

@@ -1,8 +1,10 @@
-"""The report's decisions: hit, stale, collapse or fetch; budget, circuit and what to answer."""
+"""The read driver: the I/O around `core.decision` — limit ∥ lookup → decide → flight → fetch →
+store — for any routed read operation, and what to answer."""
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import math
 import time
@@ -11,23 +13,26 @@ from dataclasses import dataclass
 
 import orjson
 
+from .backends import keys
 from .backends.flight import VANISHED, Failed, LocalFlight, RedisLease
 from .backends.limiters import FallbackLimiter
 from .backends.reservations import ReservingLimiter
 from .backends.stores import CacheStore, MemoryCacheStore
 from .core.contract import CanonicalQuery, QueryErrors
-from .core.endpoints import Endpoints
-from .core.entry import CachedResponse, is_cacheable
+from .core.decision import Action, Policy, on_failure, on_lookup, storable, usable
+from .core.entry import CachedResponse
+from .core.errors import JSON, error_body
 from .core.failures import FailureKind, UpstreamFailure
 from .core.gcra import Rate, RateDecision
+from .core.links import LinkRewriter
+from .core.operations import Operations
 from .metrics import Metrics
 from .settings import ClientConfig, Settings
 from .upstream.client import UpstreamClient
 from .upstream.guard import UpstreamGuard
 from .upstream.queue import Abandoned, Turn
-from .web.errors import JSON, error_body
 
-__all__ = ["Answer", "Caller", "Fetched", "ReportService"]
+__all__ = ["Answer", "Caller", "Fetched", "ReadService"]
 
 log = logging.getLogger("teamup_proxy")
 CACHE_NAME = "teamup-proxy"
@@ -66,6 +71,7 @@ class Fetched:
     upstream_status: int | None
     upstream_ms: float | None
     queued_ms: float | None = None  # waited in the fair queue for a budget unit
+    physical: int = 0  # seconds Redis keeps the entry (when stored)
 
 
 def retry_after_header(seconds: float) -> str:
@@ -81,8 +87,8 @@ async def _unless_abandoned(work: Callable[[], Awaitable[Fetched]]) -> Fetched:
         raise asyncio.CancelledError from None
 
 
-class ReportService:
-    """Answers a validated report query from the cache or from TeamUp, never both at once."""
+class ReadService:
+    """Answers a validated read from the cache or from TeamUp, never both at once."""
 
     def __init__(
         self,
@@ -96,7 +102,7 @@ class ReportService:
         limiter: FallbackLimiter,
         metrics: Metrics,
         client_limiter: ReservingLimiter | None = None,
-        endpoints: Endpoints,
+        operations: Operations,
         clock: Callable[[], float] = time.time,
         batched_writes: bool = False,
     ) -> None:
@@ -120,12 +126,29 @@ class ReportService:
         self._background: set[asyncio.Task[None]] = set()
         self._refresh_after: dict[str, float] = {}
         self._refreshing: set[str] = set()
-        self._paths = {report: endpoint.path for report, endpoint in endpoints.items()}
-        # (fresh, stale window, physical lifetime) per report, resolved once.
-        self._ttls = {}
-        for report in endpoints:
-            fresh, stale = settings.report_ttls(report)
-            self._ttls[report] = (fresh, stale, fresh + stale)
+        self.operations = operations
+        # Each operation's policy, resolved once from the document and the settings.
+        self.policies: dict[str, Policy] = {}
+        for name, operation in operations.items():
+            ttl = settings.operation_ttls(operation, operations.ttl_classes)
+            self.policies[name] = Policy(
+                ttl.fresh,
+                ttl.stale,
+                settings.cache_stale_while_revalidate,
+                settings.not_found_ttl if operation.kind == "retrieve" else 0,
+            )
+        self.links = LinkRewriter(settings.upstream_url, settings.public_url)
+        # Bodies are rewritten once, when stored; so the public base is part of the key, and a
+        # changed PROXY_PUBLIC_URL never serves entries made for the old one.
+        self._variant = (
+            hashlib.sha256(settings.public_url.encode()).hexdigest()[:8]
+            if settings.public_url
+            else ""
+        )
+
+    def key(self, query: CanonicalQuery) -> str:
+        """The cache key of a canonical question (built in `backends.keys`)."""
+        return keys.cache_key(query, self._variant)
 
     async def serve(
         self,
@@ -135,7 +158,7 @@ class ReportService:
         *,
         bypass: bool = False,
     ) -> tuple[Rate, RateDecision, Answer]:
-        """One report request: the caller's limit alongside the lookup, then the answer.
+        """One read: the caller's limit alongside the lookup, then the answer.
 
         The limit and the cache lookup go out in one Redis round trip (auto-pipelining); an L1
         hit needs only the limit. A refused caller costs at most one wasted GET.
@@ -148,8 +171,8 @@ class ReportService:
         if isinstance(parsed, QueryErrors):
             decision = await limiter.hit(limit_key, rate)
         else:
-            key = parsed.cache_key()
-            answer = None if bypass else self.l1_hit(key)
+            key = self.key(parsed)
+            answer = None if bypass else self.l1_hit(key, self.policies[parsed.operation])
             if answer is not None:
                 # A hot hit with a reserved unit at hand does no I/O at all.
                 decision = limiter.take_local(limit_key, rate) or await limiter.hit(limit_key, rate)
@@ -178,21 +201,24 @@ class ReportService:
         """Whether a caller's `Cache-Control: no-cache` makes this request skip the cache."""
         return no_cache and self.settings.honor_client_no_cache
 
-    def l1_hit(self, key: str) -> Answer | None:
+    def l1_hit(self, key: str, policy: Policy) -> Answer | None:
         """A hit answered from this process's L1 without any I/O, if the key is there and fresh."""
         if self.l1 is None:
             return None
         entry = self.l1.get_now(key)
         now = self.clock()
-        return self._hit(entry, now) if entry is not None and entry.is_fresh(now) else None
+        if on_lookup(entry, now, policy) is Action.HIT:
+            assert entry is not None
+            return self._hit(entry, now)
+        return None
 
-    async def purge(self, key: str | None = None, *, report: str | None = None) -> int:
-        """Drop one entry, every entry of one report, or everything, from the store and from
+    async def purge(self, key: str | None = None, *, operation: str | None = None) -> int:
+        """Drop one entry, every entry of one operation, or everything, from the store and from
         this process's L1."""
         if key is None:
             if self.l1 is not None:
-                self.l1.clear_now(report)
-            return await self.store.clear(report)
+                self.l1.clear_now(operation)
+            return await self.store.clear(operation)
         if self.l1 is not None:
             await self.l1.delete(key)
         return int(await self.store.delete(key))
@@ -207,28 +233,28 @@ class ReportService:
         bypass: bool = False,
     ) -> Answer:
         """The answer to one caller's query, given what `lookup` found for it."""
-        key = query.cache_key()
+        key = self.key(query)
         now = self.clock()
-        usable = cached
-        _fresh, stale_ttl, _physical = self._ttls[query.report]
-        if usable is not None and now >= usable.fresh_until + stale_ttl:
-            # Past its stale window by our clock; Redis expires entries on its own clock.
-            usable = None
-        if usable is not None and not bypass:
-            if usable.is_fresh(now):
-                self._remember(key, usable, now)
-                return self._hit(usable, now)
-            if self.settings.cache_stale_while_revalidate:
-                self._refresh_in_background(key, query, caller, request_id, usable)
-                return self._stale(usable, now, None)
+        policy = self.policies[query.operation]
+        action = on_lookup(cached, now, policy, bypass=bypass)
+        fallback = usable(cached, now, policy)
+        if action is Action.HIT:
+            assert cached is not None
+            self._remember(key, cached, now)
+            return self._hit(cached, now)
+        if action is Action.STALE:
+            assert fallback is not None
+            self._refresh_in_background(key, query, caller, request_id, fallback)
+            return self._stale(fallback, now, None)
 
         share = caller.config.upstream_rate
         if share is not None and key not in self._flight:  # joining a running fetch is free
             decision = await self.limiter.hit(f"share:{caller.name}", share)
             if not decision.allowed:
                 self.metrics.rejections.labels(caller.name, "upstream_share").inc()
-                if usable is not None:
-                    return self._stale(usable, now, "detail=upstream-share")
+                if on_failure(fallback, FailureKind.BUDGET)[0] is Action.STALE_ON_ERROR:
+                    assert fallback is not None
+                    return self._stale(fallback, now, "detail=upstream-share")
                 return self._error(
                     429,
                     "upstream_share_exceeded",
@@ -241,7 +267,7 @@ class ReportService:
         # (what we found may be past its stale window and still physically in Redis).
         newer_than = now if bypass else (cached.stored_at if cached is not None else None)
         # A caller with a stale copy never queues: it is answered now (below).
-        turn = Turn(caller.name, caller.config.weight, wait=usable is None, key=key)
+        turn = Turn(caller.name, caller.config.weight, wait=fallback is None, key=key)
         try:
             fetched, collapsed = await self._join(
                 key, lambda: self._fetch_shared(key, query, request_id, newer_than, turn, wait=True)
@@ -249,16 +275,18 @@ class ReportService:
         except UpstreamFailure as failure:
             if failure.kind in (FailureKind.BUDGET, FailureKind.CIRCUIT):
                 self.metrics.rejections.labels(caller.name, failure.kind).inc()
-            if usable is not None:
+            then, refresh = on_failure(fallback, failure.kind)
+            if then is Action.STALE_ON_ERROR:
+                assert fallback is not None
                 reason = (
                     f"fwd-status={failure.upstream_status}"
                     if failure.upstream_status
                     else f"detail={failure.kind}"
                 )
-                answer = self._stale(usable, self.clock(), reason)
+                answer = self._stale(fallback, self.clock(), reason)
                 answer.upstream_status = failure.upstream_status
-                if failure.kind is FailureKind.BUDGET:  # the refresh takes its turn in the queue
-                    self._refresh_in_background(key, query, caller, request_id, usable)
+                if refresh:  # the refresh takes its turn in the queue
+                    self._refresh_in_background(key, query, caller, request_id, fallback)
                 return answer
             return self._failure(failure)
         return self._fetched(fetched, collapsed or fetched.collapsed, bypass)
@@ -335,7 +363,7 @@ class ReportService:
             if token is not None:
                 await self.leases.release(key, token)
             raise
-        physical_ttl = self._ttls[query.report][2]
+        physical_ttl = fetched.physical
         if self._batched_writes and fetched.stored and token is not None:
             # Queued in this order in one loop turn, they go out as one pipeline, in order:
             # the entry is there before the waiters see the lease gone.
@@ -360,20 +388,23 @@ class ReportService:
         (circuit open, budget spent for longer than the queue waits)."""
         slot = await self.guard.acquire_slot(turn)
         self.metrics.budget_remaining.set(slot.decision.remaining)
+        operation = self.operations[query.operation]
         fmt = query.get("format")
+        # A report without `format` is CSV; any other read without it is JSON (TeamUp's default).
+        default_format = "csv" if operation.report is not None else "json"
         try:
             response = await self.upstream.fetch(
-                self._paths[query.report],
+                operation.upstream_path(query.path),
                 query.upstream_query(self.settings.upstream_array_style),
-                fmt=fmt if isinstance(fmt, str) else "csv",
+                fmt=fmt if isinstance(fmt, str) else default_format,
                 request_id=request_id,
             )
         except UpstreamFailure as failure:
-            self.metrics.upstream_requests.labels(query.report, failure.kind).inc()
+            self.metrics.upstream_requests.labels(operation.label, failure.kind).inc()
             if failure.elapsed is not None:
                 self.metrics.upstream_seconds.observe(failure.elapsed)
             raise
-        self.metrics.upstream_requests.labels(query.report, str(response.status)).inc()
+        self.metrics.upstream_requests.labels(operation.label, str(response.status)).inc()
         self.metrics.upstream_seconds.observe(response.elapsed)
         upstream_ms = response.elapsed * 1000
         if response.status == 429:
@@ -408,22 +439,35 @@ class ReportService:
                 elapsed=response.elapsed,
             )
         now = self.clock()
-        fresh_ttl, _stale, physical_ttl = self._ttls[query.report]
-        entry = CachedResponse(
-            response.status,
-            response.headers,
-            response.body,
-            now,
-            now + fresh_ttl,
-        )
         headers = dict(response.headers)
         headers["Cache-Control"] = response.cache_control
         if response.set_cookie:
             headers["Set-Cookie"] = "1"
-        stored = physical_ttl > 0 and is_cacheable(
-            response.status, headers, len(response.body), self.settings.cache_max_body_bytes
+        keep = storable(
+            response.status,
+            headers,
+            len(response.body),
+            self.settings.cache_max_body_bytes,
+            self.policies[query.operation],
         )
-        return Fetched(entry, stored, False, response.status, upstream_ms, slot.queued_ms)
+        # Rewritten once, here: every hit of the entry then serves links to the proxy as is.
+        body = self.links.rewrite(response.body) if response.status == 200 else response.body
+        entry = CachedResponse(
+            response.status,
+            response.headers,
+            body,
+            now,
+            now + (keep.fresh if keep is not None else 0),
+        )
+        return Fetched(
+            entry,
+            keep is not None,
+            False,
+            response.status,
+            upstream_ms,
+            slot.queued_ms,
+            keep.physical if keep is not None else 0,
+        )
 
     def _refresh_in_background(
         self,

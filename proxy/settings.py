@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import re
+from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
@@ -22,10 +23,17 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from .core.endpoints import load_endpoints
 from .core.gcra import Rate, parse_rate
+from .core.operations import Operation, TtlClass, load_operations
 
-__all__ = ["ClientConfig", "ReportConfig", "Settings", "SettingsError", "load_settings"]
+__all__ = [
+    "ClientConfig",
+    "ReportConfig",
+    "Settings",
+    "SettingsError",
+    "TtlConfig",
+    "load_settings",
+]
 
 DEFAULT_SECRETS_DIR = "/run/secrets"
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
@@ -46,15 +54,27 @@ def _check_sha256(value: str) -> str:
 
 
 def _known_reports(names: list[str] | tuple[str, ...]) -> tuple[str, ...]:
-    known = load_endpoints()
+    known = load_operations().reports()
     unknown = [name for name in names if name not in known]
     if unknown:
         raise ValueError(f"unknown report(s) {', '.join(unknown)}; known: {', '.join(known)}")
     return tuple(dict.fromkeys(names))
 
 
+def _known_segments(names: list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    if "*" in names:
+        return ("*",)
+    known = load_operations().segments()
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise ValueError(
+            f"unknown path segment(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+        )
+    return tuple(dict.fromkeys(names))
+
+
 class ClientConfig(BaseModel):
-    """One calling app: the SHA-256 of its key, optional limits, and the reports it may read."""
+    """One calling app: the SHA-256 of its key, optional limits, and what it may read."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -65,6 +85,9 @@ class ClientConfig(BaseModel):
     weight: int = Field(1, ge=1, le=1000)
     # None: every enabled report. Least privilege: list only what the app needs.
     reports: tuple[str, ...] | None = None
+    # First path segments after /api/v2/ (`customers`, `events`, `reports`, …; `*`: all).
+    # None: everything routed.
+    read: tuple[str, ...] | None = None
 
     _check_key = field_validator("key_sha256")(_check_sha256)
 
@@ -73,9 +96,17 @@ class ClientConfig(BaseModel):
     def _check_reports(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
         return None if value is None else _known_reports(value)
 
-    def may_read(self, report: str) -> bool:
-        """Whether this client may read `report`."""
-        return self.reports is None or report in self.reports
+    @field_validator("read")
+    @classmethod
+    def _check_read(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        return None if value is None or "*" in value else _known_segments(value)
+
+    def may_read(self, segment: str, report: str | None = None) -> bool:
+        """Whether this client may read an operation under `segment` (and, for a report data
+        operation, that report: `reports` narrows the `reports` segment)."""
+        if self.read is not None and segment not in self.read:
+            return False
+        return report is None or self.reports is None or report in self.reports
 
 
 class ReportConfig(BaseModel):
@@ -85,6 +116,16 @@ class ReportConfig(BaseModel):
 
     cache_ttl: int | None = Field(None, ge=0)
     cache_stale_ttl: int | None = Field(None, ge=0)
+
+
+class TtlConfig(BaseModel):
+    """Seconds fresh and seconds stale on top, for an operation id, a first path segment or a
+    TTL class of the document (`PROXY_TTLS`); unset: the next less specific one."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    fresh: int | None = Field(None, ge=0)
+    stale: int | None = Field(None, ge=0)
 
 
 def _to_report_list(value: Any) -> Any:
@@ -152,6 +193,10 @@ class Settings(BaseSettings):
         tuple[str, ...] | None, NoDecode, BeforeValidator(_to_report_list)
     ] = None
     reports: dict[str, ReportConfig] = Field(default_factory=dict)
+    ttls: dict[str, TtlConfig] = Field(default_factory=dict)
+    not_found_ttl: int = Field(5, ge=0, le=3600)
+    auth_endpoints_enabled: bool = False
+    public_url: str | None = None
     rate_limit: RateSetting = Field(default_factory=lambda: parse_rate("120/minute"))
     # Seconds a process may spend a reserved batch of a busy client's limit locally (0: off).
     rate_limit_reservation: float = Field(0.05, ge=0, le=1)
@@ -174,6 +219,10 @@ class Settings(BaseSettings):
     drain_delay: float = Field(0.0, ge=0, le=600)
     client_header_timeout: float = Field(75.0, gt=0, le=3600)
     client_write_timeout: float = Field(30.0, gt=0, le=3600)
+    # Per worker: bytes of large answers being written (each distinct body once); see README.
+    client_write_buffer_bytes: int = Field(64 * 1024 * 1024, ge=1024 * 1024)
+    # SO_SNDBUF of accepted connections (0: the kernel's autotuning); bounds kernel memory.
+    client_sndbuf_bytes: int = Field(0, ge=0, le=64 * 1024 * 1024)
 
     @field_validator("upstream_url")
     @classmethod
@@ -184,6 +233,31 @@ class Settings(BaseSettings):
         if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username:
             raise ValueError("must be scheme://host[:port] only, with no path, query or user")
         return f"{parts.scheme}://{parts.netloc}"
+
+    @field_validator("public_url")
+    @classmethod
+    def _check_public_url(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        parts = urlsplit(value.strip())
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be http(s)://host[:port][/path]")
+        if parts.query or parts.fragment or parts.username:
+            raise ValueError("must have no query, fragment or user")
+        return f"{parts.scheme}://{parts.netloc}{parts.path.rstrip('/')}"
+
+    @field_validator("ttls")
+    @classmethod
+    def _check_ttl_names(cls, value: dict[str, TtlConfig]) -> dict[str, TtlConfig]:
+        operations = load_operations()
+        known = set(operations) | operations.segments() | set(operations.ttl_classes)
+        unknown = [name for name in value if name not in known]
+        if unknown:
+            raise ValueError(
+                f"unknown name(s) {', '.join(unknown)}: use an operation id, a first path "
+                "segment or a TTL class"
+            )
+        return value
 
     @field_validator("redis_url")
     @classmethod
@@ -286,6 +360,40 @@ class Settings(BaseSettings):
             else self.cache_stale_ttl
         )
         return fresh, stale
+
+    def operation_ttls(self, operation: Operation, classes: Mapping[str, TtlClass]) -> TtlClass:
+        """(fresh, stale window) for one read. The most specific setting wins: `PROXY_TTLS` by
+        operation id, `PROXY_REPORTS` by report name, `PROXY_TTLS` by first path segment, then
+        by TTL class; below those, a report's lifetimes are `PROXY_CACHE_TTL` /
+        `PROXY_CACHE_STALE_TTL` and any other operation's are its class in the document
+        (without a class: the global ones too)."""
+        if operation.report is not None:
+            fresh, stale = self.report_ttls(operation.report)
+            report_own = self.reports.get(operation.report)
+        else:
+            own_class = classes.get(operation.ttl_class or "")
+            fresh, stale = (
+                (own_class.fresh, own_class.stale)
+                if own_class is not None
+                else (self.cache_ttl, self.cache_stale_ttl)
+            )
+            report_own = None
+        layers = [
+            self.ttls.get(operation.ttl_class or ""),
+            self.ttls.get(operation.segment),
+        ]
+        for layer in layers:
+            if layer is not None:
+                fresh = layer.fresh if layer.fresh is not None else fresh
+                stale = layer.stale if layer.stale is not None else stale
+        if report_own is not None:
+            fresh = report_own.cache_ttl if report_own.cache_ttl is not None else fresh
+            stale = report_own.cache_stale_ttl if report_own.cache_stale_ttl is not None else stale
+        own = self.ttls.get(operation.operation_id)
+        if own is not None:
+            fresh = own.fresh if own.fresh is not None else fresh
+            stale = own.stale if own.stale is not None else stale
+        return TtlClass(fresh, stale)
 
     @property
     def upstream_budget(self) -> Rate:

@@ -16,10 +16,10 @@ from aiohttp.test_utils import TestClient, TestServer
 from pytest_aiohttp import AiohttpClient, AiohttpServer
 
 from proxy.logs import JsonFormatter
+from proxy.testing.e2e import TOKEN, make_settings
 from proxy.testing.mock import MOCK_STATE, MockState, create_mock_app
+from proxy.testing.support import RedisServer
 from proxy.web.app import create_app
-from tests.e2e import TOKEN, make_settings
-from tests.support import RedisServer
 
 
 @pytest.fixture(scope="session")
@@ -66,7 +66,7 @@ MakeProxy = Callable[..., Awaitable[TestClient[web.Request, web.Application]]]
 
 @pytest.fixture
 async def mock_server(aiohttp_server: AiohttpServer) -> TestServer:
-    """A mock TeamUp on a free port, demanding `tests.e2e.TOKEN`."""
+    """A mock TeamUp on a free port, demanding `proxy.testing.e2e.TOKEN`."""
     return await aiohttp_server(create_mock_app(TOKEN))
 
 

@@ -6,9 +6,9 @@ import logging
 
 import pytest
 
+from proxy.testing.e2e import ADMIN_KEY, KEY, OTHER_KEY, REPORT, TOKEN, auth
 from proxy.testing.mock import MockState
 from tests.conftest import LogLines, MakeProxy
-from tests.e2e import ADMIN_KEY, KEY, OTHER_KEY, REPORT, TOKEN, auth
 
 
 async def test_credential_is_injected_and_caller_key_never_forwarded(
@@ -205,7 +205,7 @@ async def test_upstream_failures_map_to_gateway_errors(
 
 
 async def test_upstream_down_is_502(make_proxy: MakeProxy) -> None:
-    from tests.support import free_port
+    from proxy.testing.support import free_port
 
     proxy = await make_proxy(upstream_url=f"http://127.0.0.1:{free_port()}")
     response = await proxy.get(REPORT, headers=auth())
@@ -253,3 +253,37 @@ async def test_head_is_not_a_report_method(make_proxy: MakeProxy, mock_state: Mo
     response = await proxy.head(REPORT, headers=auth())
     assert response.status == 405
     assert mock_state.calls == 0
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["local", "redis"])
+async def test_closing_the_circuit_is_logged_only_when_it_was_open(
+    make_proxy: MakeProxy,
+    mock_state: MockState,
+    json_logs: LogLines,
+    redis_url: str,
+    shared: bool,
+) -> None:
+    import redis.asyncio as aioredis
+
+    client = aioredis.Redis.from_url(redis_url) if shared else None
+    proxy = await make_proxy(redis_client=client, upstream_circuit_default=60)
+    admin = auth(ADMIN_KEY)
+
+    def closed_lines() -> list[dict[str, object]]:
+        return [r for r in json_logs.records() if r.get("event") == "circuit_closed"]
+
+    # Nothing to close: the answer says so and the log says nothing.
+    answer = await (await proxy.delete("/admin/circuit", headers=admin)).json()
+    assert answer["closed"] is False and answer["open"] is False
+    assert closed_lines() == []
+    # A 429 opens it; the operator's DELETE closes it: one warning.
+    mock_state.faults.status, mock_state.faults.retry_after, mock_state.faults.times = 429, 60, 1
+    assert (await proxy.get(REPORT + "?format=json", headers=auth())).status == 503
+    assert (await (await proxy.get("/admin/circuit", headers=admin)).json())["open"] is True
+    answer = await (await proxy.delete("/admin/circuit", headers=admin)).json()
+    assert answer["closed"] is True and answer["open"] is False
+    assert [line["message"] for line in closed_lines()] == ["circuit closed by an operator"]
+    # Closing it again changes nothing and logs nothing more.
+    answer = await (await proxy.delete("/admin/circuit", headers=admin)).json()
+    assert answer["closed"] is False
+    assert len(closed_lines()) == 1

@@ -18,7 +18,7 @@ from proxy.backends.stores import (
     RedisCacheStore,
 )
 from proxy.core.entry import CachedResponse, is_cacheable
-from tests.e2e import FakeClock
+from proxy.testing.e2e import FakeClock
 
 JSON_HEADERS = (("Content-Type", "application/json"),)
 CSV_HEADERS = (

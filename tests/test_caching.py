@@ -15,16 +15,17 @@ from aiohttp import ClientResponse, web
 from aiohttp.test_utils import TestClient
 from multidict import MultiDict
 
+from proxy.backends import keys
 from proxy.backends.stores import RedisCacheStore
 from proxy.core.contract import CanonicalQuery
 from proxy.core.entry import CachedResponse
 from proxy.service import REFRESH_BACKOFF
 from proxy.settings import Settings
+from proxy.testing.e2e import ADMIN_KEY, KEY, OTHER_KEY, REPORT, FakeClock, auth, parse_query
 from proxy.testing.mock import MockState
+from proxy.testing.support import RedisServer
 from proxy.web.app import KEY_PREFIX
 from tests.conftest import LogLines, MakeProxy
-from tests.e2e import ADMIN_KEY, KEY, OTHER_KEY, REPORT, FakeClock, auth, parse_query
-from tests.support import RedisServer
 
 Proxy = TestClient[web.Request, web.Application]
 
@@ -37,7 +38,7 @@ def cache_key(query: str) -> str:
     """The canonical cache key of a `?...` query string."""
     parsed = parse_query(MultiDict(parse_qsl(query.lstrip("?"), keep_blank_values=True)))
     assert isinstance(parsed, CanonicalQuery)
-    return parsed.cache_key()
+    return keys.cache_key(parsed)
 
 
 def entry_key(query: str) -> str:

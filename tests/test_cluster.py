@@ -18,10 +18,10 @@ from proxy.backends.link import RedisLink, connect_redis
 from proxy.backends.stores import RedisCacheStore
 from proxy.core.entry import CachedResponse
 from proxy.core.gcra import parse_rate
+from proxy.testing.e2e import ADMIN_KEY, REPORT, auth
 from proxy.testing.mock import MockState
+from proxy.testing.support import RedisServer
 from tests.conftest import MakeProxy
-from tests.e2e import ADMIN_KEY, REPORT, auth
-from tests.support import RedisServer
 
 pytestmark = pytest.mark.slow
 

@@ -7,9 +7,9 @@ from urllib.parse import urlencode
 
 import pytest
 
+from proxy.testing.e2e import COLUMNS, REPORT, auth
 from proxy.testing.mock import MockState
 from tests.conftest import MakeProxy
-from tests.e2e import COLUMNS, REPORT, auth
 
 NO_CACHE = {"cache_ttl": 0, "cache_stale_ttl": 0}
 

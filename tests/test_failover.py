@@ -25,10 +25,10 @@ import aiohttp
 import pytest
 import redis
 
-from tests.e2e import REPORT, auth
-from tests.faults.harness import MockProcess, Outcome, Truth, run_load
-from tests.procs import ProxyProcess
-from tests.support import RedisServer, free_port, wait_for_port
+from proxy.testing.e2e import REPORT, auth
+from proxy.testing.faults import MockProcess, Outcome, Truth, run_load
+from proxy.testing.procs import ProxyProcess
+from proxy.testing.support import RedisServer, free_port, wait_for_port
 from tests.test_cluster import cluster_ports, create_cluster
 
 pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]

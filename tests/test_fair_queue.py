@@ -20,14 +20,14 @@ import pytest
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient, TestServer
 
+from proxy.testing.e2e import KEY, OTHER_KEY, REPORT, FakeClock, auth
 from proxy.testing.mock import MockState
+from proxy.testing.procs import ProxyProcess
 from proxy.upstream.queue import BudgetQueue
 from proxy.web.app import KEY_PREFIX
 from proxy.web.auth import hash_key
 from proxy.web.handlers import STATE
 from tests.conftest import MakeProxy
-from tests.e2e import KEY, OTHER_KEY, REPORT, FakeClock, auth
-from tests.procs import ProxyProcess
 
 HEAVY_KEY, LIGHT_KEY = "heavy-key-0a1b2c", "light-key-3d4e5f"
 

@@ -13,7 +13,7 @@ from proxy.backends.flight import LOCAL_TOKEN, VANISHED, Failed, LocalFlight, Re
 from proxy.backends.link import RedisLink, connect_redis
 from proxy.backends.stores import RedisCacheStore
 from proxy.core.entry import CachedResponse
-from tests.support import free_port
+from proxy.testing.support import free_port
 
 PREFIX = "flight-test:"
 T0 = 1_700_000_000.0

@@ -15,12 +15,12 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from proxy.logs import TextFormatter
+from proxy.testing.e2e import ADMIN_KEY, KEY, OTHER_KEY, REPORT, auth
+from proxy.testing.faults import check_error_body, raw_request
 from proxy.testing.mock import MockState
+from proxy.testing.procs import ProxyProcess
 from proxy.web.auth import hash_key
 from tests.conftest import LogLines, MakeProxy
-from tests.e2e import ADMIN_KEY, KEY, OTHER_KEY, REPORT, auth
-from tests.faults.harness import check_error_body, raw_request
-from tests.procs import ProxyProcess
 from tests.test_caching import get, status_params
 
 Proxy = TestClient[web.Request, web.Application]

@@ -24,10 +24,8 @@ from hypothesis import strategies as st
 from yarl import URL
 
 from proxy.core.contract import MAX_QUERY_BYTES
-from proxy.testing.mock import MockState
-from tests.conftest import MakeProxy
-from tests.e2e import ADMIN_KEY, COLUMNS, KEY, OTHER_KEY, REPORT, TOKEN, auth
-from tests.faults.harness import (
+from proxy.testing.e2e import ADMIN_KEY, COLUMNS, KEY, OTHER_KEY, REPORT, TOKEN, auth
+from proxy.testing.faults import (
     MockProcess,
     RawAnswer,
     Truth,
@@ -35,7 +33,9 @@ from tests.faults.harness import (
     check_error_body,
     raw_request,
 )
-from tests.procs import ProxyProcess
+from proxy.testing.mock import MockState
+from proxy.testing.procs import ProxyProcess
+from tests.conftest import MakeProxy
 from tests.query_oracle import expected_outcome
 
 MODULE_LOOP = pytest.mark.asyncio(loop_scope="module")

@@ -17,11 +17,11 @@ import redis.asyncio as aioredis
 
 from proxy.core.entry import CachedResponse
 from proxy.logs import ACCESS, JsonFormatter, LineHandler, LineWriter
+from proxy.testing.e2e import KEY, REPORT, FakeClock, auth
 from proxy.web.auth import hash_key
 from proxy.web.handlers import STATE
 from proxy.web.sending import _has_room
 from tests.conftest import LogLines, MakeProxy
-from tests.e2e import KEY, REPORT, FakeClock, auth
 
 LANE_OUTER = ("request_id", "total_ms", "status")
 BUSY = {"billing": {"key_sha256": hash_key(KEY), "rate": "100000/minute"}}
@@ -40,14 +40,21 @@ def stable(headers: Any) -> dict[str, str]:
     return {k: v for k, v in headers.items() if k not in PER_REQUEST}
 
 
+@pytest.mark.parametrize(
+    "query",
+    [
+        REPORT + "?format=json&limit=3",
+        "/api/v2/events?page_size=5&fields=name,id",  # a list
+        "/api/v2//customers/377001?fields=id",  # a retrieve, at the doubled-slash path
+    ],
+)
 async def test_a_hot_hit_answers_what_the_general_path_answers(
-    make_proxy: MakeProxy, json_logs: LogLines, real_redis: aioredis.Redis
+    make_proxy: MakeProxy, json_logs: LogLines, real_redis: aioredis.Redis, query: str
 ) -> None:
     clock = FakeClock()
     proxy = await make_proxy(clients=BUSY, clock=clock, cache_l1_ttl=30, redis_client=real_redis)
     state = proxy.app[STATE]
     assert state.hot is not None
-    query = REPORT + "?format=json&limit=3"
     assert (await proxy.get(query, headers=auth())).status == 200  # the miss fills the L1
     hot = await proxy.get(query, headers=auth())
     assert len(state.hot._questions) == 1  # answered by the short path

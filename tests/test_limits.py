@@ -15,11 +15,11 @@ import redis.asyncio as aioredis
 from aiohttp.test_utils import TestServer
 
 from proxy.core.gcra import gcra
+from proxy.testing.e2e import KEY, OTHER_KEY, REPORT, FakeClock, auth, make_settings
 from proxy.testing.mock import MockState
+from proxy.testing.procs import ProxyProcess
 from proxy.web.auth import hash_key
 from tests.conftest import MakeProxy
-from tests.e2e import KEY, OTHER_KEY, REPORT, FakeClock, auth, make_settings
-from tests.procs import ProxyProcess
 
 
 @pytest.fixture

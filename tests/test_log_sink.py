@@ -17,9 +17,9 @@ import aiohttp
 from aiohttp.test_utils import TestServer
 
 from proxy.logs import JsonFormatter, LineHandler, LineWriter
-from tests.e2e import REPORT, auth
-from tests.procs import ProxyProcess
-from tests.support import wait_for_port
+from proxy.testing.e2e import REPORT, auth
+from proxy.testing.procs import ProxyProcess
+from proxy.testing.support import wait_for_port
 from tests.test_serve import metric_sum
 
 SHUTDOWN_TIMEOUT = 2.0

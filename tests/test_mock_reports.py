@@ -17,9 +17,9 @@ from aiohttp.test_utils import TestClient
 from pytest_aiohttp import AiohttpClient
 
 import proxy.spec
+from proxy.testing.e2e import auth
 from proxy.testing.mock import MOCK_STATE, MockState, create_mock_app
 from tests.conftest import MakeProxy
-from tests.e2e import auth
 
 Client = TestClient[web.Request, web.Application]
 TOKEN = "s3cret"
@@ -28,9 +28,16 @@ DOCUMENT: dict[str, Any] = json.loads(
     (Path(proxy.spec.__file__).parent / "teamup.json").read_text(encoding="utf-8")
 )
 OPERATIONS: dict[str, dict[str, Any]] = {
-    item["get"]["x-report"]: item["get"] for item in DOCUMENT["paths"].values()
+    item["get"]["x-report"]: item["get"]
+    for item in DOCUMENT["paths"].values()
+    if "x-report" in item.get("get", {})
 }
-PATHS = {op["x-report"]: path for path, item in DOCUMENT["paths"].items() for op in [item["get"]]}
+PATHS = {
+    op["x-report"]: path
+    for path, item in DOCUMENT["paths"].items()
+    for op in [item.get("get", {})]
+    if "x-report" in op
+}
 REPORTS = sorted(OPERATIONS)
 PLAIN = [report for report in REPORTS if not OPERATIONS[report]["x-grouped"]]
 GROUPED = [report for report in REPORTS if OPERATIONS[report]["x-grouped"]]

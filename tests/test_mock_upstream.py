@@ -28,7 +28,7 @@ from proxy.testing.mock import (
     RecordedRequest,
     create_mock_app,
 )
-from tests.support import free_port, wait_for_port
+from proxy.testing.support import free_port, wait_for_port
 
 Client = TestClient[web.Request, web.Application]
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]

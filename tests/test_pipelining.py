@@ -14,7 +14,7 @@ from redis.exceptions import ResponseError
 from proxy.backends.limiters import RedisLimiter
 from proxy.backends.pipelining import AutoPipelineRedis
 from proxy.core.gcra import parse_rate
-from tests.support import RedisServer
+from proxy.testing.support import RedisServer
 
 
 async def test_concurrent_gets_answer_each_caller(redis_client: aioredis.Redis) -> None:

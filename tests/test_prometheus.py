@@ -20,10 +20,10 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
 
+from proxy.testing.e2e import ADMIN_KEY, KEY, OTHER_KEY, REPORT, auth
+from proxy.testing.procs import ProxyProcess
+from proxy.testing.support import free_port, wait_for_port
 from proxy.web.auth import hash_key
-from tests.e2e import ADMIN_KEY, KEY, OTHER_KEY, REPORT, auth
-from tests.procs import ProxyProcess
-from tests.support import free_port, wait_for_port
 
 pytestmark = [
     pytest.mark.slow,

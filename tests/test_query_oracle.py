@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from yarl import URL
 
 from proxy.core.contract import CanonicalQuery, QueryErrors
-from tests.e2e import REPORT, parse_query
+from proxy.testing.e2e import REPORT, parse_query
 from tests.query_oracle import expected_outcome
 from tests.test_hostile import query_strings
 

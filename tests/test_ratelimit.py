@@ -15,7 +15,7 @@ from redis.backoff import NoBackoff
 
 from proxy.backends.limiters import Limiter, MemoryLimiter, RedisLimiter
 from proxy.core.gcra import Rate, RateDecision, gcra, parse_rate
-from tests.support import free_port
+from proxy.testing.support import free_port
 
 PER_MINUTE_10 = Rate(10, 60.0)
 

@@ -18,9 +18,9 @@ import redis.asyncio as aioredis
 from aiohttp.test_utils import TestServer
 
 from proxy.backends.link import RedisLink
-from tests.e2e import REPORT, auth
-from tests.procs import ProxyProcess
-from tests.support import RedisServer
+from proxy.testing.e2e import REPORT, auth
+from proxy.testing.procs import ProxyProcess
+from proxy.testing.support import RedisServer
 
 pytestmark = pytest.mark.slow
 

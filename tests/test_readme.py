@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -29,6 +30,22 @@ def test_the_two_commands_are_make_targets() -> None:
         assert re.search(rf"^{target}:", makefile, re.MULTILINE)
     ci = (ROOT / ".ci" / "run").read_text()
     assert "make test" in ci
+
+
+def test_make_help_lists_every_target() -> None:
+    makefile = (ROOT / "Makefile").read_text()
+    phony = re.search(r"^\.PHONY: (.+)$", makefile, re.MULTILINE)
+    assert phony is not None
+    done = subprocess.run(
+        ["make", "-s", "--no-print-directory", "help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    )
+    listed = {line.split()[1] for line in done.stdout.splitlines() if line.startswith("make ")}
+    assert set(phony.group(1).split()) - {"help"} == listed
 
 
 def shared_upstream() -> Path | None:

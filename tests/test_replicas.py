@@ -13,10 +13,10 @@ import pytest
 import redis
 from aiohttp.test_utils import TestServer
 
+from proxy.testing.e2e import KEY, OTHER_KEY, REPORT, auth
 from proxy.testing.mock import MockState
+from proxy.testing.procs import ProxyProcess
 from proxy.web.app import KEY_PREFIX
-from tests.e2e import KEY, OTHER_KEY, REPORT, auth
-from tests.procs import ProxyProcess
 
 pytestmark = pytest.mark.slow
 

@@ -25,10 +25,10 @@ from proxy.backends.link import AnyRedis, RedisLink
 from proxy.backends.pipelining import AutoPipelineRedis
 from proxy.backends.reservations import RedisReserver, ReservingLimiter
 from proxy.core.gcra import Rate, gcra, gcra_reserve
+from proxy.testing.e2e import KEY, REPORT, auth
+from proxy.testing.procs import ProxyProcess
 from proxy.web.auth import hash_key
 from tests.conftest import MakeProxy
-from tests.e2e import KEY, REPORT, auth
-from tests.procs import ProxyProcess
 
 PER_HOUR_1000 = Rate(1000, 3600.0)
 

@@ -14,9 +14,9 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
 
+from proxy.testing.e2e import KEY, REPORT, TOKEN, auth
 from proxy.testing.mock import MockState
-from tests.e2e import KEY, REPORT, TOKEN, auth
-from tests.procs import ProxyProcess
+from proxy.testing.procs import ProxyProcess
 
 pytestmark = pytest.mark.slow
 
@@ -112,7 +112,7 @@ async def test_two_workers_share_the_port_metrics_and_drain(
     report = next(r for r in access if r["path"] == REPORT and r["cache"] == "miss")
     assert report["client"] == "billing"
     assert report["upstream_status"] == 200
-    assert report["key"].startswith("v2:customer_credits:")
+    assert report["key"].startswith("v3:customer_credits:")
     events = {r.get("event") for r in records}
     assert {"ready", "listening", "draining", "stopped"} <= events
     pids = {r["pid"] for r in records if r.get("event") == "listening"}

@@ -14,12 +14,12 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
+from proxy.testing.e2e import ADMIN_KEY, KEY, REPORT, TOKEN, make_settings
 from proxy.testing.mock import MockState
+from proxy.testing.procs import proxy_env
 from proxy.web.auth import hash_key
 from proxy.web.handlers import STATE
 from tests.conftest import MakeProxy
-from tests.e2e import ADMIN_KEY, KEY, REPORT, TOKEN, make_settings
-from tests.procs import proxy_env
 from tests.test_fair_queue import HEAVY_KEY, LIGHT_KEY, ask_app, queue_of, until
 from tests.test_serve import metric_sum
 

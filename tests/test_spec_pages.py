@@ -3,7 +3,7 @@
 Every page (the copy in docs/upstream/reports, and shared/upstream/reports when a checkout has it
 beside the repository) must be in the document: the endpoint, every parameter with its type,
 array-ness, values, default, `required` and bounds; the document may be stricter only where the
-parameter's x-tightened says so (tests/spec_pages.py: `gaps`). The rest checks the shape the
+parameter's x-tightened says so (proxy/spec/report_pages.py: `gaps`). The rest checks the shape the
 proxy builds its validators from, and that customer_credits is exactly today's contract.
 """
 
@@ -21,9 +21,8 @@ import pytest
 from openapi_spec_validator import validate
 
 from proxy.core.contract import MAX_ARRAY_ITEMS, Param
-from proxy.core.endpoints import load_endpoints
-from proxy.testing.mock import DEFAULT_COLUMNS
-from tests.spec_pages import (
+from proxy.core.operations import load_operations
+from proxy.spec.report_pages import (
     COLUMN_TYPES,
     DOCUMENT,
     PAGES_DIR,
@@ -33,6 +32,7 @@ from tests.spec_pages import (
     parse_page,
     path_for,
 )
+from proxy.testing.mock import DEFAULT_COLUMNS
 
 TEXT = DOCUMENT.read_text(encoding="utf-8")
 SPEC: dict[str, Any] = json.loads(TEXT)
@@ -62,7 +62,8 @@ PAGE_CASES = [
 
 def _operations() -> Iterator[tuple[str, dict[str, Any]]]:
     for path, item in SPEC["paths"].items():
-        yield path, item["get"]
+        if item.get("get", {}).get("x-kind") == "report-data":
+            yield path, item["get"]
 
 
 def _params(operation: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -84,7 +85,7 @@ def test_the_document_states_what_the_page_states(page_path: Path) -> None:
 def test_the_pages_are_all_there() -> None:
     pages = [parse_page(path.name, path.read_text(encoding="utf-8")) for path in page_files()]
     assert len(pages) == 32
-    assert {page.path for page in pages} == set(SPEC["paths"])
+    assert {page.path for page in pages} == set(OPERATIONS)
     assert Counter(page.grouped for page in pages) == {False: 19, True: 13}
 
 
@@ -274,7 +275,7 @@ TODAYS_CREDITS = {
 
 
 def test_the_built_customer_credits_contract_is_todays() -> None:
-    contract = load_endpoints()["customer_credits"].contract
+    contract = load_operations().reports()["customer_credits"].contract
     assert dict(contract.params) == TODAYS_CREDITS
     assert contract.ranges == (("created_at_gte", "created_at_lte"),)
 

@@ -13,7 +13,7 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
 
-from tests.procs import ProxyProcess
+from proxy.testing.procs import ProxyProcess
 from tests.test_log_sink import live_group
 from tests.test_serve import worker_pids
 

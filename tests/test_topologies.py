@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import redis
 
+from proxy.testing.e2e import REPORT, auth
 from proxy.testing.mock import MockState
+from proxy.testing.support import RedisServer, free_port, wait_for_port
 from tests.conftest import MakeProxy
-from tests.e2e import REPORT, auth
-from tests.support import RedisServer, free_port, wait_for_port
 
 pytestmark = pytest.mark.slow
 

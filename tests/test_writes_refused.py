@@ -11,11 +11,11 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from proxy.backends import keys
+from proxy.testing.e2e import KEY
 from proxy.testing.mock import MockState
+from proxy.testing.support import RedisServer, free_port
 from proxy.web.auth import hash_key
 from tests.conftest import LogLines, MakeProxy
-from tests.e2e import KEY
-from tests.support import RedisServer, free_port
 from tests.test_caching import entry_key, eventually, get, is_stored_miss, status_params
 
 Proxy = TestClient[web.Request, web.Application]

@@ -6,12 +6,41 @@ live in one slot (the lease release script touches two of them atomically).
 
 from __future__ import annotations
 
-from ..core.contract import report_key_prefix
+from ..core.contract import CanonicalQuery
 
-__all__ = ["PREFIX", "circuit", "entries", "entry", "failure", "lease", "limiter", "probe"]
+__all__ = [
+    "KEY_VERSION",
+    "PREFIX",
+    "cache_key",
+    "circuit",
+    "entries",
+    "entry",
+    "failure",
+    "lease",
+    "limiter",
+    "operation_prefix",
+    "probe",
+]
 
 PREFIX = "teamup-proxy:"
 LIMITER_PREFIX = PREFIX + "rl:"
+# Part of every cache key: bump it when the canonical encoding changes, and old entries are
+# simply never read again (they expire on their own). v3: the operation id and the path
+# parameters joined the key (v2 named a report).
+KEY_VERSION = "v3"
+
+
+def operation_prefix(operation_id: str) -> str:
+    """What every cache key of one operation starts with (for purging one operation)."""
+    return f"{KEY_VERSION}:{operation_id}:"
+
+
+def cache_key(query: CanonicalQuery, variant: str = "") -> str:
+    """`v3:<operationId>:<sha256>`: the operation, then the digest of its path parameters and
+    canonical query; `variant` (a short tag of what else shapes the stored body, such as the
+    public URL links are rewritten to) joins the digest when set."""
+    digest = query.digest if not variant else f"{query.digest}.{variant}"
+    return f"{KEY_VERSION}:{query.operation}:{digest}"
 
 
 def entry(prefix: str, key: str) -> str:
@@ -19,9 +48,11 @@ def entry(prefix: str, key: str) -> str:
     return f"{prefix}c:{{{key}}}"
 
 
-def entries(prefix: str, report: str | None = None) -> str:
-    """A SCAN pattern for every entry, or every entry of one report."""
-    return f"{prefix}c:*" if report is None else f"{prefix}c:{{{report_key_prefix(report)}*"
+def entries(prefix: str, operation_id: str | None = None) -> str:
+    """A SCAN pattern for every entry, or every entry of one operation."""
+    if operation_id is None:
+        return f"{prefix}c:*"
+    return f"{prefix}c:{{{operation_prefix(operation_id)}*"
 
 
 def lease(prefix: str, key: str) -> str:

@@ -7,7 +7,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Protocol
 
-from ..core.contract import report_key_prefix
+from ..core.bodies import BodyPool
 from ..core.entry import CachedResponse
 from . import keys
 from .link import REDIS_ERRORS, AnyRedis, RedisLink
@@ -24,7 +24,7 @@ class CacheStore(Protocol):
 
     async def delete(self, key: str) -> bool: ...
 
-    async def clear(self, report: str | None = None) -> int: ...
+    async def clear(self, operation: str | None = None) -> int: ...
 
 
 class MemoryCacheStore:
@@ -74,14 +74,14 @@ class MemoryCacheStore:
         self._bytes -= len(item[1].body)
         return True
 
-    def clear_now(self, report: str | None = None) -> int:
-        """Drop everything (or every entry of one report), synchronously; how many went."""
-        if report is None:
+    def clear_now(self, operation: str | None = None) -> int:
+        """Drop everything (or every entry of one operation), synchronously; how many went."""
+        if operation is None:
             count = len(self._data)
             self._data.clear()
             self._bytes = 0
             return count
-        prefix = report_key_prefix(report)
+        prefix = keys.operation_prefix(operation)
         doomed = [key for key in self._data if key.startswith(prefix)]
         for key in doomed:
             self._drop(key)
@@ -99,16 +99,17 @@ class MemoryCacheStore:
     async def delete(self, key: str) -> bool:
         return self._drop(key)
 
-    async def clear(self, report: str | None = None) -> int:
-        return self.clear_now(report)
+    async def clear(self, operation: str | None = None) -> int:
+        return self.clear_now(operation)
 
 
 class RedisCacheStore:
     """Entries as single Redis values under `prefix`; one GET per lookup."""
 
-    def __init__(self, client: AnyRedis, prefix: str) -> None:
+    def __init__(self, client: AnyRedis, prefix: str, bodies: BodyPool | None = None) -> None:
         self.client = client
         self.prefix = prefix
+        self.bodies = bodies  # large bodies decoded once while in use (core/bodies.py)
 
     def entry_key(self, key: str) -> str:
         """The Redis key of an entry (hash-tagged, so its lease shares the Cluster slot)."""
@@ -116,7 +117,7 @@ class RedisCacheStore:
 
     async def get(self, key: str) -> CachedResponse | None:
         data = await self.client.get(self.entry_key(key))
-        return None if not isinstance(data, bytes) else CachedResponse.decode(data)
+        return None if not isinstance(data, bytes) else CachedResponse.decode(data, self.bodies)
 
     async def set(self, key: str, entry: CachedResponse, ttl: float) -> None:
         await self.client.set(self.entry_key(key), entry.encode(), px=max(1, int(ttl * 1000)))
@@ -124,12 +125,12 @@ class RedisCacheStore:
     async def delete(self, key: str) -> bool:
         return bool(await self.client.unlink(self.entry_key(key)))
 
-    async def clear(self, report: str | None = None) -> int:
-        """Remove every entry (or one report's) with SCAN + UNLINK in batches (never KEYS,
+    async def clear(self, operation: str | None = None) -> int:
+        """Remove every entry (or one operation's) with SCAN + UNLINK in batches (never KEYS,
         never a blocking DEL)."""
         removed = 0
         batch: list[bytes] = []
-        pattern = keys.entries(self.prefix, report)
+        pattern = keys.entries(self.prefix, operation)
         async for name in self.client.scan_iter(match=pattern, count=500):
             batch.append(name)
             if len(batch) >= 500:
@@ -181,11 +182,11 @@ class FallbackCacheStore:
                 self.link.failed(exc, "cache_delete")
         return removed
 
-    async def clear(self, report: str | None = None) -> int:
-        removed = await self.memory.clear(report)
+    async def clear(self, operation: str | None = None) -> int:
+        removed = await self.memory.clear(operation)
         if self.redis is not None and self.link.up:
             try:
-                removed += await self.redis.clear(report)
+                removed += await self.redis.clear(operation)
             except REDIS_ERRORS as exc:
                 self.link.failed(exc, "cache_clear")
         return removed

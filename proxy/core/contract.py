@@ -1,7 +1,10 @@
-"""The query contract: validate one endpoint's parameters and turn them into one canonical form.
+"""The query contract: validate one operation's parameters and turn them into one canonical form.
 
-A `Contract` is built from the endpoint's OpenAPI operation (`contract_from_operation`): the
-parameter table is data, not code. `Contract.parse` returns a value or the errors, never raises.
+A `Contract` is built from the operation's OpenAPI object (`contract_from_operation`): the
+parameter table is data, not code. `Contract.parse` returns a value or the errors, never raises;
+`Contract.parse_path` does the same for the path parameters the router cut out of the path.
+`in: header` parameters are the proxy's own business (it sends its configured ones) and are
+ignored here.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
+from decimal import Decimal
 from typing import Any, Literal, TypeVar
 from urllib.parse import quote
 
@@ -18,34 +22,25 @@ import orjson
 from multidict import MultiMapping
 
 __all__ = [
-    "KEY_VERSION",
     "MAX_ARRAY_ITEMS",
     "MAX_QUERY_BYTES",
     "ArrayStyle",
     "CanonicalQuery",
     "Contract",
     "Param",
+    "PathParam",
+    "PathValue",
     "QueryErrors",
     "Value",
     "contract_from_operation",
-    "report_key_prefix",
 ]
 
 MAX_QUERY_BYTES = 4096
 MAX_ARRAY_ITEMS = 200
-# Part of every cache key: bump it when the canonical encoding changes, and old entries are
-# simply never read again (they expire on their own).
-KEY_VERSION = "v2"
-
-
-def report_key_prefix(report: str) -> str:
-    """What every cache key of `report` starts with (for purging one report)."""
-    return f"{KEY_VERSION}:{report}:"
-
-
 ArrayStyle = Literal["comma", "repeat"]
-Kind = Literal["int", "bool", "date", "datetime", "enum", "text"]
+Kind = Literal["int", "number", "bool", "date", "datetime", "enum", "text"]
 Value = str | int | bool | tuple[str, ...] | tuple[int, ...]
+PathValue = tuple[tuple[str, int | str], ...]
 
 _T = TypeVar("_T", int, str)
 
@@ -100,27 +95,25 @@ class _Invalid(Exception):
 
 @dataclass(frozen=True, slots=True)
 class CanonicalQuery:
-    """A valid query of one report in canonical form: sorted by name, typed values, defaults
-    dropped."""
+    """A valid question to one operation in canonical form: its path parameters (in template
+    order) and its query sorted by name, typed values, defaults dropped."""
 
-    report: str
+    operation: str
     items: tuple[tuple[str, Value], ...]
-    _key: str = field(init=False, repr=False, compare=False)
+    path: PathValue = ()
+    digest: str = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         items = tuple(sorted(self.items, key=lambda item: item[0]))
         object.__setattr__(self, "items", items)
-        encoded = orjson.dumps([[name, value] for name, value in items])
-        digest = hashlib.sha256(encoded).hexdigest()
-        object.__setattr__(self, "_key", report_key_prefix(self.report) + digest)
+        encoded = orjson.dumps(
+            [[[name, value] for name, value in self.path], [[name, value] for name, value in items]]
+        )
+        object.__setattr__(self, "digest", hashlib.sha256(encoded).hexdigest())
 
     def canonical_string(self) -> str:
         """The canonical query string (comma arrays, percent-encoded, header-safe ASCII)."""
         return self.upstream_query("comma")
-
-    def cache_key(self) -> str:
-        """`v2:<report>:` and the SHA-256 of an unambiguous encoding of the typed values."""
-        return self._key
 
     def upstream_query(self, style: ArrayStyle) -> str:
         """The query string for TeamUp, arrays as `name=a,b` (comma) or `name=a&name=b`."""
@@ -163,16 +156,75 @@ class QueryErrors:
 
 
 @dataclass(frozen=True, slots=True)
-class Contract:
-    """One endpoint's parameters, the `[low, high]` pairs that must be ordered, and its columns."""
+class PathParam:
+    """One path parameter: an integer id (canonical without leading zeros), one of a few
+    documented values, or a string matching its documented pattern."""
 
-    report: str
+    name: str
+    kind: Literal["int", "enum", "text"] = "text"
+    minimum: int | None = None
+    maximum: int | None = None
+    choices: tuple[str, ...] = ()
+    pattern: str = r"[A-Za-z0-9_-]{1,128}"
+
+    def parse(self, raw: str) -> int | str | None:
+        """The canonical value of one path segment (decoded but for `%2F` / `%25`), or None.
+
+        A `%` left in it is refused outright: an encoded `/` must never reach TeamUp's router;
+        `.`, `..` and control characters never either.
+        """
+        if not raw or "%" in raw or raw in (".", "..") or len(raw) > 256:
+            return None
+        if self.kind == "int":
+            if not _DIGITS.fullmatch(raw):
+                return None
+            digits = raw.lstrip("0") or "0"
+            ceiling = INT_CEILING if self.maximum is None else self.maximum
+            if len(digits) > len(str(ceiling)) or int(digits) > ceiling:
+                return None
+            number = int(digits)
+            if self.minimum is not None and number < self.minimum:
+                return None
+            return number
+        if self.kind == "enum":
+            folded = raw.lower() if raw.isascii() else raw
+            return folded if folded in self.choices else None
+        if _FORBIDDEN.search(raw) or re.fullmatch(self.pattern, raw, re.ASCII) is None:
+            return None
+        return raw
+
+    def describe(self) -> str:
+        """What a valid value looks like, for a 404's message."""
+        if self.kind == "int":
+            return "a positive integer" if (self.minimum or 0) >= 1 else "an integer"
+        if self.kind == "enum":
+            return "one of " + ", ".join(self.choices)
+        return f"text matching {self.pattern}"
+
+
+@dataclass(frozen=True, slots=True)
+class Contract:
+    """One operation's parameters, the `[low, high]` pairs that must be ordered, and its columns."""
+
+    operation: str
     params: Mapping[str, Param]
     ranges: tuple[tuple[str, str], ...] = ()
     columns: tuple[str, ...] = ()
+    path_params: tuple[PathParam, ...] = ()
 
-    def parse(self, raw: MultiMapping[str]) -> CanonicalQuery | QueryErrors:
-        """Validate a decoded query (e.g. aiohttp's `request.query`) and canonicalise it."""
+    def parse_path(self, raw: tuple[str, ...]) -> PathValue | str:
+        """The canonical path parameters of the raw segments, or the name of the first bad one."""
+        values: list[tuple[str, int | str]] = []
+        for param, text in zip(self.path_params, raw, strict=True):
+            value = param.parse(text)
+            if value is None:
+                return param.name
+            values.append((param.name, value))
+        return tuple(values)
+
+    def parse(self, raw: MultiMapping[str], path: PathValue = ()) -> CanonicalQuery | QueryErrors:
+        """Validate a decoded query (e.g. aiohttp's `request.query`) and canonicalise it, with
+        the operation's already validated path parameters."""
         schema = self.params
         errors: dict[str, list[str]] = {}
         grouped: dict[str, list[str]] = {}
@@ -218,28 +270,55 @@ class Contract:
         if errors:
             return QueryErrors(dict(sorted(errors.items())))
         return CanonicalQuery(
-            self.report,
+            self.operation,
             tuple(
                 (name, value)
                 for name, value in values.items()
                 if schema[name].default is None or value != schema[name].default
             ),
+            path,
         )
 
 
-def contract_from_operation(operation: Mapping[str, Any]) -> Contract:
-    """The contract of one OpenAPI operation of `proxy/spec/teamup.json` (see its `x-` keys)."""
+def contract_from_operation(
+    operation: Mapping[str, Any], path_names: tuple[str, ...] = ()
+) -> Contract:
+    """The contract of one OpenAPI operation of `proxy/spec/teamup.json` (see its `x-` keys);
+    `path_names` are the template's parameters in order (each needs an `in: path` object, or
+    gets the safe default pattern)."""
     columns = tuple(operation.get("x-columns", ()))
     params = {
         spec["name"]: _param_from_spec(spec, columns)
         for spec in operation.get("parameters", ())
         if spec.get("in") == "query"
     }
+    described = {
+        str(spec["name"]): spec
+        for spec in operation.get("parameters", ())
+        if spec.get("in") == "path"
+    }
+    path_params = tuple(_path_param(name, described.get(name)) for name in path_names)
     ranges = tuple((str(low), str(high)) for low, high in operation.get("x-ranges", ()))
     for low, high in ranges:
         if low not in params or high not in params:
             raise ValueError(f"x-ranges names an unknown parameter: {low}, {high}")
-    return Contract(str(operation["x-report"]), params, ranges, columns)
+    return Contract(str(operation["operationId"]), params, ranges, columns, path_params)
+
+
+def _path_param(name: str, spec: Mapping[str, Any] | None) -> PathParam:
+    """One path parameter from its OpenAPI object (or the safe default when undescribed)."""
+    schema = spec.get("schema", {}) if spec is not None else {}
+    if schema.get("type") == "integer":
+        return PathParam(name, "int", schema.get("minimum"), schema.get("maximum"))
+    if "enum" in schema:
+        return PathParam(name, "enum", choices=tuple(str(c).lower() for c in schema["enum"]))
+    pattern = schema.get("pattern")
+    if not pattern:
+        return PathParam(name)
+    # Anchors are implied (fullmatch); the document writes them as JSON Schema does.
+    pattern = str(pattern).removeprefix("^").removesuffix("$")
+    re.compile(pattern)
+    return PathParam(name, "text", pattern=pattern)
 
 
 def _param_from_spec(spec: Mapping[str, Any], columns: tuple[str, ...]) -> Param:
@@ -278,6 +357,8 @@ def _kind_of(name: str, schema: Mapping[str, Any]) -> tuple[Kind, tuple[str, ...
     kind = schema.get("type")
     if kind == "integer":
         return "int", ()
+    if kind == "number":
+        return "number", ()
     if kind == "boolean":
         return "bool", ()
     if kind == "string" and "enum" in schema:
@@ -286,7 +367,8 @@ def _kind_of(name: str, schema: Mapping[str, Any]) -> tuple[Kind, tuple[str, ...
         return "date", ()
     if kind == "string" and schema.get("format") == "date-time":
         return "datetime", ()
-    if kind == "string" and "format" not in schema:
+    if kind == "string":
+        # Other formats (email, uri, …) are text to the proxy: TeamUp judges them.
         return "text", ()
     raise ValueError(f"parameter {name}: schema {dict(schema)} is not one the proxy understands")
 
@@ -431,7 +513,23 @@ def _format_datetime(moment: datetime) -> str:
     return f"{moment.replace(microsecond=0).isoformat()}{fraction}Z"
 
 
+def _parse_number(param: Param, text: str) -> str:
+    """A decimal number, canonical: no exponent, no leading `+`, no trailing zeros."""
+    if not _NUMBER.fullmatch(text):
+        raise _Invalid("A valid number is required.")
+    number = Decimal(text)
+    if param.minimum is not None and number < param.minimum:
+        raise _Invalid(f"Ensure this value is greater than or equal to {param.minimum}.")
+    if param.maximum is not None and number > param.maximum:
+        raise _Invalid(f"Ensure this value is less than or equal to {param.maximum}.")
+    shown = format(number.normalize(), "f")
+    return "0" if shown in ("-0", "0") else shown
+
+
+_NUMBER = re.compile(r"-?[0-9]{1,18}(?:\.[0-9]{1,12})?")
+
 _SCALAR_PARSERS: dict[str, Callable[[Param, str], str | int | bool]] = {
+    "number": _parse_number,
     "int": _parse_int,
     "bool": _parse_bool,
     "enum": _parse_enum,
@@ -439,6 +537,7 @@ _SCALAR_PARSERS: dict[str, Callable[[Param, str], str | int | bool]] = {
 }
 # Item parsers for arrays of strings (integer arrays are parsed as numbers, see _parse_array).
 _ITEM_PARSERS: dict[str, Callable[[Param, str], str]] = {
+    "number": _parse_number,
     "enum": _parse_enum,
     "date": _date_item,
     "datetime": _datetime_item,

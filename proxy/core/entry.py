@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 
 import orjson
 
+from .bodies import LARGE, BodyPool
+
 __all__ = ["CACHEABLE_TYPES", "CachedResponse", "is_cacheable"]
 
 _MAGIC = b"TP1"
@@ -16,10 +18,10 @@ _RAW, _ZLIB = b"r", b"z"
 _LEN = struct.Struct(">I")
 # Below this size compression saves too little to pay for the CPU on every hit.
 _COMPRESS_MIN = 1024
-CACHEABLE_TYPES = ("application/json", "text/csv")
+CACHEABLE_TYPES = ("application/json", "text/csv", "application/xml", "text/xml")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, weakref_slot=True)  # weakref: BodyPool.hold
 class CachedResponse:
     """One stored upstream answer: status, allowlisted headers, body and its freshness window."""
 
@@ -64,24 +66,35 @@ class CachedResponse:
         return b"".join((_MAGIC, flag, _LEN.pack(len(meta)), meta, payload))
 
     @classmethod
-    def decode(cls, data: bytes) -> CachedResponse | None:
-        """The entry `encode` wrote, or None for anything else (an old format, corruption)."""
+    def decode(cls, data: bytes, bodies: BodyPool | None = None) -> CachedResponse | None:
+        """The entry `encode` wrote, or None for anything else (an old format, corruption).
+
+        With `bodies`, a large body is taken from (or added to) the pool: a payload whose body
+        is held already is not decompressed again."""
         if data[:3] != _MAGIC or len(data) < 8:
             return None
         try:
             flag = data[3:4]
             (meta_len,) = _LEN.unpack_from(data, 4)
             meta = orjson.loads(data[8 : 8 + meta_len])
-            payload = data[8 + meta_len :]
-            body = zlib.decompress(payload) if flag == _ZLIB else payload
+            payload = memoryview(data)[8 + meta_len :]
+            packed = flag == _ZLIB
+            body = bodies.decoded(payload) if bodies is not None and packed else None
+            if body is None:
+                body = zlib.decompress(payload) if packed else bytes(payload)
             headers = tuple((str(k), str(v)) for k, v in meta["h"])
-            return cls(int(meta["s"]), headers, body, float(meta["t"]), float(meta["f"]))
+            entry = cls(int(meta["s"]), headers, body, float(meta["t"]), float(meta["f"]))
         except (ValueError, KeyError, TypeError, zlib.error, struct.error):
             return None
+        if bodies is not None and len(body) >= LARGE:
+            # Compressed payloads only: the same bytes stored raw would stand for another body.
+            shared = bodies.hold(body, entry, payload if packed else None)
+            object.__setattr__(entry, "body", shared)  # the same bytes, the pool's object
+        return entry
 
 
 def is_cacheable(status: int, headers: dict[str, str], body_size: int, max_bytes: int) -> bool:
-    """200 answers of JSON or CSV, under the size cap, that upstream lets a shared cache keep."""
+    """200 answers of JSON, CSV or XML, under the size cap, that a shared cache may keep."""
     if status != 200 or body_size > max_bytes:
         return False
     if "Set-Cookie" in headers:

@@ -1,19 +1,21 @@
-"""README's table of reports, made from the endpoint document (a test keeps README in step)."""
+"""README's table of reports, made from the operation document (a test keeps README in step)."""
 
 from __future__ import annotations
 
-from .endpoints import Endpoints, load_endpoints
+from collections.abc import Mapping
+
+from .operations import Operation, load_operations
 
 __all__ = ["markdown_table"]
 
 
-def markdown_table(endpoints: Endpoints | None = None) -> str:
+def markdown_table(endpoints: Mapping[str, Operation] | None = None) -> str:
     """One row per report: path, set-valued and ordered parameters, required ones."""
     rows = [
         "| report | path | set-valued (sorted, deduplicated) | ordered | required |",
         "|---|---|---|---|---|",
     ]
-    for report, endpoint in (endpoints or load_endpoints()).items():
+    for report, endpoint in (endpoints or load_operations().reports()).items():
         params = endpoint.contract.params.values()
         sets = [p.name for p in params if p.array and not p.ordered]
         ordered = [p.name for p in params if p.array and p.ordered]

@@ -1,4 +1,5 @@
-"""The mock's reading of proxy/spec/teamup.json: each report endpoint as TeamUp's pages state it.
+"""The mock's reading of proxy/spec/teamup.json: each report endpoint as TeamUp's pages state it,
+and every other GET operation (lists, retrieves, other reads) with its parameters and x-fields.
 
 Deliberately separate from proxy/core/contract.py (a mock that shares the code under test proves
 nothing): both are built from the same document, each on its own. The mock is as lenient as
@@ -8,16 +9,18 @@ here, except that a grouped report's `columns` stay required (TeamUp cannot grou
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import orjson
 
-__all__ = ["Endpoint", "Param", "endpoints"]
+__all__ = ["Endpoint", "Operation", "Param", "endpoints", "operations"]
 
 # `x-tightened` is `<bound> <value>: <why>; …`; the why may itself hold a `; `.
 _TIGHTENED = re.compile(
@@ -61,6 +64,7 @@ class Endpoint:
     # Every spelling of a column → the key its values are answered under (`customer_id` →
     # `customer.id`); a key maps to itself.
     aliases: Mapping[str, str]
+    operation_id: str = ""
 
     @property
     def keys(self) -> tuple[str, ...]:
@@ -167,17 +171,103 @@ def _endpoint(path: str, operation: Mapping[str, Any]) -> Endpoint:
         ranges=tuple((str(low), str(high)) for low, high in operation.get("x-ranges", ())),
         params={param.name: param for param in ordered},
         aliases=_aliases(columns, types),
+        operation_id=str(operation.get("operationId", "")),
     )
+
+
+def _document(path: Path | None = None) -> Any:
+    if path is not None:
+        return orjson.loads(path.read_bytes())
+    return orjson.loads(resources.files("proxy.spec").joinpath("teamup.json").read_bytes())
 
 
 @functools.cache
 def endpoints() -> Mapping[str, Endpoint]:
     """Every report data endpoint of the document, by report name (read once)."""
-    document = orjson.loads(resources.files("proxy.spec").joinpath("teamup.json").read_bytes())
+    document = _document()
     found: dict[str, Endpoint] = {}
     for path, item in document.get("paths", {}).items():
         operation = item.get("get")
-        if operation is not None and "x-report" in operation:
+        if operation is not None and operation.get("x-kind", "report-data") == "report-data":
             endpoint = _endpoint(str(path), operation)
             found[endpoint.report] = endpoint
     return found
+
+
+# --- every other GET ------------------------------------------------------------------------
+
+# Never admits `/`, `%`, or a `.`-only segment: the default for a string path parameter.
+SAFE_SEGMENT = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+@dataclass(frozen=True, slots=True)
+class Operation:
+    """One GET operation that is not a report: its path template, parameters and result fields."""
+
+    operation_id: str
+    kind: str  # list | retrieve | other (x-kind)
+    area: str
+    path: str  # the document's template, e.g. /api/v2/events/{id}
+    path_params: tuple[Param, ...]  # in path order
+    params: Mapping[str, Param]  # query parameters, in document order
+    fields: Mapping[str, str]  # x-fields: top-level field -> type
+    array: bool  # an `other` read answering a bare JSON array
+
+    @property
+    def collection(self) -> str:
+        """The template of the collection its objects belong to: a retrieve's path without its
+        last parameter (`/api/v2/events/{id}` -> `/api/v2/events`), else its own path."""
+        path = self.path.rstrip("/")
+        if self.kind == "retrieve" and path.endswith("}"):
+            return path.rsplit("/", 1)[0]
+        return path
+
+
+def _path_param(raw: Mapping[str, Any]) -> Param:
+    param = _param(raw, False)
+    if param.kind == "integer" or param.enum is not None or param.pattern is not None:
+        return param
+    return dataclasses.replace(param, pattern=SAFE_SEGMENT)
+
+
+def _operation(path: str, operation: Mapping[str, Any]) -> Operation:
+    raw = [p for p in operation.get("parameters", ()) if isinstance(p, dict)]
+    by_name = {str(p["name"]): p for p in raw if p.get("in") == "path"}
+    names = re.findall(r"{([^}]+)}", path)
+    path_params = tuple(
+        _path_param(by_name.get(name, {"name": name, "in": "path", "required": True}))
+        for name in names
+    )
+    query = [_param(p, False) for p in raw if p.get("in", "query") == "query"]
+    schema: Any = (
+        operation.get("responses", {})
+        .get("200", {})
+        .get("content", {})
+        .get("application/json", {})
+        .get("schema", {})
+    )
+    return Operation(
+        operation_id=str(operation.get("operationId", "")),
+        kind=str(operation.get("x-kind", "other")),
+        area=str(operation.get("x-area", "")),
+        path=path,
+        path_params=path_params,
+        params={param.name: param for param in query},
+        fields={str(k): str(v) for k, v in operation.get("x-fields", {}).items()},
+        array=isinstance(schema, dict) and schema.get("type") == "array",
+    )
+
+
+@functools.cache
+def operations(path: Path | None = None) -> tuple[Operation, ...]:
+    """Every GET of the document (the packaged one unless a path is given) that is not a report
+    data endpoint, in document order (read once per path)."""
+    found: list[Operation] = []
+    for template, item in _document(path).get("paths", {}).items():
+        operation = item.get("get") if isinstance(item, dict) else None
+        if operation is None or "x-report" in operation:
+            continue
+        if operation.get("x-kind") in ("report-data", "report-export", "write"):
+            continue
+        found.append(_operation(str(template), operation))
+    return tuple(found)

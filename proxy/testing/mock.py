@@ -1,5 +1,5 @@
-"""A faithful fake TeamUp reports API (every report data endpoint of proxy/spec/teamup.json):
-the demo backend and the test double."""
+"""A faithful fake TeamUp API (every GET of proxy/spec/teamup.json: the report data endpoints,
+the lists, retrieves and other reads): the demo backend and the test double."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
 from http import HTTPStatus
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -28,6 +29,7 @@ from .data import (
     LAST_NAMES,
     START,
     Row,
+    _singular,
     csv_value,
     group,
     label,
@@ -36,7 +38,8 @@ from .data import (
     sort_key,
 )
 from .data import money as _money
-from .document import Endpoint, Param, endpoints
+from .document import Endpoint, Operation, Param, endpoints, operations
+from .objects import Catalog, page_url, resolve, sort_members, to_xml
 
 __all__ = [
     "DEFAULT_COLUMNS",
@@ -75,6 +78,7 @@ class RecordedRequest:
     path: str = ""  # as received, e.g. /api/v2//reports/customers.grouped/data
     report: str = ""  # the report it asked for, e.g. customers.grouped
     at: float = field(default_factory=time.time)  # when it arrived (wall clock)
+    operation: str = ""  # the operationId it asked for, e.g. events_list
 
 
 @dataclass
@@ -86,12 +90,14 @@ class MockState:
     calls: int = 0
     requests: list[RecordedRequest] = field(default_factory=list)
     report_calls: dict[str, int] = field(default_factory=dict)  # calls by report name
+    operation_calls: dict[str, int] = field(default_factory=dict)  # calls by operationId
 
     def reset(self) -> None:
         """Forget calls and requests; faults back to their defaults (the same object)."""
         self.calls = 0
         self.requests.clear()
         self.report_calls.clear()
+        self.operation_calls.clear()
         _assign_faults(self.faults, Faults())
 
 
@@ -99,6 +105,7 @@ MOCK_STATE = web.AppKey("mock_state", MockState)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _RELEASE_HANGS = web.AppKey("mock_release_hangs", asyncio.Event)
 _SEED = web.AppKey("mock_seed", int)
+_CATALOG = web.AppKey("mock_catalog", Catalog)
 
 
 def _assign_faults(target: Faults, source: Faults) -> None:
@@ -250,11 +257,10 @@ class _Bad:
 _BAD = _Bad()
 
 
-class _Parser:
+class _Values:
     """Reads one parameter at a time, collecting every error (as DRF does)."""
 
-    def __init__(self, endpoint: Endpoint, query: MultiMapping[str]) -> None:
-        self.endpoint = endpoint
+    def __init__(self, query: MultiMapping[str]) -> None:
         self.query = query
         self.errors: dict[str, list[str]] = {}
 
@@ -332,6 +338,14 @@ class _Parser:
             self.fail(param.name, f"Ensure this field has at least {param.min_items} elements.")
         if param.max_items is not None and len(items) > param.max_items:
             self.fail(param.name, f"Ensure this field has no more than {param.max_items} elements.")
+
+
+class _Parser(_Values):
+    """A report's query."""
+
+    def __init__(self, endpoint: Endpoint, query: MultiMapping[str]) -> None:
+        super().__init__(query)
+        self.endpoint = endpoint
 
     def parse(self) -> _Query:
         endpoint = self.endpoint
@@ -588,22 +602,45 @@ def _authorised(request: web.Request, token: str) -> bool:
     )
 
 
-def _record(request: web.Request, report: str) -> RecordedRequest:
+def _record(request: web.Request, report: str, operation: str) -> RecordedRequest:
     headers: dict[str, str] = {}
     spelling: dict[str, str] = {}
     for name, value in request.headers.items():
         first = spelling.setdefault(name.lower(), str(name))
         headers[first] = f"{headers[first]}, {value}" if first in headers else value
     path, _, query = request.raw_path.partition("?")
-    return RecordedRequest(query, headers, path, report)
+    return RecordedRequest(query, headers, path, report, operation=operation)
 
 
-async def _report(request: web.Request, endpoint: Endpoint) -> web.Response:
+def _invalid(errors: dict[str, list[str]]) -> web.Response:
+    names = list(errors)
+    message = (
+        f"Invalid value for parameter '{names[0]}'."
+        if len(names) == 1
+        else f"Invalid values for parameters: {', '.join(names)}."
+    )
+    return _json_error(
+        400,
+        {
+            "code": "parameter_invalid",
+            "type": "invalid_request_error",
+            "message": message,
+            "field_errors": errors,
+        },
+    )
+
+
+async def _guarded(
+    request: web.Request, report: str, operation_id: str, answer: Callable[[], web.Response]
+) -> web.Response:
+    """Count and record a call, apply the faults, check the token, then answer."""
     state = request.app[MOCK_STATE]
     state.calls += 1
-    state.report_calls[endpoint.report] = state.report_calls.get(endpoint.report, 0) + 1
+    if report:
+        state.report_calls[report] = state.report_calls.get(report, 0) + 1
+    state.operation_calls[operation_id] = state.operation_calls.get(operation_id, 0) + 1
     call = state.calls
-    state.requests.append(_record(request, endpoint.report))
+    state.requests.append(_record(request, report, operation_id))
     faults = state.faults
     fault = _take_fault(faults)
     extra = {"X-Mock-Calls": str(call), **faults.extra_headers}
@@ -620,31 +657,175 @@ async def _report(request: web.Request, endpoint: Endpoint) -> web.Response:
     elif not _authorised(request, state.token):
         response = _fault_response(_Fault(401, None, False, False))
     else:
-        try:
-            query = _Parser(endpoint, request.query).parse()
-        except _InvalidParams as exc:
-            names = list(exc.errors)
-            message = (
-                f"Invalid value for parameter '{names[0]}'."
-                if len(names) == 1
-                else f"Invalid values for parameters: {', '.join(names)}."
-            )
-            response = _json_error(
-                400,
-                {
-                    "code": "parameter_invalid",
-                    "type": "invalid_request_error",
-                    "message": message,
-                    "field_errors": exc.errors,
-                },
-            )
-        else:
-            total, page = _select(request.app[_SEED], endpoint, query)
-            response = _render(endpoint, query, total, page)
+        response = answer()
     response.headers.update(extra)
     if cookie:
         response.headers.add("Set-Cookie", "sessionid=abc; HttpOnly")
     return response
+
+
+async def _report(request: web.Request, endpoint: Endpoint) -> web.Response:
+    def answer() -> web.Response:
+        try:
+            query = _Parser(endpoint, request.query).parse()
+        except _InvalidParams as exc:
+            return _invalid(exc.errors)
+        total, page = _select(request.app[_SEED], endpoint, query)
+        return _render(endpoint, query, total, page)
+
+    return await _guarded(request, endpoint.report, endpoint.operation_id, answer)
+
+
+# --- every other GET ------------------------------------------------------------------------
+
+_NOT_FOUND = {"detail": "Not found."}
+_CANONICAL_INT = re.compile(r"[1-9][0-9]{0,17}")
+
+
+def _path_ok(param: Param, text: str) -> bool:
+    """Whether a path value is well formed (else TeamUp has no such URL: 404)."""
+    if not text or "/" in text or "%" in text or not text.strip("."):
+        return False
+    if param.kind == "integer":
+        return _CANONICAL_INT.fullmatch(text) is not None and (
+            param.maximum is None or int(text) <= param.maximum
+        )
+    if param.enum is not None:
+        return text in param.enum
+    return param.pattern is None or param.pattern.search(text) is not None
+
+
+def _operation_query(operation: Operation, query: MultiMapping[str]) -> dict[str, Any]:
+    """The query's values by parameter; an unknown parameter is an error too."""
+    reader = _Values(query)
+    given: dict[str, Any] = {}
+    for param in operation.params.values():
+        if param.array:
+            items = reader.items(param.name)
+            if items is None:
+                if param.required:
+                    reader.fail(param.name, "This field is required.")
+                continue
+            reader.count(param, items)
+            given[param.name] = tuple(reader.value(param, item) for item in items)
+            continue
+        text = reader.scalar(param.name)
+        if text is None:
+            if param.required:
+                reader.fail(param.name, "This field is required.")
+            elif param.default is not None and param.name in _PAGING | {"format"}:
+                given[param.name] = param.default
+            continue
+        given[param.name] = reader.value(param, text)
+    for name in dict.fromkeys(query):
+        if name not in operation.params:
+            reader.fail(name, "Unknown parameter.")
+    if reader.errors:
+        raise _InvalidParams(reader.errors)
+    return given
+
+
+Item = Mapping[str, Any]
+
+
+def _is_in(field: str, allowed: frozenset[Any]) -> Callable[[Item], bool]:
+    return lambda item: item.get(field) in allowed
+
+
+def _matches(
+    operation: Operation, fields: Mapping[str, str], given: Mapping[str, Any]
+) -> Callable[[Item], bool] | None:
+    """The filters the mock applies: `ids`, a string enum naming a string field, a boolean naming
+    a boolean field (the others are validated, not applied)."""
+    tests: list[Callable[[Item], bool]] = []
+    for name, wanted in given.items():
+        param = operation.params[name]
+        if name == "ids" and param.kind == "integer":
+            tests.append(_is_in("id", frozenset(wanted)))
+        elif param.kind == "string" and param.enum and not param.sort:
+            field = next((f for f in (name, _singular(name)) if fields.get(f) == "string"), None)
+            if field is not None:
+                tests.append(_is_in(field, frozenset(wanted if param.array else (wanted,))))
+        elif param.kind == "boolean" and not param.array and fields.get(name) == "boolean":
+            tests.append(_is_in(name, frozenset((wanted,))))
+    if not tests:
+        return None
+    return lambda item: all(test(item) for test in tests)
+
+
+def _answer(
+    request: web.Request, operation: Operation, values: Sequence[str], given: Mapping[str, Any]
+) -> web.Response:
+    catalog = request.app[_CATALOG]
+    if not catalog.exists(operation, values):
+        return _json_error(404, _NOT_FOUND)
+    origin = f"{request.scheme}://{request.host}"
+    expand: tuple[str, ...] = given.get("expand", ())
+    fields: tuple[str, ...] | None = given.get("fields")
+    key = operation.collection
+    collection = catalog.collections[key]
+    retrieve = operation.kind == "retrieve"
+    parents = tuple(values[:-1] if retrieve else values)
+    body: Any
+    if retrieve:
+        index = catalog.index(key, operation.path_params[-1], values[-1])
+        assert index is not None  # exists() said so
+        body = catalog.shape(operation, catalog.obj(key, parents, index), expand, fields)
+    elif operation.kind == "list":
+        members: Sequence[Mapping[str, Any]] = catalog.members(key, parents)
+        match = _matches(operation, collection.fields, given)
+        if match is not None:
+            members = [item for item in members if match(item)]
+        if "sort" in given and operation.params["sort"].array:
+            members = sort_members(members, collection.fields, given["sort"])
+        page, size = int(given.get("page", 1)), int(given.get("page_size", 100))
+        pages = max(1, -(-len(members) // size))
+        if page > pages:
+            return _json_error(404, {"detail": "Invalid page."})
+        chunk = members[(page - 1) * size : page * size]
+        body = {
+            "count": len(members),
+            "next": page_url(origin, request.raw_path, page + 1) if page < pages else None,
+            "previous": page_url(origin, request.raw_path, page - 1) if page > 1 else None,
+            "results": [catalog.shape(operation, item, expand, fields) for item in chunk],
+        }
+    elif operation.array:
+        members = catalog.members(key, parents)
+        body = [catalog.shape(operation, item, expand, fields) for item in members]
+    else:
+        body = catalog.shape(operation, catalog.obj(key, parents, 0), expand, fields)
+    body = resolve(body, origin)
+    if given.get("format", "json") == "xml":
+        return web.Response(body=to_xml(body), content_type="application/xml", charset="utf-8")
+    return web.Response(body=orjson.dumps(body), content_type="application/json")
+
+
+async def _read(request: web.Request, operation: Operation) -> web.Response:
+    values = [request.match_info.get(f"p{i}", "") for i in range(len(operation.path_params))]
+    if not all(_path_ok(p, v) for p, v in zip(operation.path_params, values, strict=True)):
+        return _json_error(404, _NOT_FOUND)  # no such URL: not a call, like any unknown path
+
+    def answer() -> web.Response:
+        try:
+            given = _operation_query(operation, request.query)
+        except _InvalidParams as exc:
+            return _invalid(exc.errors)
+        return _answer(request, operation, values, given)
+
+    return await _guarded(request, "", operation.operation_id, answer)
+
+
+def _read_handler(operation: Operation) -> Handler:
+    async def read(request: web.Request) -> web.Response:
+        return await _read(request, operation)
+
+    return read
+
+
+def _route(template: str) -> str:
+    """An aiohttp route for a document template, its parameters named by position."""
+    counter = iter(range(template.count("{")))
+    return re.sub(r"{[^}]+}", lambda _: f"{{p{next(counter)}}}", template)
 
 
 async def _state(request: web.Request) -> web.Response:
@@ -733,17 +914,28 @@ def _handler(endpoint: Endpoint) -> Handler:
     return report
 
 
-def create_mock_app(token: str, *, latency: float = 0.0, seed: int = 7) -> web.Application:
-    """A fake TeamUp answering every report of proxy/spec/teamup.json with generated data."""
+def create_mock_app(
+    token: str, *, latency: float = 0.0, seed: int = 7, document: Path | None = None
+) -> web.Application:
+    """A fake TeamUp answering every GET of proxy/spec/teamup.json (or of `document`, for the
+    reads other than reports) with generated data."""
     app = web.Application(middlewares=[_not_found])
     app[MOCK_STATE] = MockState(token=token, faults=Faults(latency=latency))
     app[_SEED] = seed
+    reads = operations(document)
+    app[_CATALOG] = Catalog(reads, seed)
     app[_RELEASE_HANGS] = asyncio.Event()
     _credit_rows(seed)  # generate now, not during the first request (the others: on first use)
     for endpoint in endpoints().values():
         handler = _handler(endpoint)
         app.router.add_route("GET", endpoint.path, handler)
         app.router.add_route("GET", endpoint.path.replace("/api/v2/", "/api/v2//", 1), handler)
+    # A static path before a template that could match it (`gift_cards/config`, `gift_cards/{id}`).
+    for operation in sorted(reads, key=lambda o: o.path.count("{")):
+        handler = _read_handler(operation)
+        route = _route(operation.path)
+        app.router.add_route("GET", route, handler)
+        app.router.add_route("GET", route.replace("/api/v2/", "/api/v2//", 1), handler)
     app.router.add_route("GET", "/_mock/state", _state)
     app.router.add_route("PUT", "/_mock/faults", _put_faults)
     app.router.add_route("POST", "/_mock/reset", _reset)
@@ -768,10 +960,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--token", required=True, help="the token callers must send")
     parser.add_argument("--latency", type=float, default=0.0, help="seconds added per request")
     parser.add_argument("--seed", type=int, default=7, help="seed of the generated data")
+    parser.add_argument(
+        "--document", type=Path, default=None, help="an OpenAPI document of the reads to serve"
+    )
     args = parser.parse_args(argv)
-    app = create_mock_app(args.token, latency=args.latency, seed=args.seed)
+    app = create_mock_app(args.token, latency=args.latency, seed=args.seed, document=args.document)
     for endpoint in endpoints().values():
         _table(args.seed, endpoint)  # every report's rows now, not during its first request
+    app[_CATALOG].warm()
     web.run_app(
         app,
         host=args.host,

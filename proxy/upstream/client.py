@@ -15,6 +15,9 @@ from typing import Any
 
 import aiohttp
 import orjson
+from defusedxml import DefusedXmlException
+from defusedxml.ElementTree import ParseError
+from defusedxml.ElementTree import fromstring as parse_xml
 from yarl import URL
 
 from ..core.failures import FailureKind, UpstreamFailure
@@ -24,7 +27,7 @@ __all__ = [
     "PASS_RESPONSE_HEADERS",
     "UpstreamClient",
     "UpstreamResponse",
-    "check_report_body",
+    "check_body",
     "credential_pattern",
     "is_text_header",
     "parse_retry_after",
@@ -39,7 +42,9 @@ PASS_RESPONSE_HEADERS = (
     "ETag",
     "Last-Modified",
 )
-_ACCEPT = {"json": "application/json", "csv": "text/csv"}
+_ACCEPT = {"json": "application/json", "csv": "text/csv", "xml": "application/xml"}
+# What TeamUp may label an XML answer with (DRF's XMLRenderer says application/xml).
+_XML_TYPES = ("application/xml", "text/xml")
 # Connections opened at start-up: a cold pool made the first burst of misses pay the handshakes.
 _WARM_CONNECTIONS = 4
 _DELTA = re.compile(r"[0-9]{1,9}(?:\.[0-9]{1,6})?")
@@ -200,11 +205,24 @@ def invalid(
     )
 
 
-def check_report_body(fmt: str, content_type: str, body: bytes) -> str | None:
-    """Why a 200's body is not the report that was asked for (None when it is)."""
+def check_body(fmt: str, content_type: str, body: bytes) -> str | None:
+    """Why a 200's body is not the answer that was asked for (None when it is).
+
+    XML is parsed with defusedxml: a DTD, an entity declaration or an external reference is
+    refused rather than expanded (a billion-laughs body must cost nothing but the refusal).
+    """
     expected = _ACCEPT.get(fmt, "text/csv")
-    if content_type.split(";")[0].strip().lower() != expected:
-        return f"TeamUp answered a {fmt} report with another content type"
+    given = content_type.split(";")[0].strip().lower()
+    if given != expected and not (expected in _XML_TYPES and given in _XML_TYPES):
+        return f"TeamUp answered a {fmt} request with another content type"
+    if expected == "application/xml":
+        try:
+            parse_xml(body, forbid_dtd=True)
+        except DefusedXmlException:
+            return "TeamUp answered with XML that declares entities or a DTD; refused"
+        except (ParseError, ValueError):
+            return "TeamUp answered with a body that is not well-formed XML"
+        return None
     if expected == "application/json":
         try:
             orjson.loads(body)
@@ -271,7 +289,7 @@ class UpstreamClient:
     async def fetch(
         self, path: str, query_string: str, *, fmt: str, request_id: str
     ) -> UpstreamResponse:
-        """GET one report's `path` (from the endpoint document, never from a caller);
+        """GET one read's `path` (from the operation document, never from a caller);
         a failed connect is retried once, nothing else is."""
         if self._session is None:
             raise RuntimeError("UpstreamClient.start() was not awaited")
@@ -334,8 +352,8 @@ class UpstreamClient:
 
         status = response.status
         if not (status == 200 or 400 <= status <= 599):
-            # 1xx/101, 204, 206, 3xx, 304, other 2xx: not an answer to a report query.
-            raise invalid(f"TeamUp answered {status}, not a report", elapsed(), status)
+            # 1xx/101, 204, 206, 3xx, 304, other 2xx: not an answer to a read.
+            raise invalid(f"TeamUp answered {status}, not an answer to a read", elapsed(), status)
         body = b""
         if status == 200 or (status < 500 and status not in _NOT_PASSED_4XX):
             body = await self._read_body(response, elapsed)
@@ -357,7 +375,7 @@ class UpstreamClient:
             raise self._echoed("body", status, elapsed())
         if status == 200:
             content_type = response.headers.get("Content-Type", "")
-            problem = check_report_body(fmt, content_type, body)
+            problem = check_body(fmt, content_type, body)
             if problem is not None:
                 log.warning(
                     "TeamUp's answer is not what was asked for; refused",

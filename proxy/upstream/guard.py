@@ -153,7 +153,9 @@ class UpstreamGuard:
         return state
 
     async def close_circuit(self) -> bool:
-        """Close the circuit for every replica (they see it within `RECHECK_SECONDS`)."""
+        """Close the circuit for every replica (they see it within `RECHECK_SECONDS`).
+
+        True (and a warning logged) only if it was open, here or in Redis."""
         was_open = self.open_locally_for() > 0
         self._open_until = 0.0
         if self.link.up and self.link.client is not None:
@@ -161,7 +163,8 @@ class UpstreamGuard:
                 was_open = bool(await self.link.client.delete(self.circuit_key)) or was_open
             except REDIS_ERRORS as exc:
                 self.link.failed(exc, "circuit")
-        log.warning("circuit closed by an operator", extra={"event": "circuit_closed"})
+        if was_open:
+            log.warning("circuit closed by an operator", extra={"event": "circuit_closed"})
         return was_open
 
     async def acquire_slot(self, turn: Turn) -> Slot:

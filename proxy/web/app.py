@@ -17,17 +17,19 @@ from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler
 from aiohttp.web_urldispatcher import UrlMappingMatchInfo
 
+from ..backends import keys
 from ..backends.flight import RedisLease
 from ..backends.limiters import FallbackLimiter, MemoryLimiter, RedisLimiter
 from ..backends.link import REDIS_ERRORS, AnyRedis, RedisLink, connect_redis
 from ..backends.pipelining import AutoPipelineRedis
 from ..backends.reservations import RedisReserver, ReservingLimiter
 from ..backends.stores import FallbackCacheStore, MemoryCacheStore, RedisCacheStore
-from ..core.endpoints import load_endpoints
+from ..core.bodies import BodyPool
 from ..core.gcra import Rate
+from ..core.operations import API_PREFIX, Operations, Router, load_operations
 from ..logs import ACCESS, ACCESS_MIDDLE
 from ..metrics import METRICS, Metrics
-from ..service import ReportService
+from ..service import ReadService
 from ..settings import Settings
 from ..upstream.client import UpstreamClient
 from ..upstream.guard import UpstreamGuard
@@ -42,26 +44,25 @@ from .handlers import (
     healthz,
     protected_metrics,
     purge,
+    read,
     readyz,
-    report,
 )
 from .hot import HotHits
 from .openapi import openapi_context, openapi_handler
-from .sending import PacedResponse
+from .sending import PacedResponse, Sending
 
 __all__ = ["SETTINGS", "create_app"]
 
 SETTINGS = web.AppKey("settings", Settings)
-KEY_PREFIX = "teamup-proxy:"
+KEY_PREFIX = keys.PREFIX
 # The L1 holds only hot entries for about a second: a few dozen MiB covers any hot set.
 L1_BYTES = 32 * 1024 * 1024
 # A caller's id is kept only when it cannot be read as a path, a URL or markup upstream.
 _REQUEST_ID = re.compile(r"^(?!.*\.\.)[A-Za-z0-9][A-Za-z0-9._:-]{0,127}\Z")
-REPORT_ROUTE = "/api/v2/reports/{report}/data"
-# Every route, once: its path (as aiohttp's canonical form) and the metrics label.
+# Every route, once: its path (as aiohttp's canonical form) and the metrics label. Every
+# documented operation is behind the one `/api/v2/` resource (see `_Api`).
 _ROUTES = {
-    REPORT_ROUTE: "report",
-    REPORT_ROUTE.replace("/v2/", "/v2//", 1): "report",
+    "/api/v2/{operation}": "read",
     "/admin/cache": "admin",
     "/admin/cache/{report}": "admin",
     "/admin/cache/{report}/{data:data}": "admin",
@@ -139,6 +140,8 @@ async def observe(
     if route is None:
         resource = request.match_info.route.resource
         route = _ROUTES.get(resource.canonical, "other") if resource is not None else "other"
+    elif route == "read":  # a report says so (its handler knows which operation it was)
+        route = str(fields.get("route", "read"))
     report = str(fields.get("report", "none"))
     request.app[METRICS].count_request(
         route, report, response.status, str(fields.get("cache", "none")), elapsed
@@ -171,16 +174,18 @@ async def observe(
     return response
 
 
-def _paced(request: web.Request, response: web.Response, request_id: str) -> PacedResponse:
-    """`response` as a `PacedResponse` (same status, headers and body)."""
+def _paced(request: web.Request, response: web.Response, request_id: str) -> web.StreamResponse:
+    """`response` as a `PacedResponse` (same status, headers and body), once the app is up."""
+    state = request.app.get(STATE)
     body = response.body
+    if state is None or not isinstance(body, bytes):
+        return response
     return PacedResponse(
         request,
         status=response.status,
-        body=body if isinstance(body, bytes) else b"",
+        body=body,
         headers=response.headers,
-        timeout=request.app[SETTINGS].client_write_timeout,
-        counter=request.app[METRICS].client_write_timeouts,
+        sending=state.sending,
         request_id=request_id,
     )
 
@@ -192,11 +197,13 @@ def create_app(
     upstream: UpstreamClient | None = None,
     clock: Callable[[], float] = time.time,
     metrics: Metrics | None = None,
+    document: Operations | None = None,
 ) -> web.Application:
     """The proxy as an aiohttp app; Redis, stores and the upstream pool open in `cleanup_ctx`.
 
     `redis_client` overrides `PROXY_REDIS_URL` (tests pass fakeredis); `clock` is the wall
-    clock used for freshness, so tests move time instead of sleeping.
+    clock used for freshness, so tests move time instead of sleeping; `document` replaces the
+    shipped operation document (tests pass a small one).
     """
     app = web.Application(client_max_size=64 * 1024)
     app[SETTINGS] = settings
@@ -237,8 +244,13 @@ def create_app(
         hot: AnyRedis | None = client
         if settings.redis_autopipeline and isinstance(client, aioredis.Redis):
             hot = cast(AnyRedis, AutoPipelineRedis(client))
+        # Large bodies in use, one copy each; those being written within a per-worker budget.
+        bodies = BodyPool(settings.client_write_buffer_bytes, m.client_write_buffer.set)
+        sending = Sending(
+            bodies, settings.client_write_timeout, m.client_write_timeouts, m.client_write_refusals
+        )
         store = FallbackCacheStore(
-            link, RedisCacheStore(hot, KEY_PREFIX) if hot is not None else None, memory
+            link, RedisCacheStore(hot, KEY_PREFIX, bodies) if hot is not None else None, memory
         )
         # While Redis is down every worker of every replica counts the budget on its own.
         replicas = settings.replicas_hint * settings.processes if client is not None else 1
@@ -246,11 +258,11 @@ def create_app(
         def share(rate: Rate) -> Rate:
             return Rate(max(1, rate.limit // replicas), rate.period)
 
-        redis_limiter = RedisLimiter(hot, KEY_PREFIX + "rl:") if hot is not None else None
+        redis_limiter = RedisLimiter(hot, keys.LIMITER_PREFIX) if hot is not None else None
         limiter = FallbackLimiter(link, redis_limiter, MemoryLimiter())
         client_limiter = ReservingLimiter(
             link,
-            RedisReserver(hot, KEY_PREFIX + "rl:") if hot is not None else None,
+            RedisReserver(hot, keys.LIMITER_PREFIX) if hot is not None else None,
             limiter,
             lifetime=settings.rate_limit_reservation,
         )
@@ -287,8 +299,17 @@ def create_app(
             except REDIS_ERRORS as exc:
                 link.failed(exc, "startup")
             link.start()  # pings every PROXY_REDIS_RETRY_INTERVAL from now on, traffic or not
-        endpoints = load_endpoints().only(settings.enabled_reports)
-        service = ReportService(
+        documented = document or load_operations()
+        auth = settings.auth_endpoints_enabled
+        operations = documented.routed(reports=settings.enabled_reports, auth=auth)
+        # What the router knows: the routed reads, and the documented writes (not routed yet:
+        # another method on their paths is a 405, not a 404); `auth/*` only when switched on.
+        visible = documented.where(
+            lambda op: (
+                op.operation_id in operations or (not op.is_read and (auth or op.area != "auth"))
+            )
+        )
+        service = ReadService(
             settings,
             store=store,
             l1=l1,
@@ -298,7 +319,7 @@ def create_app(
             limiter=limiter,
             client_limiter=client_limiter,
             metrics=m,
-            endpoints=endpoints,
+            operations=operations,
             clock=clock,
             batched_writes=isinstance(hot, AutoPipelineRedis),
         )
@@ -308,9 +329,12 @@ def create_app(
             directory=directory,
             link=link,
             service=service,
-            endpoints=endpoints,
+            operations=operations,
+            router=Router(operations, visible),
+            sending=sending,
+            reports=operations.reports(),
         )
-        state.hot = HotHits(settings, directory, service, state.queries)
+        state.hot = HotHits(settings, directory, service, state.queries, sending)
         app[STATE] = state
         state.ready = True
         log.info(
@@ -336,14 +360,17 @@ def create_app(
                     await pool.disconnect()
 
     app.cleanup_ctx.append(resources)
-    app.cleanup_ctx.append(openapi_context)  # after `resources`: it needs the endpoints
+    app.cleanup_ctx.append(openapi_context)  # after `resources`: it needs the operations
+    # One resource for every operation: the handler's router (built from the document) finds
+    # the operation and validates the path parameters; TeamUp's URL comes from the document,
+    # never from the caller's path. One route keeps aiohttp's lookup as short as it was.
+    api = _Api("/api/v2/{operation}")
+    app.router.register_resource(api)
+    api.add_route(hdrs.METH_ANY, observed(read, "read"))
     for path, label in _ROUTES.items():
-        if label == "report":
-            # One route for every report: the handler looks the name up among the endpoints
-            # that are switched on (anything else is a 404), and TeamUp's URL comes from the
-            # document, never from the caller's path.
-            app.router.add_get(path, observed(report, label), allow_head=False)
-        elif path == "/admin/circuit":
+        if label == "read":
+            continue
+        if path == "/admin/circuit":
             app.router.add_get(path, observed(circuit, label))
             app.router.add_delete(path, observed(circuit, label))
         elif label == "admin":
@@ -396,6 +423,13 @@ def _add_fallback_routes(app: web.Application) -> None:
         first.append(_NoPath(route))
     else:  # pragma: no cover - another aiohttp: a middleware does it, at its cost
         app.middlewares.append(functools.partial(_no_path_middleware, route=route))
+
+
+class _Api(web.DynamicResource):
+    """Every path under `/api/v2/` (the doubled-slash form too); the handler routes it."""
+
+    def _match(self, path: str) -> dict[str, str] | None:
+        return {"operation": path} if path.startswith(API_PREFIX) else None
 
 
 class _Anything(web.DynamicResource):

@@ -2,23 +2,11 @@
 
 from __future__ import annotations
 
-import orjson
 from aiohttp import web
 
-__all__ = ["error_body", "error_response"]
+from ..core.errors import JSON, error_body
 
-JSON = "application/json"
-
-
-def error_body(status: int, code: str, message: str) -> bytes:
-    """`{"code": ..., "type": ..., "message": ...}` as JSON bytes (400s come from the query)."""
-    return orjson.dumps(
-        {
-            "code": code,
-            "type": "invalid_request_error" if status < 500 else "api_error",
-            "message": message,
-        }
-    )
+__all__ = ["JSON", "error_body", "error_response"]
 
 
 def error_response(

@@ -1,4 +1,5 @@
-"""HTTP handlers: the report, admin purge and health — thin calls into the pieces behind them."""
+"""HTTP handlers: every routed read, admin purge and health — thin calls into the pieces behind
+them."""
 
 from __future__ import annotations
 
@@ -11,16 +12,16 @@ import orjson
 from aiohttp import web
 
 from ..backends.link import RedisLink
-from ..core.contract import MAX_QUERY_BYTES, CanonicalQuery, QueryErrors
-from ..core.endpoints import Endpoint, Endpoints
+from ..core.contract import MAX_QUERY_BYTES, CanonicalQuery, PathValue, QueryErrors
 from ..core.gcra import Rate, RateDecision
+from ..core.operations import BadPath, Operation, Operations, Router
 from ..metrics import metrics_handler
-from ..service import Caller, ReportService
+from ..service import Caller, ReadService
 from ..settings import Settings
 from .auth import ClientDirectory, presented_key
 from .errors import JSON, error_response
 from .hot import HotHits
-from .sending import PacedResponse
+from .sending import Sending, paced_response
 
 __all__ = [
     "LOG",
@@ -31,8 +32,8 @@ __all__ = [
     "healthz",
     "protected_metrics",
     "purge",
+    "read",
     "readyz",
-    "report",
     "undecodable",
 ]
 
@@ -78,17 +79,17 @@ class ParsedQueries:
 
     def __init__(self, size: int = 4096) -> None:
         self.size = size
-        self._data: dict[tuple[str, str], tuple[CanonicalQuery | QueryErrors, str]] = {}
+        self._data: dict[tuple[str, PathValue, str], tuple[CanonicalQuery | QueryErrors, str]] = {}
 
     def parse(
-        self, endpoint: Endpoint, request: web.Request
+        self, operation: Operation, path: PathValue, request: web.Request
     ) -> tuple[CanonicalQuery | QueryErrors, str]:
-        """The request's query parsed by the endpoint's contract, and its canonical string
-        ("" for errors)."""
-        memo = (endpoint.report, request.rel_url.raw_query_string)
+        """The request's query parsed by the operation's contract (with its validated path
+        parameters), and its canonical string ("" for errors)."""
+        memo = (operation.operation_id, path, request.rel_url.raw_query_string)
         found = self._data.get(memo)
         if found is None:
-            parsed = with_undecodable(memo[1], endpoint.contract.parse(request.query))
+            parsed = with_undecodable(memo[2], operation.contract.parse(request.query, path))
             canonical = "" if isinstance(parsed, QueryErrors) else parsed.canonical_string()
             found = (parsed, canonical)
             if len(self._data) >= self.size:
@@ -104,8 +105,11 @@ class ProxyState:
     settings: Settings
     directory: ClientDirectory
     link: RedisLink
-    service: ReportService
-    endpoints: Endpoints
+    service: ReadService
+    operations: Operations  # the routed reads
+    router: Router
+    sending: Sending  # how answers are written (web/sending.py)
+    reports: dict[str, Operation] = field(default_factory=dict)  # routed reports, by name
     queries: ParsedQueries = field(default_factory=ParsedQueries)
     hot: HotHits | None = None  # answers hot hits without the general path (web/hot.py)
     ready: bool = False
@@ -134,38 +138,59 @@ def invalid_query(errors: QueryErrors, headers: dict[str, str] | None = None) ->
     )
 
 
-def _endpoint(request: web.Request, state: ProxyState) -> Endpoint:
-    """The endpoint the path names; anything else (unknown or switched off) is a 404."""
-    endpoint = state.endpoints.get(request.match_info["report"])
-    if endpoint is None:
-        raise web.HTTPNotFound()
-    return endpoint
+async def read(request: web.Request) -> web.StreamResponse:
+    """Any path under `/api/v2/`: the router finds the documented operation (404 for anything
+    undocumented or a bad path parameter, 405 for another method), then authenticate,
+    authorise, limit, validate, answer.
 
-
-async def report(request: web.Request) -> web.StreamResponse:
-    """`GET /api/v2/reports/<report>/data`: authenticate, authorise, limit, validate, answer.
-
-    Every answer of a routed report names it in `X-Proxy-Report`.
+    Every answer of a routed operation names it in `X-Proxy-Operation` (and a report's in
+    `X-Proxy-Report`).
     """
     state = request.app[STATE]
-    endpoint = _endpoint(request, state)
+    route = state.router.match(request.rel_url.path_safe)
+    if route is None:
+        raise web.HTTPNotFound()
+    if isinstance(route, BadPath):
+        return error_response(404, "not_found", route.message())
+    operation = route.operations.get(request.method)
+    if operation is None:
+        raise web.HTTPMethodNotAllowed(request.method, set(route.operations))
     hot = state.hot
     fast = (
-        hot.answer(request, endpoint, request[LOG], request[REQUEST_ID])
+        hot.answer(request, operation, route.path, request[LOG], request[REQUEST_ID])
         if hot is not None
         else None
     )
     if fast is not None:
         return fast
-    response = await _report(request, endpoint)
-    response.headers["X-Proxy-Report"] = endpoint.report
+    response = await _read(request, operation, route.path)
+    response.headers["X-Proxy-Operation"] = operation.operation_id
+    if operation.report is not None:
+        response.headers["X-Proxy-Report"] = operation.report
     return response
 
 
-async def _report(request: web.Request, endpoint: Endpoint) -> web.Response:
+def forbidden(client: str, operation: Operation) -> web.Response:
+    """403 for a read outside the client's scopes (nothing is forwarded)."""
+    if operation.report is not None and operation.segment == "reports":
+        what = f"the {operation.report} report"
+        setting = "`reports` / `read`"
+    else:
+        what = f"/api/v2/{operation.segment}"
+        setting = "`read`"
+    return error_response(
+        403,
+        "permission_denied",
+        f"Client {client!r} may not read {what}. Operators: see {setting} in PROXY_CLIENTS.",
+    )
+
+
+async def _read(request: web.Request, operation: Operation, path: PathValue) -> web.Response:
     state = request.app[STATE]
     fields = request[LOG]
-    fields["report"] = endpoint.report
+    fields["report"] = operation.label
+    if operation.report is not None:
+        fields["route"] = "report"
     if len(request.rel_url.raw_query_string) > MAX_QUERY_BYTES:
         return error_response(
             414, "query_too_long", f"The query string is longer than {MAX_QUERY_BYTES} bytes."
@@ -181,22 +206,17 @@ async def _report(request: web.Request, endpoint: Endpoint) -> web.Response:
         )
     caller = Caller(*found)
     fields["client"] = caller.name
-    if not caller.config.may_read(endpoint.report):
+    if not caller.config.may_read(operation.segment, operation.report):
         fields["cache"] = "rejected"
-        return error_response(
-            403,
-            "permission_denied",
-            f"Client {caller.name!r} may not read the {endpoint.report} report. "
-            "Operators: see `reports` in PROXY_CLIENTS.",
-        )
+        return forbidden(caller.name, operation)
     service = state.service
-    service.metrics.count_client(caller.name, endpoint.report)
-    parsed, canonical = state.queries.parse(endpoint, request)
+    service.metrics.count_client(caller.name, operation.label)
+    parsed, canonical = state.queries.parse(operation, path, request)
     bypass = service.bypasses("no-cache" in request.headers.get("Cache-Control", "").lower())
     rate, decision, answer = await service.serve(caller, parsed, request[REQUEST_ID], bypass=bypass)
     fields["cache"] = answer.cache
     if isinstance(parsed, CanonicalQuery):
-        fields["key"] = parsed.cache_key()
+        fields["key"] = service.key(parsed)
     fields["upstream_status"] = answer.upstream_status
     fields["upstream_ms"] = None if answer.upstream_ms is None else round(answer.upstream_ms, 2)
     fields["queued_ms"] = answer.queued_ms
@@ -204,13 +224,12 @@ async def _report(request: web.Request, endpoint: Endpoint) -> web.Response:
     headers.update(ratelimit_headers(rate, decision))
     if decision.allowed and isinstance(parsed, CanonicalQuery):
         headers["X-Proxy-Canonical-Query"] = canonical
-    return PacedResponse(
+    return paced_response(
         request,
         status=answer.status,
         body=answer.body,
         headers=headers,
-        timeout=state.settings.client_write_timeout,
-        counter=state.service.metrics.client_write_timeouts,
+        sending=state.sending,
         request_id=request[REQUEST_ID],
     )
 
@@ -253,25 +272,32 @@ async def purge(request: web.Request) -> web.Response:
     if report is None:
         body = {"purged": await state.service.purge()}
     else:
-        endpoint = state.endpoints.get(report)
-        if endpoint is None:
-            return error_response(404, "not_found", f"No report {report[:64]!r} is routed.")
-        request[LOG]["report"] = endpoint.report
+        operation = state.reports.get(report) or _by_id(state, report)
+        if operation is None:
+            return error_response(
+                404, "not_found", f"No report or operation {report[:64]!r} is routed."
+            )
+        request[LOG]["report"] = operation.label
         if not one_entry:
-            removed = await state.service.purge(report=endpoint.report)
-            body = {"purged": removed, "report": endpoint.report}
+            removed = await state.service.purge(operation=operation.operation_id)
+            body = {"purged": removed, "report": operation.label}
         else:
             raw = request.rel_url.raw_query_string
-            parsed = with_undecodable(raw, endpoint.contract.parse(request.query))
+            parsed = with_undecodable(raw, operation.contract.parse(request.query))
             if isinstance(parsed, QueryErrors):
                 return invalid_query(parsed)
-            removed = await state.service.purge(parsed.cache_key())
+            removed = await state.service.purge(state.service.key(parsed))
             body = {
                 "purged": removed,
-                "report": endpoint.report,
+                "report": operation.label,
                 "canonical_query": parsed.canonical_string(),
             }
     return web.Response(body=orjson.dumps(body), content_type="application/json")
+
+
+def _by_id(state: ProxyState, name: str) -> Operation | None:
+    """A routed read by operation id (purging a whole operation that is not a report)."""
+    return state.operations.get(name)
 
 
 async def circuit(request: web.Request) -> web.Response:

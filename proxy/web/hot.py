@@ -1,11 +1,12 @@
 """The hot hit: a fresh L1 entry for a question asked before, with a reserved unit at hand.
 
-`HotHits.answer` gives the same answer as the general report path (`handlers._report`) —
+`HotHits.answer` gives the same answer as the general read path (`handlers._read`) —
 status, body, every header, the access-log fields and the metrics — without repeating per
 request what only changes per question or per second: who a presented key belongs to, the
 parsed query, the cache key, the static headers, and the `Cache-Status`/`Age` pair (which
-changes once a second). Anything else — an unknown question, a `Cache-Control` request header,
-an L1 miss, no reserved unit — returns None, and the general path answers.
+changes once a second). Freshness is `core.decision.on_lookup`'s, the general path's own: only
+its `HIT` is answered here. Anything else — an unknown question, a `Cache-Control` request
+header, an L1 miss, no reserved unit — returns None, and the general path answers.
 """
 
 from __future__ import annotations
@@ -17,15 +18,16 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 from multidict import CIMultiDict
 
-from ..core.contract import MAX_QUERY_BYTES, CanonicalQuery
-from ..core.endpoints import Endpoint
+from ..core.contract import MAX_QUERY_BYTES, CanonicalQuery, PathValue
+from ..core.decision import Action, Policy, on_lookup
 from ..core.entry import CachedResponse
 from ..core.gcra import Rate
+from ..core.operations import Operation
 from ..logs import ACCESS, ACCESS_MIDDLE, json_bytes
-from ..service import CACHE_NAME, ReportService
+from ..service import CACHE_NAME, ReadService
 from ..settings import Settings
 from .auth import ClientDirectory, presented_key
-from .sending import PacedResponse
+from .sending import Sending, paced_response
 
 if TYPE_CHECKING:
     from multidict import CIMultiDictProxy
@@ -40,13 +42,18 @@ _MAX_QUESTIONS = 4096
 
 @dataclass(slots=True)
 class _Question:
-    """One (report, raw query, presented key) already answered once by the general path."""
+    """One (operation, path, raw query, presented key) already answered once by the general
+    path."""
 
     client: str
     rate: Rate
     limit_key: str
     cache_key: str
-    report: str
+    report: str  # the operation's label (metrics and the access log)
+    route: str
+    operation: str
+    report_name: str | None
+    cache_policy: Policy
     # The headers every answer to it carries, in the general path's order, minus the ones
     # that change per second (`Cache-Status`, `Age`) or per request (`RateLimit`).
     policy: str
@@ -85,19 +92,22 @@ class HotHits:
         self,
         settings: Settings,
         directory: ClientDirectory,
-        service: ReportService,
+        service: ReadService,
         queries: ParsedQueries,
+        sending: Sending,
     ) -> None:
         self.settings = settings
+        self.sending = sending
         self.directory = directory
         self.service = service
         self.queries = queries
-        self._questions: dict[tuple[str, str, str], _Question] = {}
+        self._questions: dict[tuple[str, PathValue, str, str], _Question] = {}
 
     def answer(
         self,
         request: web.Request,
-        endpoint: Endpoint,
+        operation: Operation,
+        path: PathValue,
         fields: dict[str, object],
         request_id: str,
     ) -> web.Response | None:
@@ -118,18 +128,17 @@ class HotHits:
             credential = "Authorization:" + authorization
         else:
             credential = "X-API-Key:" + headers.get("X-API-Key", "")
-        memo = (endpoint.report, raw, credential)
+        memo = (operation.operation_id, path, raw, credential)
         question = self._questions.get(memo)
         if question is None:
-            question = self._learn(endpoint, raw, credential, request)
+            question = self._learn(operation, path, raw, credential, request)
             if question is None:
                 return None
         entry = l1.get_now(question.cache_key)
-        if entry is None:
-            return None
         now = service.clock()
-        if not entry.is_fresh(now):
+        if on_lookup(entry, now, question.cache_policy) is not Action.HIT:
             return None
+        assert entry is not None
         spent = service.client_limiter.spend(question.limit_key, question.rate)
         if spent is None:
             return None
@@ -138,6 +147,7 @@ class HotHits:
         out = question.headers.copy()
         out["RateLimit"] = f'"client";r={spent[0]};t={math.ceil(spent[1])}'
         fields["report"] = question.report
+        fields["route"] = question.route
         fields["client"] = question.client
         fields["cache"] = "hit"
         fields["key"] = question.cache_key
@@ -145,23 +155,27 @@ class HotHits:
         fields["upstream_ms"] = None
         fields["queued_ms"] = None
         if ACCESS.handler is not None:  # the access line's fields, as JSON, once per path
-            path = request.path
-            if question.log_path != path:
-                question.log_path, question.log_middle = path, _middle(question, path)
+            shown = request.path
+            if question.log_path != shown:
+                question.log_path, question.log_middle = shown, _middle(question, shown)
             fields[ACCESS_MIDDLE] = question.log_middle
         service.metrics.count_client(question.client, question.report)
-        return PacedResponse(
+        return paced_response(
             request,
             status=entry.status,
             body=entry.body,
             headers=out,
-            timeout=self.settings.client_write_timeout,
-            counter=service.metrics.client_write_timeouts,
+            sending=self.sending,
             request_id=request_id,
         )
 
     def _learn(
-        self, endpoint: Endpoint, raw: str, credential: str, request: web.Request
+        self,
+        operation: Operation,
+        path: PathValue,
+        raw: str,
+        credential: str,
+        request: web.Request,
     ) -> _Question | None:
         """What the general path would work out for this question, if it can be a hot hit."""
         if len(raw) > MAX_QUERY_BYTES:
@@ -170,9 +184,9 @@ class HotHits:
         if found is None:
             return None  # unknown keys are never remembered
         name, config = found
-        if not config.may_read(endpoint.report):
+        if not config.may_read(operation.segment, operation.report):
             return None
-        parsed, canonical = self.queries.parse(endpoint, request)  # the general path's memo
+        parsed, canonical = self.queries.parse(operation, path, request)  # the general path's
         if not isinstance(parsed, CanonicalQuery):
             return None
         rate = config.rate or self.settings.rate_limit
@@ -182,24 +196,30 @@ class HotHits:
             client=name,
             rate=rate,
             limit_key=f"client:{name}",
-            cache_key=parsed.cache_key(),
-            report=endpoint.report,
+            cache_key=self.service.key(parsed),
+            report=operation.label,
+            route="report" if operation.report is not None else "read",
+            operation=operation.operation_id,
+            report_name=operation.report,
+            cache_policy=self.service.policies[operation.operation_id],
             policy=f'"client";q={rate.limit};w={math.ceil(rate.period)}',
             canonical=canonical,
         )
-        self._questions[(endpoint.report, raw, credential)] = question
+        self._questions[(operation.operation_id, path, raw, credential)] = question
         return question
 
     @staticmethod
     def _rebuild(question: _Question, entry: CachedResponse, now: float) -> None:
-        """The headers as `ReportService._hit` writes them now, and how long they hold."""
+        """The headers as `ReadService._hit` writes them now, and how long they hold."""
         ttl, age = entry.ttl(now), entry.age(now)
         headers: CIMultiDict[str] = CIMultiDict(entry.header_map)
         headers["Cache-Status"] = f"{CACHE_NAME}; hit; ttl={ttl}"
         headers["Age"] = str(age)
         headers["RateLimit-Policy"] = question.policy
         headers["X-Proxy-Canonical-Query"] = question.canonical
-        headers["X-Proxy-Report"] = question.report
+        headers["X-Proxy-Operation"] = question.operation
+        if question.report_name is not None:
+            headers["X-Proxy-Report"] = question.report_name
         question.headers, question.made_for = headers, (entry.stored_at, entry.fresh_until)
         # ttl = floor(fresh_until - now) drops when fewer than `ttl` seconds are left;
         # age = int(now - stored_at) grows at the next whole second after stored_at.

@@ -2,7 +2,7 @@
 
 Everything that is not a report (info, security, headers, error responses, admin and health
 paths) is data in `proxy/spec/proxy-openapi.json`; every report path is generated from
-the routed `Endpoints` — each parameter from its `Param`, i.e. from what the proxy accepts
+the routed report operations — each parameter from its `Param`, i.e. from what the proxy accepts
 (enums in either case, integers in bounds, arrays in any spelling), which is not quite what
 TeamUp documents. Nothing here names a report but the legacy purge form.
 """
@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import copy
 import functools
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from importlib import resources
 from typing import Any
 
 import orjson
 from aiohttp import web
 
-from ..core.contract import INT_CEILING, Param
-from ..core.endpoints import Endpoint, Endpoints
+from ..core.contract import INT_CEILING, Param, PathParam
+from ..core.operations import Operation
 from .handlers import LEGACY_PURGE_REPORT, STATE
 
 __all__ = [
@@ -72,26 +72,35 @@ def load_template() -> Mapping[str, Any]:
     return data
 
 
-def build_document(endpoints: Endpoints) -> dict[str, Any]:
-    """The proxy's document for the reports it routes: the template plus two path items each
-    (single and doubled slash) sharing the report's parameters and responses (components named
-    `<report>.<name>`), and the admin purge forms limited to those reports."""
+def build_document(
+    reports: Mapping[str, Operation], reads: Iterable[Operation] = ()
+) -> dict[str, Any]:
+    """The proxy's document for the operations it routes: the template plus two path items
+    (single and doubled slash) per report, sharing the report's parameters and responses
+    (components named `<report>.<name>`), two per other routed read (`reads`, parameters
+    inline), and the admin purge forms limited to those reports."""
     document = copy.deepcopy(dict(load_template()))
     components = document["components"]
     paths: dict[str, Any] = {}
-    for endpoint in endpoints.values():
-        for param in _parameters(endpoint):
-            components["parameters"][f"{endpoint.report}.{param['name']}"] = param
-        components["responses"].update(_responses(endpoint.report))
-        paths[endpoint.path] = {"get": _operation(endpoint, doubled=False)}
-        paths[endpoint.doubled_path] = {"get": _operation(endpoint, doubled=True)}
+    others = sorted(reads, key=lambda op: op.path)
+    if others:
+        components["responses"].update(_read_responses())
+    for read in others:
+        paths[read.path] = {"get": _read_operation(read, doubled=False)}
+        paths[read.doubled_path] = {"get": _read_operation(read, doubled=True)}
+    for report in reports.values():
+        for param in _parameters(report):
+            components["parameters"][f"{report.label}.{param['name']}"] = param
+        components["responses"].update(_responses(report.label))
+        paths[report.path] = {"get": _operation(report, doubled=False)}
+        paths[report.doubled_path] = {"get": _operation(report, doubled=True)}
     admin: dict[str, Any] = document["paths"]
-    if endpoints:
+    if reports:
         for path in ("/admin/cache/{report}", "/admin/cache/{report}/data"):
-            admin[path]["delete"]["parameters"][0] = _report_parameter(endpoints)
+            admin[path]["delete"]["parameters"][0] = _report_parameter(reports)
     else:
         del admin["/admin/cache/{report}"], admin["/admin/cache/{report}/data"]
-    legacy = endpoints.get(LEGACY_PURGE_REPORT)
+    legacy = reports.get(LEGACY_PURGE_REPORT)
     if legacy is not None:
         admin["/admin/cache"]["delete"]["parameters"] = _parameter_refs(legacy)
     del components["parameters"]["report"]
@@ -99,20 +108,20 @@ def build_document(endpoints: Endpoints) -> dict[str, Any]:
     return document
 
 
-def _parameter_refs(endpoint: Endpoint) -> list[dict[str, str]]:
+def _parameter_refs(report: Operation) -> list[dict[str, str]]:
     return [
-        {"$ref": f"#/components/parameters/{endpoint.report}.{name}"}
-        for name in sorted(endpoint.contract.params)
+        {"$ref": f"#/components/parameters/{report.label}.{name}"}
+        for name in sorted(report.contract.params)
     ]
 
 
-def _report_parameter(endpoints: Endpoints) -> dict[str, Any]:
+def _report_parameter(reports: Mapping[str, Operation]) -> dict[str, Any]:
     return {
         "name": "report",
         "in": "path",
         "required": True,
         "description": "A report this proxy routes (`PROXY_REPORTS_ENABLED`).",
-        "schema": {"type": "string", "enum": list(endpoints)},
+        "schema": {"type": "string", "enum": list(reports)},
     }
 
 
@@ -121,19 +130,19 @@ def _camel(report: str) -> str:
     return "".join(word.capitalize() for word in report.replace(".", "_").split("_"))
 
 
-def _operation(endpoint: Endpoint, *, doubled: bool) -> dict[str, Any]:
+def _operation(report: Operation, *, doubled: bool) -> dict[str, Any]:
     """One report's GET operation, at its single- or doubled-slash path."""
-    summary = str(endpoint.operation.get("summary") or f"Rows of the {endpoint.report} report")
+    summary = str(report.document.get("summary") or f"Rows of the {report.label} report")
     defaults = [
         f"`{p.name}={_shown(p.default)}`"
-        for p in endpoint.contract.params.values()
+        for p in report.contract.params.values()
         if p.default is not None
     ]
     dropped = f"; documented defaults ({', '.join(defaults)}) are dropped" if defaults else ""
     description = _DESCRIPTION.format(
-        path=endpoint.path, summary=summary[:1].lower() + summary[1:], defaults=dropped
+        path=report.path, summary=summary[:1].lower() + summary[1:], defaults=dropped
     )
-    operation_id = f"get{_camel(endpoint.report)}ReportData"
+    operation_id = f"get{_camel(report.label)}ReportData"
     if doubled:
         operation_id += "DoubleSlash"
         summary += ", at the doubled-slash path TeamUp's docs print"
@@ -144,13 +153,106 @@ def _operation(endpoint: Endpoint, *, doubled: bool) -> dict[str, Any]:
         "tags": ["report"],
         "security": copy.deepcopy(_SECURITY),
         "parameters": [
-            *_parameter_refs(endpoint),
+            *_parameter_refs(report),
             {"$ref": "#/components/parameters/X-Request-ID"},
         ],
         "responses": {
-            code: {"$ref": f"#/components/responses/{_response_name(endpoint.report, code)}"}
+            code: {"$ref": f"#/components/responses/{_response_name(report.label, code)}"}
             for code in _RESPONSES
         },
+    }
+
+
+_READ_DESCRIPTION = (
+    "TeamUp's `GET {path}` ({summary}), answered from the cache when it can (TTL class "
+    "`{ttl}`). Call it exactly as you would call TeamUp, with your own proxy key. Path and query "
+    "parameters are validated (a bad path parameter is a 404, a bad query parameter a 400 "
+    "naming it; nothing reaches TeamUp) and canonicalised. Absolute TeamUp API URLs in the "
+    "answer (`next`, `previous`, related collections) point back at the proxy."
+)
+_READ_RESPONSES = {
+    "200": "Read",
+    "400": "BadRequest",
+    "401": "Unauthorized",
+    "403": "ReadForbidden",
+    "404": "ReadNotFound",
+    "414": "URITooLong",
+    "429": "TooManyRequests",
+    "502": "BadGateway",
+    "503": "ServiceUnavailable",
+    "504": "GatewayTimeout",
+}
+
+
+def _read_responses() -> dict[str, Any]:
+    """The responses of the reads that are not reports (JSON or XML, TeamUp's shapes)."""
+    template = load_template()["components"]["responses"]
+    found = copy.deepcopy(template["Report"])
+    found["description"] = (
+        "TeamUp's answer: JSON, or XML with `format=xml`; from the cache or fetched now."
+    )
+    found["content"] = {
+        "application/json": {"schema": {}},
+        "application/xml": {"schema": {"type": "string"}},
+    }
+    forbidden = copy.deepcopy(template["ReportForbidden"])
+    forbidden["description"] = (
+        "Your client may not read this path (code `permission_denied`): its `read` list in "
+        "`PROXY_CLIENTS` does not name the first segment after /api/v2/. Nothing was sent."
+    )
+    missing = copy.deepcopy(template["NotFound"])
+    missing["description"] = (
+        "No such path, or a malformed path parameter (code `not_found`, nothing sent), or "
+        "TeamUp's own 404 for an unknown id, passed on (and kept a few seconds)."
+    )
+    missing["content"] = {"application/json": {"schema": {"type": "object"}}}
+    return {"Read": found, "ReadForbidden": forbidden, "ReadNotFound": missing}
+
+
+def _read_operation(read: Operation, *, doubled: bool) -> dict[str, Any]:
+    """One non-report read's GET operation, at its single- or doubled-slash path."""
+    summary = str(read.document.get("summary") or read.operation_id)
+    description = _READ_DESCRIPTION.format(
+        path=read.path, summary=summary[:1].lower() + summary[1:], ttl=read.ttl_class or "-"
+    )
+    operation_id = read.operation_id + ("_double_slash" if doubled else "")
+    if doubled:
+        summary += ", at the doubled-slash path TeamUp's docs print"
+    return {
+        "operationId": operation_id,
+        "summary": summary,
+        "description": description,
+        "tags": [read.area],
+        "security": copy.deepcopy(_SECURITY),
+        "parameters": [
+            *(_path_parameter(p) for p in read.contract.path_params),
+            *_parameters(read),
+            {"$ref": "#/components/parameters/X-Request-ID"},
+        ],
+        "responses": {
+            code: {"$ref": f"#/components/responses/{name}"}
+            for code, name in _READ_RESPONSES.items()
+        },
+    }
+
+
+def _path_parameter(param: PathParam) -> dict[str, Any]:
+    schema: dict[str, Any]
+    if param.kind == "int":
+        schema = {"type": "integer", "minimum": param.minimum if param.minimum is not None else 0}
+        note = "An integer; leading zeros are fine (the same entry)."
+    elif param.kind == "enum":
+        schema = {"type": "string", "enum": list(param.choices)}
+        note = "One of the documented values."
+    else:
+        schema = {"type": "string", "pattern": f"^(?:{param.pattern})$"}
+        note = f"Matching `{param.pattern}`; never `/`, `.`, `..` or `%`."
+    return {
+        "name": param.name,
+        "in": "path",
+        "required": True,
+        "description": note,
+        "schema": schema,
     }
 
 
@@ -174,18 +276,18 @@ def _responses(report: str) -> dict[str, Any]:
     return responses
 
 
-def _parameters(endpoint: Endpoint) -> list[dict[str, Any]]:
-    """One OpenAPI query parameter per `Param` of the endpoint's contract, by name."""
+def _parameters(operation: Operation) -> list[dict[str, Any]]:
+    """One OpenAPI query parameter per `Param` of the operation's contract, by name."""
     upstream = {
         str(spec["name"]): spec
-        for spec in endpoint.operation.get("parameters", ())
+        for spec in operation.document.get("parameters", ())
         if spec.get("in") == "query"
     }
-    later = {low: high for low, high in endpoint.contract.ranges}
-    earlier = {high: low for low, high in endpoint.contract.ranges}
+    later = {low: high for low, high in operation.contract.ranges}
+    earlier = {high: low for low, high in operation.contract.ranges}
     found = []
-    for name in sorted(endpoint.contract.params):
-        param = endpoint.contract.params[name]
+    for name in sorted(operation.contract.params):
+        param = operation.contract.params[name]
         spec = upstream.get(name, {})
         notes = [str(spec.get("description", "")).strip()]
         if name in later:
@@ -276,16 +378,17 @@ class OpenAPIDocument:
     """One app's document: built and encoded on first use, then served as the same bytes
     (most apps in tests, and many workers, are never asked for it)."""
 
-    __slots__ = ("_body", "_endpoints")
+    __slots__ = ("_body", "_endpoints", "_reads")
 
-    def __init__(self, endpoints: Endpoints) -> None:
-        self._endpoints = endpoints
+    def __init__(self, reports: Mapping[str, Operation], reads: Iterable[Operation] = ()) -> None:
+        self._endpoints = reports
+        self._reads = tuple(reads)
         self._body: bytes | None = None
 
     @property
     def body(self) -> bytes:
         if self._body is None:
-            self._body = orjson.dumps(build_document(self._endpoints))
+            self._body = orjson.dumps(build_document(self._endpoints, self._reads))
         return self._body
 
 
@@ -293,9 +396,11 @@ OPENAPI = web.AppKey("openapi", OpenAPIDocument)
 
 
 async def openapi_context(app: web.Application) -> AsyncIterator[None]:
-    """The document of the endpoints this app routes (after the proxy's own cleanup context
+    """The document of the reports this app routes (after the proxy's own cleanup context
     has chosen them)."""
-    app[OPENAPI] = OpenAPIDocument(app[STATE].endpoints)
+    state = app[STATE]
+    reads = (op for op in state.operations.values() if op.report is None)
+    app[OPENAPI] = OpenAPIDocument(state.reports, reads)
     yield
 
 

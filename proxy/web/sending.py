@@ -1,59 +1,47 @@
-"""Writing report answers to callers that may not read them: paced writes, one copy per body."""
+"""Writing report answers to callers that may not read them: paced writes, one copy per body,
+and at most PROXY_CLIENT_WRITE_BUFFER_BYTES of bodies being written per worker."""
 
 from __future__ import annotations
 
 import asyncio
 import fcntl
 import logging
+import math
 import socket
 import struct
 import termios
-import weakref
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
+from aiohttp.web_request import BaseRequest
 from prometheus_client import Counter
 
-__all__ = ["BodyPool", "PacedResponse"]
+from ..core.bodies import LARGE, BodyPool
+from .errors import JSON, error_body
+
+__all__ = ["BudgetedResponse", "PacedResponse", "Sending", "paced_response"]
 
 log = logging.getLogger("teamup_proxy")
-# Bodies from this size on are written a chunk at a time and shared between the responses that
-# send them: a stalled caller then holds a transport buffer, not its own copy of the answer.
-LARGE = 64 * 1024
+# Bodies from LARGE on are written a chunk at a time and shared between the responses that
+# send them (BodyPool): a stalled caller then holds a transport buffer, not its own copy.
 CHUNK = 64 * 1024
+# What a refused answer keeps of its headers (the rest describe the answer it is not).
+_KEPT = ("RateLimit", "RateLimit-Policy", "X-Proxy-Report")
+
+
+@dataclass(frozen=True, slots=True)
+class Sending:
+    """How this worker writes report answers; one for every response."""
+
+    pool: BodyPool
+    timeout: float  # PROXY_CLIENT_WRITE_TIMEOUT
+    timeouts: Counter  # callers cut off for reading nothing for `timeout`
+    refusals: Counter  # answers refused: no room in the pool's budget for `timeout`
+
+
 _RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST, discards the queue
-
-
-class BodyPool:
-    """One copy of each large body that some response is still sending (equal bytes, one object).
-
-    Every hit decodes its own copy of the entry; callers that read slowly would each keep one.
-    """
-
-    def __init__(self) -> None:
-        self._bodies: dict[bytes, tuple[bytes, int]] = {}
-
-    def share(self, body: bytes, owner: object) -> bytes:
-        """The shared copy of `body`, held until `owner` is garbage collected."""
-        if len(body) < LARGE:
-            return body
-        shared, users = self._bodies.get(body, (body, 0))
-        self._bodies[shared] = (shared, users + 1)
-        weakref.finalize(owner, self._release, shared)
-        return shared
-
-    def _release(self, body: bytes) -> None:
-        shared, users = self._bodies.get(body, (body, 0))
-        if users > 1:
-            self._bodies[shared] = (shared, users - 1)
-        else:
-            self._bodies.pop(body, None)
-
-    def __len__(self) -> int:
-        return len(self._bodies)
-
-
-POOL = BodyPool()
 
 
 # Room kept for the status line and headers when judging whether an answer fits.
@@ -107,6 +95,22 @@ async def _delivered(transport: asyncio.Transport | None, patience: float) -> No
             raise TimeoutError
 
 
+def paced_response(
+    request: web.Request,
+    *,
+    status: int,
+    body: bytes,
+    headers: Mapping[str, str],
+    sending: Sending,
+    request_id: str,
+) -> PacedResponse:
+    """The response for a report answer: a large body is also written within the budget."""
+    kind = BudgetedResponse if len(body) >= LARGE else PacedResponse
+    return kind(
+        request, status=status, body=body, headers=headers, sending=sending, request_id=request_id
+    )
+
+
 class PacedResponse(web.Response):
     """A response whose every write must make progress within `timeout`, or the connection ends."""
 
@@ -117,15 +121,14 @@ class PacedResponse(web.Response):
         status: int,
         body: bytes,
         headers: Mapping[str, str],
-        timeout: float,
-        counter: Counter,
+        sending: Sending,
         request_id: str,
     ) -> None:
         super().__init__(status=status, headers=headers)
-        self.body = POOL.share(body, self)
+        self.body = sending.pool.hold(body, self)
         self._request = request
-        self._timeout = timeout
-        self._counter = counter
+        self._sending = sending
+        self._timeout = sending.timeout
         self._request_id = request_id
 
     async def write_eof(self, data: bytes = b"") -> None:
@@ -151,9 +154,10 @@ class PacedResponse(web.Response):
                 sent = min(size, offset + CHUNK)
             async with asyncio.timeout(self._timeout):
                 await web.StreamResponse.write_eof(self)
+            self._written()
             await _delivered(self._request.transport, self._timeout)
         except TimeoutError:
-            self._counter.inc()
+            self._sending.timeouts.inc()
             log.warning(
                 "the caller read nothing for the write timeout; connection closed",
                 extra={
@@ -172,3 +176,65 @@ class PacedResponse(web.Response):
                     pass
                 transport.abort()
             raise ConnectionResetError("the caller stopped reading") from None
+
+    def _written(self) -> None:
+        """The whole body is in the kernel's hands (what is left is watching it go out)."""
+
+
+class BudgetedResponse(PacedResponse):
+    """A PacedResponse of a large body, written within the pool's budget (BodyPool): it waits
+    for room up to the write timeout, else it is a 503. (Small answers skip this await.)"""
+
+    _writing: bytes | None = None  # the body counted in the pool's budget
+
+    async def prepare(self, request: BaseRequest) -> AbstractStreamWriter | None:
+        body = self.body
+        if isinstance(body, bytes) and self._writing is None and not self.prepared:
+            pool = self._sending.pool
+            if pool.start_writing(body) or await pool.wait_to_write(body, self._timeout):
+                self._writing = body
+            else:
+                self._refuse(len(body))
+        try:
+            return await super().prepare(request)
+        except BaseException:
+            self._done_writing()
+            raise
+
+    async def write_eof(self, data: bytes = b"") -> None:
+        try:
+            await super().write_eof(data)
+        finally:
+            self._done_writing()
+
+    def _written(self) -> None:
+        self._done_writing()
+
+    def _done_writing(self) -> None:
+        if self._writing is not None:
+            self._sending.pool.done_writing(self._writing)
+            self._writing = None
+
+    def _refuse(self, size: int) -> None:
+        pool = self._sending.pool
+        self._sending.refusals.inc()
+        log.warning(
+            "no room in PROXY_CLIENT_WRITE_BUFFER_BYTES for this answer within the write "
+            "timeout; answered 503",
+            extra={
+                "event": "client_write_budget",
+                "request_id": self._request_id,
+                "bytes_total": size,
+                "bytes_writing": pool.writing,
+                "budget": pool.budget,
+            },
+        )
+        kept = {name: self.headers[name] for name in _KEPT if name in self.headers}
+        self.headers.clear()
+        self.headers.update(kept)
+        self.headers["Retry-After"] = str(math.ceil(self._timeout))
+        self.set_status(503)
+        self.content_type = JSON
+        self.body = error_body(
+            503, "proxy_busy", "The proxy is writing too many large answers; retry later."
+        )

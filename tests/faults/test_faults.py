@@ -30,9 +30,10 @@ import pytest
 import pytest_asyncio
 import redis.asyncio as aioredis
 
+from proxy.backends.keys import cache_key
 from proxy.core.gcra import parse_rate
-from tests.e2e import ADMIN_KEY, KEY, OTHER_KEY, REPORT, TOKEN, auth
-from tests.faults.harness import (
+from proxy.testing.e2e import ADMIN_KEY, KEY, OTHER_KEY, REPORT, TOKEN, auth
+from proxy.testing.faults import (
     ERROR_STATUSES,
     MockProcess,
     Outcome,
@@ -44,8 +45,8 @@ from tests.faults.harness import (
     stats,
     worker_pids,
 )
-from tests.procs import ProxyProcess
-from tests.support import RedisServer
+from proxy.testing.procs import ProxyProcess
+from proxy.testing.support import RedisServer
 
 pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
 
@@ -521,7 +522,7 @@ async def test_an_orphaned_lease_does_not_stall_requests(stack: Stack) -> None:
     client = aioredis.Redis.from_url(stack.redis.url.rsplit("/", 1)[0] + "/1")
     try:
         query = cold_query(stack.rng)
-        key = canonical(query).cache_key()
+        key = cache_key(canonical(query))
         # Exactly the lease a worker takes before it fetches (flight.RedisLease), never released.
         await client.set(f"teamup-proxy:l:{{{key}}}", "crashed-holder", px=15_000)
         started = time.monotonic()
