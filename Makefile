@@ -15,13 +15,14 @@ BUILD_IN := $(VENV)/build-system.in
 COMPILE = $(BIN)/uv pip compile --quiet --universal --python-version 3.11 --generate-hashes \
 	--custom-compile-command 'make lock' $(LOCK_ARGS) pyproject.toml $(BUILD_IN)
 
-.PHONY: help install lock demo test lint deploy-lint container-check check bench soak mutants clean
+.PHONY: help install lock demo test chaos lint deploy-lint container-check check bench soak mutants clean
 
 # `make help`: every target in one line each (a test checks every .PHONY target is listed).
 help:
 	@echo "make install          .venv from requirements-dev.lock (hash-checked; once, ~20-45 s)"
 	@echo "make demo [PORT=8080] mock TeamUp + proxy + embedded store; prints keys and curl lines"
 	@echo "make test             the whole suite (~5-6 min on 2 cores; needs redis-server)"
+	@echo "make chaos            Redis killed, restarted, paused, filled under load (~1 min)"
 	@echo "make lint             ruff check, ruff format --check, mypy --strict"
 	@echo "make deploy-lint      hadolint, yamllint, shellcheck, kubernetes-validate, kustomize"
 	@echo "make container-check  build the image and run it as an operator would (root, docker)"
@@ -60,6 +61,11 @@ demo: $(STAMP)
 test: $(STAMP)
 	@echo "make: running the suite (~5-6 min on 2 cores); collecting ~2,400 tests first takes a few s"
 	PYTHONDONTWRITEBYTECODE= $(BIN)/python -m pytest
+
+# Redis killed, restarted, paused and filled under a mixed load through real processes (~60 s;
+# the reproductions of issue 20 also run in `make test`, the long mixed run only here).
+chaos: $(STAMP)
+	TEAMUP_CHAOS=1 $(BIN)/python -m pytest tests/chaos -q -s
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

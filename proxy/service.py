@@ -14,10 +14,12 @@ from dataclasses import dataclass
 import orjson
 
 from .backends import keys
+from .backends.bus import Bus
 from .backends.flight import VANISHED, Failed, LocalFlight, RedisLease
 from .backends.limiters import FallbackLimiter
+from .backends.link import REDIS_ERRORS
 from .backends.reservations import ReservingLimiter
-from .backends.stores import CacheStore, MemoryCacheStore
+from .backends.stores import CacheStore, FallbackCacheStore, MemoryCacheStore
 from .core.contract import CanonicalQuery, QueryErrors
 from .core.decision import Action, Policy, on_failure, on_lookup, storable, usable
 from .core.entry import CachedResponse
@@ -127,6 +129,13 @@ class ReadService:
         self._refresh_after: dict[str, float] = {}
         self._refreshing: set[str] = set()
         self.operations = operations
+        # Purges: the events channel (set by the app), the ones done while Redis was out of
+        # reach (re-applied on its return), and when each key/operation/everything was purged.
+        self.bus: Bus | None = None
+        self._pending_purges: list[tuple[str | None, str | None]] = []
+        self._forgotten: dict[str, float] = {}
+        self._forgot_all = -math.inf
+        self._prefix_floors = False
         # Each operation's policy, resolved once from the document and the settings.
         self.policies: dict[str, Policy] = {}
         for name, operation in operations.items():
@@ -212,16 +221,111 @@ class ReadService:
             return self._hit(entry, now)
         return None
 
-    async def purge(self, key: str | None = None, *, operation: str | None = None) -> int:
-        """Drop one entry, every entry of one operation, or everything, from the store and from
-        this process's L1."""
+    async def purge(
+        self, key: str | None = None, *, operation: str | None = None
+    ) -> tuple[int, bool]:
+        """Drop one entry, every entry of one operation, or everything: (removed, shared).
+
+        Shared: Redis dropped it and every process was told (each drops it from its L1, and
+        from its in-process store, before acknowledging; see `backends.bus`). Not shared: Redis
+        could not be reached; it is gone from this process only, and the purge is re-applied
+        to Redis (and told to every process) before this process uses Redis again, so the
+        entry never comes back once Redis does.
+        """
+        self.forget(key, operation)
+        store = self.store
+        if not isinstance(store, FallbackCacheStore) or store.redis is None:
+            removed = await (store.clear(operation) if key is None else store.delete(key))
+            return int(removed), True
+        memory = store.memory
+        removed = memory.clear_now(operation) if key is None else int(memory.delete_now(key))
+        if store.link.up:
+            try:
+                removed += await self._purge_shared(key, operation)
+                return removed, True
+            except REDIS_ERRORS as exc:
+                store.link.failed(exc, "purge")
+        if len(self._pending_purges) >= 1000:
+            self._pending_purges = [(None, None)]  # too many to keep: everything, once
+        self._pending_purges.append((key, operation))
+        log.warning(
+            "purge reached this process only; re-applied when Redis is back",
+            extra={"event": "purge_pending", "operation": operation},
+        )
+        return removed, False
+
+    async def _purge_shared(self, key: str | None, operation: str | None) -> int:
+        """Drop it in Redis, then tell every process (raises a Redis error on failure)."""
+        store = self.store
+        assert isinstance(store, FallbackCacheStore) and store.redis is not None
         if key is None:
-            if self.l1 is not None:
-                self.l1.clear_now(operation)
-            return await self.store.clear(operation)
+            removed = await store.redis.clear(operation)
+        else:
+            removed = int(await store.redis.delete(key))
+        if self.bus is not None:
+            await self.bus.tell({"kind": "purge", "key": key, "operation": operation})
+        return removed
+
+    async def reapply_purges(self) -> None:
+        """Before going back to Redis: the purges done here meanwhile, in Redis and everywhere
+        (raises a Redis error if Redis cannot take them yet)."""
+        while self._pending_purges:
+            key, operation = self._pending_purges[0]
+            await self._purge_shared(key, operation)
+            self._pending_purges.pop(0)
+            log.warning("purge re-applied in Redis", extra={"event": "purge_reapplied"})
+
+    def forget(self, key: str | None, operation: str | None) -> None:
+        """Drop an entry (an operation's, everything) from the L1, and never put back into the L1
+        an entry stored before now (a request that read it before the purge may finish after)."""
+        now = self.clock()
+        if key is not None:
+            if len(self._forgotten) >= 10_000:
+                self._forgotten.clear()
+                self._forgot_all = now
+            self._forgotten[key] = now
+        elif operation is not None:
+            self._forgotten[keys.operation_prefix(operation)] = now
+            self._prefix_floors = True
+        else:
+            self._forgot_all = now
+            self._forgotten.clear()
         if self.l1 is not None:
-            await self.l1.delete(key)
-        return int(await self.store.delete(key))
+            if key is None:
+                self.l1.clear_now(operation)
+            else:
+                self.l1.delete_now(key)
+
+    def apply(self, event: dict[str, object]) -> None:
+        """A purge told by another process (or this one): from the L1 and the in-process store."""
+        if event.get("kind") != "purge":
+            return
+        key, operation = event.get("key"), event.get("operation")
+        key = key if isinstance(key, str) else None
+        operation = operation if isinstance(operation, str) else None
+        self.forget(key, operation)
+        store = self.store
+        memory = store.memory if isinstance(store, FallbackCacheStore) else None
+        if memory is not None:
+            if key is None:
+                memory.clear_now(operation)
+            else:
+                memory.delete_now(key)
+
+    def _forgotten_after(self, key: str, entry: CachedResponse) -> bool:
+        """Whether `entry` was stored before a purge of `key` (so must not go into the L1)."""
+        if entry.stored_at <= self._forgot_all:
+            return True
+        if not self._forgotten:
+            return False
+        at = self._forgotten.get(key)
+        if at is not None and entry.stored_at <= at:
+            return True
+        if self._prefix_floors:
+            for prefix, at in self._forgotten.items():
+                if entry.stored_at <= at and key.startswith(prefix) and prefix.endswith(":"):
+                    return True
+        return False
 
     async def answer(
         self,
@@ -525,6 +629,8 @@ class ReadService:
 
     def _remember(self, key: str, entry: CachedResponse, now: float) -> None:
         if self.l1 is not None and self.settings.cache_l1_ttl > 0:
+            if self._forgotten_after(key, entry):
+                return
             ttl = min(self.settings.cache_l1_ttl, entry.fresh_until - now)
             if ttl > 0:
                 self.l1.set_now(key, entry, ttl)

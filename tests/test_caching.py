@@ -21,7 +21,16 @@ from proxy.core.contract import CanonicalQuery
 from proxy.core.entry import CachedResponse
 from proxy.service import REFRESH_BACKOFF
 from proxy.settings import Settings
-from proxy.testing.e2e import ADMIN_KEY, KEY, OTHER_KEY, REPORT, FakeClock, auth, parse_query
+from proxy.testing.e2e import (
+    ADMIN_KEY,
+    FAST_LIMITS,
+    KEY,
+    OTHER_KEY,
+    REPORT,
+    FakeClock,
+    auth,
+    parse_query,
+)
 from proxy.testing.mock import MockState
 from proxy.testing.support import RedisServer
 from proxy.web.app import KEY_PREFIX
@@ -646,7 +655,7 @@ async def test_purge_one_entry_and_everything(
 
     everything = await proxy.delete("/admin/cache", headers=admin)
     assert everything.status == 200
-    assert (await everything.json()) == {"purged": 2}
+    assert (await everything.json()) == {"purged": 2, "shared": True}
     assert [k async for k in redis_client.scan_iter(match=f"{KEY_PREFIX}c:*")] == []
     assert is_stored_miss(await get(proxy, Q))
     assert is_stored_miss(await get(proxy, Q_OTHER))
@@ -729,7 +738,7 @@ async def test_a_burst_of_500_requests_never_gets_a_5xx(
 async def test_redis_outage_and_recovery(
     make_proxy: MakeProxy, mock_state: MockState, own_redis: RedisServer, json_logs: LogLines
 ) -> None:
-    proxy = await make_proxy(redis_url=own_redis.url, redis_retry_interval=0.1)
+    proxy = await make_proxy(redis_url=own_redis.url, redis_retry_interval=0.1, **FAST_LIMITS)
     ready = await proxy.get("/readyz")
     assert await ready.json() == {"status": "ok", "checks": {"redis": "ok", "upstream": "ok"}}
     assert is_stored_miss(await get(proxy, Q))
@@ -791,7 +800,7 @@ async def test_redis_outage_and_recovery(
 async def test_a_paused_redis_costs_a_short_timeout_not_a_hang(
     make_proxy: MakeProxy, mock_state: MockState, own_redis: RedisServer
 ) -> None:
-    proxy = await make_proxy(redis_url=own_redis.url, redis_retry_interval=0.1)
+    proxy = await make_proxy(redis_url=own_redis.url, redis_retry_interval=0.1, **FAST_LIMITS)
     assert is_stored_miss(await get(proxy, Q))
     assert own_redis.process is not None
     own_redis.process.send_signal(signal.SIGSTOP)  # alive, accepting, never answering

@@ -165,6 +165,7 @@ async def test_purge_one_entry_one_report_or_everything(
         "purged": 1,
         "report": "customer_credits",
         "canonical_query": "format=json&limit=3",
+        "shared": True,
     }
     assert (
         (await proxy.get(REPORT + "?format=json", headers=auth()))
@@ -173,7 +174,11 @@ async def test_purge_one_entry_one_report_or_everything(
     )
 
     everything_of_one = await proxy.delete("/admin/cache/customer_credits", headers=admin)
-    assert await everything_of_one.json() == {"purged": 2, "report": "customer_credits"}
+    assert await everything_of_one.json() == {
+        "purged": 2,
+        "report": "customer_credits",
+        "shared": True,
+    }
     assert [k async for k in client.scan_iter(match="teamup-proxy:c:*")] == []
 
     unknown = await proxy.delete("/admin/cache/nope", headers=admin)

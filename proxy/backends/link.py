@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
-from typing import TypeAlias
+import math
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeAlias
 from urllib.parse import unquote, urlsplit
 
 import redis.asyncio as aioredis
@@ -14,11 +16,26 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
-from redis.exceptions import OutOfMemoryError, ReadOnlyError, RedisError, ResponseError
+from redis.exceptions import (
+    ConnectionError as RedisConnectionError,
+)
+from redis.exceptions import (
+    OutOfMemoryError,
+    ReadOnlyError,
+    RedisError,
+    ResponseError,
+)
 
 from . import keys
 
-__all__ = ["REDIS_ERRORS", "WRITE_REFUSALS", "AnyRedis", "RedisLink", "connect_redis"]
+__all__ = [
+    "REDIS_ERRORS",
+    "WRITE_REFUSALS",
+    "AnyRedis",
+    "RedisLink",
+    "connect_bus",
+    "connect_redis",
+]
 
 AnyRedis: TypeAlias = "aioredis.Redis | RedisCluster"
 # What a failed Redis call raises: the caller falls back to in-process state for that call.
@@ -30,13 +47,17 @@ log = logging.getLogger("teamup_proxy")
 
 
 def connect_redis(url: str, *, timeout: float, max_connections: int) -> AnyRedis:
-    """A client for `url`, failing fast: short socket timeouts and no retries on the request path.
+    """A client for `url`, failing fast: short socket timeouts, and one retry on a fresh
+    connection for a connection error only (a pooled connection to a Redis that restarted fails
+    on first use; a timeout — a paused Redis — is never retried, so it costs one timeout).
 
     `redis://`, `rediss://`, `unix://` use a blocking pool, so a burst waits for a connection
     instead of failing with MaxConnectionsError; `redis+sentinel://h1:p1,h2:p2/service[/db]`
     asks the sentinels for the master; `redis+cluster://host:port` discovers a Redis Cluster.
     """
     no_retry = Retry(NoBackoff(), 0)
+    # Reconnect once: the old socket went to a dead server, so the command never ran there.
+    reconnect = Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,))
     parts = urlsplit(url)
     if parts.scheme == "redis+cluster":
         return RedisCluster.from_url(
@@ -66,7 +87,7 @@ def connect_redis(url: str, *, timeout: float, max_connections: int) -> AnyRedis
             password=password,
             socket_timeout=timeout,
             socket_connect_timeout=timeout,
-            retry=no_retry,
+            retry=reconnect,
         )
         return master
     pool = aioredis.BlockingConnectionPool.from_url(
@@ -75,10 +96,27 @@ def connect_redis(url: str, *, timeout: float, max_connections: int) -> AnyRedis
         timeout=max(1.0, timeout * 10),
         socket_timeout=timeout,
         socket_connect_timeout=timeout,
-        retry=no_retry,
+        retry=reconnect,
         health_check_interval=0,
     )
     return aioredis.Redis(connection_pool=pool)
+
+
+def connect_bus(client: AnyRedis, url: str | None, *, timeout: float) -> aioredis.Redis:
+    """The client the events channel subscribes and publishes with: the client itself (its
+    subscription takes one connection of the pool), or on a Cluster a plain client to the node
+    the URL names (Cluster pub/sub reaches every node)."""
+    if isinstance(client, aioredis.Redis):
+        return client
+    options: dict[str, Any] = {
+        "socket_timeout": timeout,
+        "socket_connect_timeout": timeout,
+        "retry": Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+    }
+    if url is not None:
+        return aioredis.Redis.from_url(url.replace("redis+cluster://", "redis://", 1), **options)
+    node = client.get_default_node()
+    return aioredis.Redis(host=node.host, port=int(node.port), **options)
 
 
 class RedisLink:
@@ -111,6 +149,14 @@ class RedisLink:
         self._on_writes = on_writes
         self.writes_refused: str | None = None  # why, while Redis refuses writes
         self._write_probe: asyncio.Task[None] | None = None
+        # When (time.monotonic) the process last went off Redis (or Redis refused writes): the
+        # limiters' shares start full then (see `limiters.FallbackLimiter`).
+        self.down_since = -math.inf
+        # Awaited before the process goes back to Redis (purges done meanwhile are re-applied
+        # there first); if it fails, Redis is not back yet.
+        self.before_up: Callable[[], Awaitable[None]] | None = None
+        # Called when this process finds that Redis refuses writes (the app tells the others).
+        self.on_refused: Callable[[str], None] | None = None
 
     @property
     def embedded(self) -> bool:
@@ -166,6 +212,8 @@ class RedisLink:
                     await self.client.ping(target_nodes=RedisCluster.PRIMARIES)
                 else:
                     await self.client.ping()
+            if self._down and self.before_up is not None:
+                await self.before_up()
         except REDIS_ERRORS as exc:
             # Even a command error counts here (NOAUTH, LOADING): Redis cannot serve us.
             if not self._down:
@@ -178,10 +226,25 @@ class RedisLink:
             log.warning("redis reachable again", extra={"event": "redis_up"})
             if self._on_change is not None:
                 self._on_change(True)
+        elif self.writes_refused is None:
+            await self._probe_writes()
         return True
+
+    async def _probe_writes(self) -> None:
+        """One tiny write per health tick: an idle process learns that Redis refuses writes
+        (maxmemory under noeviction, a read-only replica) without waiting for a miss."""
+        assert self.client is not None
+        try:
+            async with asyncio.timeout(max(self.retry_interval, 0.05)):
+                await self.client.set(keys.probe(keys.PREFIX), b"1", px=1000)
+        except WRITE_REFUSALS as exc:
+            self._refuse_writes(exc, "health")
+        except REDIS_ERRORS:
+            pass  # the next ping decides whether Redis is down
 
     def _mark_down(self, exc: BaseException, op: str) -> None:
         self._down = True
+        self.down_since = time.monotonic()
         log.warning(
             "redis unreachable; serving from in-process fallbacks",
             extra={"event": "redis_down", "op": op, "error": type(exc).__name__},
@@ -206,17 +269,25 @@ class RedisLink:
 
     def _refuse_writes(self, exc: BaseException, op: str) -> None:
         """Redis refused a write: writers go to the fallbacks until a probe write succeeds."""
-        if self.writes_refused is not None or self.client is None:
-            return
-        self.writes_refused = (
+        reason = (
             "read-only replica" if isinstance(exc, ReadOnlyError) else "out of memory (noeviction)"
         )
+        self.refuse_writes(reason, op)
+
+    def refuse_writes(self, reason: str, op: str, *, told: bool = False) -> None:
+        """Enter the writes-refused state (`told`: another process saw it and said so)."""
+        if self.writes_refused is not None or self.client is None:
+            return
+        self.writes_refused = reason
+        self.down_since = time.monotonic()  # the limiters count here from now on
         log.warning(
             "redis refuses writes; caching and limits in process memory",
-            extra={"event": "redis_writes_refused", "op": op, "reason": self.writes_refused},
+            extra={"event": "redis_writes_refused", "op": op, "reason": reason},
         )
         if self._on_writes is not None:
             self._on_writes(True)
+        if self.on_refused is not None and not told:
+            self.on_refused(reason)
         self._write_probe = asyncio.get_running_loop().create_task(self._wait_for_writes())
 
     async def _wait_for_writes(self) -> None:
@@ -225,6 +296,8 @@ class RedisLink:
             await asyncio.sleep(self.retry_interval)
             try:
                 await self.client.set(keys.probe(keys.PREFIX), b"1", px=1000)
+                if self.before_up is not None:
+                    await self.before_up()
             except REDIS_ERRORS:
                 continue
             self.writes_refused = None

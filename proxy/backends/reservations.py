@@ -197,7 +197,7 @@ class ReservingLimiter:
         decision = self.take_local(key, rate)
         if decision is not None:
             return decision
-        if not self.batches(rate) or not self.link.writable:
+        if not self.batches(rate) or not self.fallback.on_redis:
             return await self.fallback.hit(key, rate)
         held = self._held.get(key)
         if held is None or held.rate != rate:
@@ -263,7 +263,7 @@ class ReservingLimiter:
 
     def _fetch_ahead(self, key: str, held: _Held, rate: Rate) -> None:
         """Reserve the next batch in the background while units are still held."""
-        if not self.link.writable or self.reserver is None:
+        if self.reserver is None or not self.fallback.on_redis:
             return
         held.pending = asyncio.get_running_loop().create_future()
         task = asyncio.ensure_future(self._fill(key, held, rate, held.pending))

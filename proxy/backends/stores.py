@@ -67,6 +67,10 @@ class MemoryCacheStore:
         while len(self._data) > self.max_entries or self._bytes > self.max_bytes:
             self._drop(next(iter(self._data)))
 
+    def delete_now(self, key: str) -> bool:
+        """Drop one entry, synchronously; whether it was there."""
+        return self._drop(key)
+
     def _drop(self, key: str) -> bool:
         item = self._data.pop(key, None)
         if item is None:

@@ -16,6 +16,7 @@ __all__ = [
     "ADMIN_KEY",
     "COLUMNS",
     "CREDITS",
+    "FAST_LIMITS",
     "KEY",
     "OTHER_KEY",
     "REPORT",
@@ -76,3 +77,12 @@ class FakeClock:
 
     def advance(self, seconds: float) -> None:
         self.now += seconds
+
+
+# Rates whose per-process share admits a request every few microseconds even from a full
+# bucket (a Redis outage starts one): for tests about caching through faults, not limits.
+FAST_LIMITS: dict[str, object] = {
+    "clients": {"billing": {"key_sha256": hash_key(KEY), "rate": "100000/second"}},
+    "upstream_rate_limit": "100000/second",
+    "upstream_burst": 1000,
+}

@@ -35,11 +35,11 @@ class ProxyProcess:
             "upstream_url": upstream_url,
             "upstream_token": TOKEN,
             "clients": (
-                f'{{"billing": {{"key_sha256": "{hash_key(KEY)}", "rate": "10000/minute"}},'
-                f' "crm": {{"key_sha256": "{hash_key(OTHER_KEY)}", "rate": "10000/minute"}}}}'
+                f'{{"billing": {{"key_sha256": "{hash_key(KEY)}", "rate": "100000/second"}},'
+                f' "crm": {{"key_sha256": "{hash_key(OTHER_KEY)}", "rate": "100000/second"}}}}'
             ),
             "admin_key_sha256": hash_key(ADMIN_KEY),
-            "upstream_rate_limit": "10000/minute",
+            "upstream_rate_limit": "100000/second",
             "upstream_burst": 10000,
             "log_format": "json",
             "redis_retry_interval": 0.2,

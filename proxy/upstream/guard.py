@@ -14,6 +14,7 @@ from typing import Any
 import orjson
 
 from ..backends import keys
+from ..backends.bus import Bus
 from ..backends.limiters import FallbackLimiter
 from ..backends.link import REDIS_ERRORS, AnyRedis, RedisLink
 from ..core.gcra import Rate, RateDecision
@@ -58,6 +59,35 @@ class UpstreamGuard:
         self._checked = -RECHECK_SECONDS  # time.monotonic() of the last PTTL read
         self._opener = f"{socket.gethostname()}:{os.getpid()}"
         self.queue = BudgetQueue(self.admit, rate.interval, queue_timeout, metrics=metrics)
+        # The events channel: an open or closed circuit reaches every worker before the answer
+        # that opened or closed it (None: no Redis, or tests without it).
+        self.bus: Bus | None = None
+        self.told = True  # whether the last open/close reached every process
+
+    async def _tell(self, event: dict[str, Any]) -> bool:
+        """Tell every process; False when the channel is not there or Redis failed."""
+        if self.bus is None:
+            return False
+        try:
+            await self.bus.tell(event)
+        except REDIS_ERRORS as exc:
+            self.link.failed(exc, "circuit")
+            return False
+        return True
+
+    def apply(self, event: dict[str, Any]) -> None:
+        """An event from the channel: another process opened or closed the circuit."""
+        if event.get("kind") == "circuit-open":
+            wait = event.get("wait")
+            if isinstance(wait, int | float) and 0 < wait <= self.max_wait:
+                self._open_until = max(self._open_until, self._clock() + wait)
+                self._checked = time.monotonic()
+        elif event.get("kind") == "circuit-closed":
+            self._open_until = 0.0
+
+    def recheck(self) -> None:
+        """Ask Redis about the circuit at the next admission (an event may have been missed)."""
+        self._checked = -RECHECK_SECONDS
 
     def _shared(self) -> bool:
         return self.link.up and self.client is not None
@@ -124,6 +154,8 @@ class UpstreamGuard:
                 self._checked = time.monotonic()
             except REDIS_ERRORS as exc:
                 self.link.failed(exc, "circuit")
+            else:
+                await self._tell({"kind": "circuit-open", "wait": wait})
         return wait
 
     async def describe(self) -> dict[str, Any]:
@@ -153,16 +185,20 @@ class UpstreamGuard:
         return state
 
     async def close_circuit(self) -> bool:
-        """Close the circuit for every replica (they see it within `RECHECK_SECONDS`).
+        """Close the circuit for every worker of every replica: each has been told before this
+        returns (`told`), or Redis was not reachable (`told` False: this worker only).
 
         True (and a warning logged) only if it was open, here or in Redis."""
         was_open = self.open_locally_for() > 0
         self._open_until = 0.0
+        self.told = self.link.embedded
         if self.link.up and self.link.client is not None:
             try:
                 was_open = bool(await self.link.client.delete(self.circuit_key)) or was_open
             except REDIS_ERRORS as exc:
                 self.link.failed(exc, "circuit")
+            else:
+                self.told = await self._tell({"kind": "circuit-closed"})
         if was_open:
             log.warning("circuit closed by an operator", extra={"event": "circuit_closed"})
         return was_open

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import itertools
 import logging
 import re
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable
-from typing import cast
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import Any, cast
 
 import redis.asyncio as aioredis
 from aiohttp import hdrs, web
@@ -18,14 +19,14 @@ from aiohttp.typedefs import Handler
 from aiohttp.web_urldispatcher import UrlMappingMatchInfo
 
 from ..backends import keys
+from ..backends.bus import Bus
 from ..backends.flight import RedisLease
-from ..backends.limiters import FallbackLimiter, MemoryLimiter, RedisLimiter
-from ..backends.link import REDIS_ERRORS, AnyRedis, RedisLink, connect_redis
+from ..backends.limiters import FallbackLimiter, MemoryLimiter, RedisLimiter, split
+from ..backends.link import REDIS_ERRORS, AnyRedis, RedisLink, connect_bus, connect_redis
 from ..backends.pipelining import AutoPipelineRedis
 from ..backends.reservations import RedisReserver, ReservingLimiter
 from ..backends.stores import FallbackCacheStore, MemoryCacheStore, RedisCacheStore
 from ..core.bodies import BodyPool
-from ..core.gcra import Rate
 from ..core.operations import API_PREFIX, Operations, Router, load_operations
 from ..logs import ACCESS, ACCESS_MIDDLE
 from ..metrics import METRICS, Metrics
@@ -252,21 +253,24 @@ def create_app(
         store = FallbackCacheStore(
             link, RedisCacheStore(hot, KEY_PREFIX, bodies) if hot is not None else None, memory
         )
-        # While Redis is down every worker of every replica counts the budget on its own.
+        # While Redis is down every worker of every replica counts on its own: each gets the
+        # rate and the burst divided by all of them (see FallbackLimiter), so an outage cannot
+        # multiply traffic.
         replicas = settings.replicas_hint * settings.processes if client is not None else 1
 
-        def share(rate: Rate) -> Rate:
-            return Rate(max(1, rate.limit // replicas), rate.period)
+        share = functools.partial(split, processes=replicas)
 
+        # How long every process takes to notice that Redis is back (a health ping per interval).
+        settle = 2 * settings.redis_retry_interval + settings.redis_timeout
         redis_limiter = RedisLimiter(hot, keys.LIMITER_PREFIX) if hot is not None else None
-        limiter = FallbackLimiter(link, redis_limiter, MemoryLimiter())
+        limiter = FallbackLimiter(link, redis_limiter, MemoryLimiter(), share, settle=settle)
         client_limiter = ReservingLimiter(
             link,
             RedisReserver(hot, keys.LIMITER_PREFIX) if hot is not None else None,
             limiter,
             lifetime=settings.rate_limit_reservation,
         )
-        budget_limiter = FallbackLimiter(link, redis_limiter, MemoryLimiter(), share)
+        budget_limiter = FallbackLimiter(link, redis_limiter, MemoryLimiter(), share, settle=settle)
         guard = UpstreamGuard(
             link,
             budget_limiter,
@@ -335,6 +339,22 @@ def create_app(
             reports=operations.reports(),
         )
         state.hot = HotHits(settings, directory, service, state.queries, sending)
+        bus = None
+        if client is not None:
+            bus = _events(settings, client, link, service, l1, state, (limiter, budget_limiter))
+            service.bus = guard.bus = bus
+
+            async def before_up() -> None:
+                await service.reapply_purges()
+                wait = await limiter.plan_return()
+                budget_limiter.switch_in(wait)
+                # Every process, even one that never left Redis, switches at that moment.
+                await bus.tell({"kind": "limits-switch", "in": wait})
+
+            link.before_up = before_up
+            bus.start()
+            if link.up:  # the L1 is on only while subscribed: usually a millisecond from now
+                await bus.wait_live(max(1.0, settings.redis_timeout * 10))
         app[STATE] = state
         state.ready = True
         log.info(
@@ -351,6 +371,8 @@ def create_app(
             await service.close()
             await client_limiter.close()
             await up.close()
+            if bus is not None:
+                await bus.close()
             await link.stop()
             if redis_client is None:
                 await link.close()
@@ -381,6 +403,107 @@ def create_app(
     app.router.add_get("/openapi.json", observed(openapi_handler, "docs"))
     _add_fallback_routes(app)
     return app
+
+
+def _events(
+    settings: Settings,
+    client: AnyRedis,
+    link: RedisLink,
+    service: ReadService,
+    l1: MemoryCacheStore | None,
+    state: ProxyState,
+    limiters: tuple[FallbackLimiter, ...],
+) -> Bus:
+    """The events channel, wired: purges, the circuit and writes-refused from every process;
+    the L1 (and the hot memo) used only while subscribed, dropped whole when it is lost."""
+    service.l1 = None
+    lost_once = False
+
+    def on_event(event: dict[str, object]) -> None:
+        kind = event.get("kind")
+        if kind == "purge":
+            service.apply(event)
+        elif kind in ("circuit-open", "circuit-closed"):
+            service.guard.apply(event)
+        elif kind == "limits-switch":
+            wait = event.get("in")
+            if isinstance(wait, int | float) and 0 <= wait <= 60:
+                for each in limiters:
+                    each.switch_in(float(wait))
+        elif kind == "writes-refused":
+            reason = event.get("reason")
+            link.refuse_writes(str(reason)[:64], "told", told=True)
+
+    bus_client = connect_bus(client, settings.redis_url, timeout=settings.redis_timeout)
+    server: list[object] = [None]  # the run_id of the Redis server subscribed to
+
+    async def learn_server() -> None:
+        with contextlib.suppress(*REDIS_ERRORS):
+            server[0] = (await bus_client.info("server")).get("run_id")
+
+    async def confirm_lost() -> None:
+        """The subscription broke: off Redis at once if Redis is gone or is another server
+        now (restarted: its buckets are lost); a mere lost connection changes nothing."""
+        try:
+            async with asyncio.timeout(max(0.5, settings.redis_timeout * 5)):
+                now = (await bus_client.info("server")).get("run_id")
+            if server[0] is not None and now == server[0]:
+                return
+            reason = "redis restarted"
+        except REDIS_ERRORS as exc:
+            reason = type(exc).__name__
+        link.failed(ConnectionError(f"events channel lost: {reason}"), "bus")
+
+    def on_lost() -> None:
+        nonlocal lost_once
+        lost_once = True
+        # The subscription breaks at once when Redis dies: every process leaves it together
+        # (the limits go to their shares), not each at its next failed call or ping.
+        _spawn(confirm_lost())
+        service.l1 = None
+        if l1 is not None:
+            l1.clear_now()
+        if state.hot is not None:
+            state.hot.forget()
+
+    def on_live() -> None:
+        _spawn(learn_server())
+        if l1 is not None:
+            l1.clear_now()
+            service.l1 = l1
+        if lost_once:  # events may have been missed meanwhile
+            service.guard.recheck()
+
+    bus = Bus(
+        bus_client,
+        KEY_PREFIX + "events",
+        on_event=on_event,
+        on_lost=on_lost,
+        on_live=on_live,
+        retry=min(0.1, settings.redis_retry_interval),
+    )
+
+    def on_refused(reason: str) -> None:
+        event: dict[str, object] = {"kind": "writes-refused", "reason": reason}
+        _spawn(_tell_quietly(bus, event))
+
+    link.on_refused = on_refused
+    return bus
+
+
+_background: set[asyncio.Future[None]] = set()
+
+
+def _spawn(work: Coroutine[Any, Any, None]) -> None:
+    """Run `work` in the background, keeping a reference until it is done."""
+    task = asyncio.ensure_future(work)
+    _background.add(task)
+    task.add_done_callback(_background.discard)
+
+
+async def _tell_quietly(bus: Bus, event: dict[str, object]) -> None:
+    with contextlib.suppress(*REDIS_ERRORS):
+        await bus.tell(event)
 
 
 async def _flush_metrics_every_second(metrics: Metrics) -> None:

@@ -269,8 +269,10 @@ async def purge(request: web.Request) -> web.Response:
     if report is None and request.rel_url.raw_query_string:
         report, one_entry = LEGACY_PURGE_REPORT, True
     body: dict[str, object]
+    shared = True
     if report is None:
-        body = {"purged": await state.service.purge()}
+        removed, shared = await state.service.purge()
+        body = {"purged": removed}
     else:
         operation = state.reports.get(report) or _by_id(state, report)
         if operation is None:
@@ -279,20 +281,26 @@ async def purge(request: web.Request) -> web.Response:
             )
         request[LOG]["report"] = operation.label
         if not one_entry:
-            removed = await state.service.purge(operation=operation.operation_id)
+            removed, shared = await state.service.purge(operation=operation.operation_id)
             body = {"purged": removed, "report": operation.label}
         else:
             raw = request.rel_url.raw_query_string
             parsed = with_undecodable(raw, operation.contract.parse(request.query))
             if isinstance(parsed, QueryErrors):
                 return invalid_query(parsed)
-            removed = await state.service.purge(state.service.key(parsed))
+            removed, shared = await state.service.purge(state.service.key(parsed))
             body = {
                 "purged": removed,
                 "report": operation.label,
                 "canonical_query": parsed.canonical_string(),
             }
-    return web.Response(body=orjson.dumps(body), content_type="application/json")
+    if state.link.embedded:
+        return web.Response(body=orjson.dumps(body), content_type="application/json")
+    # Not shared: Redis is out of reach; only this worker dropped it (re-applied on its return).
+    body["shared"] = shared
+    return web.Response(
+        body=orjson.dumps(body), status=200 if shared else 503, content_type="application/json"
+    )
 
 
 def _by_id(state: ProxyState, name: str) -> Operation | None:
@@ -307,18 +315,24 @@ async def circuit(request: web.Request) -> web.Response:
     if refused is not None:
         return refused
     guard = state.service.guard
+    status = 200
     if request.method == "DELETE":
         body = {"closed": await guard.close_circuit(), **await guard.describe()}
+        if not state.link.embedded and not guard.told:
+            body["shared"] = False
+            status = 503  # closed in this worker only: Redis is out of reach
     else:
         body = await guard.describe()
-    return web.Response(body=orjson.dumps(body), content_type="application/json")
+    return web.Response(body=orjson.dumps(body), status=status, content_type="application/json")
 
 
 async def admin_limited(state: ProxyState) -> web.Response | None:
     """429 when the admin key is over `PROXY_ADMIN_RATE_LIMIT` (a purge costs Redis a SCAN)."""
     rate = state.settings.admin_rate_limit
+    if not state.link.embedded and not state.service.limiter.on_redis:
+        return None  # off Redis a purge costs no SCAN; a limit starting full would refuse it
     decision = await state.service.limiter.hit("admin", rate)
-    if decision.allowed:
+    if decision.allowed or not state.service.limiter.on_redis:
         return None
     return error_response(
         429,

@@ -224,3 +224,7 @@ class HotHits:
         # ttl = floor(fresh_until - now) drops when fewer than `ttl` seconds are left;
         # age = int(now - stored_at) grows at the next whole second after stored_at.
         question.until = min(entry.fresh_until - ttl, entry.stored_at + age + 1)
+
+    def forget(self) -> None:
+        """Drop every remembered question (the invalidation channel was lost)."""
+        self._questions.clear()
