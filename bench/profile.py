@@ -138,7 +138,9 @@ def main() -> int:
             frames = stack.split(";")
             n = int(samples)
             leaf = frames[-1]
-            if leaf.startswith("LineWriter._run"):  # the log writer's thread, asleep
+            in_writer = any(f.startswith("LineWriter._run") for f in frames[-3:])
+            # The log writer's thread, asleep (in `_run` itself or its Event's wait).
+            if in_writer and (leaf.startswith("LineWriter._run") or leaf.startswith("wait ")):
                 asleep += n
                 continue
             total += n

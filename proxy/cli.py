@@ -76,6 +76,18 @@ async def _serve_app(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    parent = multiprocessing.parent_process()
+    if parent is not None and isinstance(parent.sentinel, int):
+        # A worker whose supervisor died (SIGKILL, OOM) drains and exits instead of serving on
+        # unsupervised: the sentinel pipe reads EOF once the supervisor is gone.
+        sentinel = parent.sentinel
+
+        def orphaned() -> None:
+            loop.remove_reader(sentinel)
+            log.warning("supervisor gone; draining", extra={"event": "supervisor_gone"})
+            stop.set()
+
+        loop.add_reader(sentinel, orphaned)
     log.info(
         "listening", extra={"event": "listening", "host": host, "port": port, "pid": os.getpid()}
     )
@@ -107,17 +119,47 @@ def _bound_port(runner: web.AppRunner, requested: int) -> int:
 
 def _run_worker(overrides: dict[str, Any], host: str, port: int, reuse_port: bool) -> None:
     """One serving process (the whole server when --workers is 1)."""
-    from .logs import setup_logging
+    from .logs import close_logging, setup_logging
     from .web.app import create_app
 
     settings = load_settings(**overrides)
-    setup_logging(settings.log_level, settings.log_format)
+    setup_logging(
+        settings.log_level,
+        settings.log_format,
+        max_lines=settings.log_queue_lines,
+        flush_timeout=settings.log_flush_timeout,
+    )
     _install_uvloop()
-    asyncio.run(_serve_app(create_app(settings), settings, host, port, reuse_port=reuse_port))
+    code = 0
+    try:
+        asyncio.run(_serve_app(create_app(settings), settings, host, port, reuse_port=reuse_port))
+    except SettingsError:
+        raise  # one line on stderr, as for any other settings error
+    except Exception:
+        log.exception("worker failed", extra={"event": "worker_failed", "pid": os.getpid()})
+        code = 1
+    if not close_logging():
+        # stderr took nothing within PROXY_LOG_FLUSH_TIMEOUT: leave without the interpreter's
+        # exit-time flushes, any of which could block on it for good.
+        os._exit(code)
+    if code:
+        raise SystemExit(code)
+
+
+# A worker still running this long after PROXY_DRAIN_DELAY + PROXY_SHUTDOWN_TIMEOUT has passed
+# since its SIGTERM is killed: room for closing Redis and the upstream pool and the log flush.
+_DRAIN_GRACE = 2.0
 
 
 def _supervise(overrides: dict[str, Any], host: str, port: int, workers: int) -> int:
-    """Run `workers` processes on one SO_REUSEPORT port; restart a crashed one; relay SIGTERM."""
+    """Run `workers` processes on one SO_REUSEPORT port; restart a crashed one; relay SIGTERM.
+
+    The signal handler only records the signal: the loop below is the one place that starts
+    and stops workers, so no worker can be started after the SIGTERM was relayed. Once
+    stopping, it SIGKILLs (and reports) any worker still running after the drain timeout.
+    """
+    settings = load_settings(**overrides)
+    drain_timeout = settings.drain_delay + settings.shutdown_timeout + _DRAIN_GRACE
     own_metrics_dir = "PROMETHEUS_MULTIPROC_DIR" not in os.environ
     if own_metrics_dir:
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="teamup-proxy-metrics-")
@@ -126,6 +168,7 @@ def _supervise(overrides: dict[str, Any], host: str, port: int, workers: int) ->
 
     context = multiprocessing.get_context("spawn")
     procs: list[multiprocessing.process.BaseProcess] = []
+    signals: list[int] = []
 
     def spawn() -> multiprocessing.process.BaseProcess:
         proc = context.Process(
@@ -134,39 +177,77 @@ def _supervise(overrides: dict[str, Any], host: str, port: int, workers: int) ->
         proc.start()
         return proc
 
-    stopping = False
-
     def on_signal(signum: int, _frame: object) -> None:
-        nonlocal stopping
-        stopping = True
-        for proc in procs:
-            if proc.pid is not None and proc.is_alive():
-                os.kill(proc.pid, signal.SIGTERM)
+        signals.append(signum)
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    procs.extend(spawn() for _ in range(workers))
-    log.info("supervisor started", extra={"event": "supervisor", "workers": workers, "port": port})
+    killed: list[int] = []
+    draining: list[multiprocessing.process.BaseProcess] = []
     try:
-        while not stopping:
-            time.sleep(0.2)
+        while len(procs) < workers and not signals:
+            procs.append(spawn())
+        log.info(
+            "supervisor started", extra={"event": "supervisor", "workers": workers, "port": port}
+        )
+        restart_at: dict[int, float] = {}  # slot → when its dead worker is replaced
+        while not signals:
+            time.sleep(0.05)
+            now = time.monotonic()
             for i, proc in enumerate(procs):
-                if not proc.is_alive() and not stopping:
+                if proc.is_alive() or signals:
+                    continue
+                if i not in restart_at:
                     if proc.pid is not None:  # its live gauges no longer count
                         prom_multiprocess.mark_process_dead(proc.pid)  # type: ignore[no-untyped-call]
                     log.warning(
                         "worker exited; restarting",
                         extra={"event": "worker_restart", "exitcode": proc.exitcode},
                     )
-                    time.sleep(0.5)
+                    restart_at[i] = now + 0.5  # a worker that dies at once is not a busy loop
+                elif now >= restart_at[i]:
+                    del restart_at[i]
                     procs[i] = spawn()
-        for proc in procs:
-            proc.join()
+        # From here on nothing is started: every worker there is gets the SIGTERM.
+        draining = [proc for proc in procs if proc.pid is not None and proc.exitcode is None]
+        for proc in draining:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGTERM)  # type: ignore[arg-type]
+        deadline = time.monotonic() + drain_timeout
+        for proc in draining:
+            proc.join(max(0.0, deadline - time.monotonic()))
+        for proc in draining:
+            if proc.pid is not None and proc.exitcode is None:
+                killed.append(proc.pid)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc.pid, signal.SIGKILL)
+                proc.join(5)
+                log.error(
+                    "worker did not drain in time; killed",
+                    extra={
+                        "event": "worker_killed",
+                        "pid": proc.pid,
+                        "drain_timeout": drain_timeout,
+                    },
+                )
     finally:
         if own_metrics_dir:
             shutil.rmtree(os.environ.pop("PROMETHEUS_MULTIPROC_DIR"), ignore_errors=True)
-    failed = [p.exitcode for p in procs if p.exitcode not in (0, -signal.SIGTERM)]
-    return 1 if failed else 0
+    # Exit 1 when a worker had to be killed or failed its drain (an error exit, a crash). One
+    # SIGKILLed by someone else around the SIGTERM (the race this loop is built for) is
+    # reported but is no failed drain.
+    failed = [
+        p.exitcode
+        for p in draining
+        if p.exitcode not in (0, -signal.SIGTERM, -signal.SIGKILL) and p.pid not in killed
+    ]
+    for proc in draining:
+        if proc.exitcode not in (0, -signal.SIGTERM) and proc.pid not in killed:
+            log.warning(
+                "worker exited while stopping",
+                extra={"event": "worker_exit", "pid": proc.pid, "exitcode": proc.exitcode},
+            )
+    return 1 if failed or killed else 0
 
 
 def _port_in_use(host: str, port: int, flag: str, *, reuse_port: bool = False) -> str | None:
@@ -204,7 +285,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = load_settings(**overrides)
     from .logs import setup_logging
 
-    setup_logging(settings.log_level, settings.log_format)
+    setup_logging(
+        settings.log_level,
+        settings.log_format,
+        max_lines=settings.log_queue_lines,
+        flush_timeout=settings.log_flush_timeout,
+    )
     workers = settings.workers or os.cpu_count() or 1
     busy = _port_in_use(
         settings.host, settings.port, "choose another with --port or PROXY_PORT", reuse_port=True
@@ -396,4 +482,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         code = 130
     with contextlib.suppress(Exception):
         sys.stdout.flush()
+    from .logs import close_logging
+
+    if not close_logging():
+        os._exit(code)  # stderr takes nothing: the exit-time flushes would wait on it for good
     raise SystemExit(code)

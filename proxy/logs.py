@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import atexit
 import collections
+import functools
+import io
 import logging
 import os
 import re
@@ -11,6 +13,7 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -23,6 +26,8 @@ __all__ = [
     "LineHandler",
     "LineWriter",
     "TextFormatter",
+    "close_logging",
+    "dropped_lines",
     "json_bytes",
     "setup_logging",
 ]
@@ -97,53 +102,119 @@ class TextFormatter(logging.Formatter):
 class LineWriter:
     """Lines appended from any thread, written to a file descriptor by a thread of its own.
 
-    The event loop never waits on a write (a slow terminal or a full pipe blocks only the
-    writer thread); the writer wakes every `interval` seconds and writes everything queued in
-    one call. `flush` writes what is queued now, from the calling thread.
+    The queue is bounded (`max_lines`): once it is full, for instance while stderr is a pipe
+    nobody reads, a new line is dropped and counted (`dropped`), never waited for; the writer
+    says how many were lost, at most once a second, as soon as it can write again
+    (`report(n)` makes that line). Nothing but the writer thread ever calls write(2), so a
+    blocked sink blocks only that (daemon) thread. It wakes every `interval` seconds, or at
+    once on `wake()`, and writes everything queued in one call.
     """
 
-    def __init__(self, fd: int, interval: float = 0.02) -> None:
+    def __init__(
+        self,
+        fd: int,
+        interval: float = 0.02,
+        max_lines: int = 10_000,
+        report: Callable[[int], bytes] | None = None,
+    ) -> None:
         self.fd = fd
         self.interval = interval
+        self.max_lines = max_lines
+        self.report = report
+        self.dropped = 0  # lines lost to a full queue since the start
+        self._reported = 0
+        self._last_report = 0.0
         self._queue: collections.deque[bytes] = collections.deque()
-        self._lock = threading.Lock()  # one writer at a time, so lines keep their order
+        self._drop_lock = threading.Lock()  # only around the count: never held across I/O
+        self._wake = threading.Event()
+        # Held only to read or change `_busy`, never while writing.
+        self._state = threading.Condition(threading.Lock())
+        self._busy = False  # the writer took lines off the queue and has not written them yet
+        self._closed = False
         self._thread = threading.Thread(target=self._run, name="log-writer", daemon=True)
         self._thread.start()
 
     def write(self, line: bytes) -> None:
-        """Queue one line (with its newline)."""
+        """Queue one line (with its newline), or drop and count it when the queue is full."""
+        if len(self._queue) >= self.max_lines:
+            with self._drop_lock:
+                self.dropped += 1
+            return
         self._queue.append(line)
 
-    def flush(self) -> None:
-        """Write every queued line now."""
-        with self._lock:
-            queue, lines = self._queue, []
-            while queue:
-                lines.append(queue.popleft())
-            if lines:
-                data = memoryview(b"".join(lines))
-                try:
-                    while data:
-                        data = data[os.write(self.fd, data) :]
-                except OSError:
-                    pass  # nowhere to write (closed stderr): drop, as logging would
+    def wake(self) -> None:
+        """Have the writer write what is queued now rather than at its next tick."""
+        self._wake.set()
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until what is queued is written, at most `timeout` seconds (None: as long as
+        it takes); True if it was. The writer thread does the writing, so a caller gives up
+        on a sink that takes nothing instead of blocking in write(2)."""
+        if threading.current_thread() is self._thread:
+            return False
+        if not self._thread.is_alive():  # closed and done: nobody would write it
+            return not (self._queue or self._busy)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._state:
+            while self._queue or self._busy:
+                self._wake.set()
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return False
+                self._state.wait(remaining if remaining is not None else 0.1)
+        return True
+
+    def close(self, timeout: float) -> bool:
+        """The exit-time flush: at most `timeout` seconds, once; later calls return at once."""
+        if self._closed:
+            return not (self._queue or self._busy)
+        self._closed = True
+        return self.flush(timeout)
 
     def _run(self) -> None:
         while True:
-            time.sleep(self.interval)
-            if self._queue:
-                self.flush()
+            self._wake.wait(self.interval)
+            self._wake.clear()
+            if self._queue or self.dropped > self._reported:
+                self._write_queued()
+            elif self._closed:
+                return
+
+    def _write_queued(self) -> None:
+        with self._state:
+            self._busy = True
+        queue, lines = self._queue, []
+        dropped = self.dropped - self._reported
+        now = time.monotonic()
+        if dropped and self.report is not None and now - self._last_report >= 1.0:
+            lines.append(self.report(dropped))
+            self._reported += dropped
+            self._last_report = now
+        while queue:
+            lines.append(queue.popleft())
+        if lines:
+            data = memoryview(b"".join(lines))
+            try:
+                while data:
+                    data = data[os.write(self.fd, data) :]
+            except OSError:
+                pass  # nowhere to write (closed stderr): drop, as logging would
+        with self._state:
+            self._busy = False
+            self._state.notify_all()
 
 
 class LineHandler(logging.Handler):
     """A logging handler that formats in the caller and leaves the writing to a `LineWriter`.
 
-    Records at ERROR and above are written at once, so a crash right after cannot lose them.
+    Records at ERROR and above wake the writer, so they are written within moments rather than
+    at its next tick; nothing here ever waits for the sink.
     """
 
-    def __init__(self, writer: LineWriter) -> None:
+    def __init__(self, writer: LineWriter, flush_timeout: float = 0.0) -> None:
         super().__init__()
         self.writer = writer
+        self.flush_timeout = flush_timeout
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -153,10 +224,11 @@ class LineHandler(logging.Handler):
             return
         self.writer.write(line.encode("utf-8", "backslashreplace") + b"\n")
         if record.levelno >= logging.ERROR:
-            self.writer.flush()
+            self.writer.wake()
 
     def flush(self) -> None:
-        self.writer.flush()
+        # `logging.shutdown` calls this at exit: a bounded wait, never a blocked write(2).
+        self.writer.flush(self.flush_timeout)
 
 
 _stamp = (-1, "")  # (second, its text): one object, so threads never see half of it
@@ -261,19 +333,85 @@ ACCESS = AccessLog(logging.getLogger("teamup_proxy.access"))
 ACCESS_MIDDLE = "access_middle"
 
 
-def setup_logging(level: str, fmt: str) -> None:
-    """Route the proxy's and aiohttp's loggers to stderr in the chosen format.
+_WRITER: LineWriter | None = None  # the process's, once `setup_logging` ran
+_FLUSH_TIMEOUT = 1.0
 
-    Lines are written by a thread (`LineWriter`), never by the event loop; what is queued is
-    written at exit and at least every 20 ms (ERROR and above at once).
+
+class _QueuedStream(io.RawIOBase):
+    """`sys.stderr`'s bytes, through the writer's queue (a warning or a traceback printed by a
+    library must not block the loop either)."""
+
+    def __init__(self, writer: LineWriter) -> None:
+        super().__init__()
+        self.writer = writer
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        self.writer.write(bytes(data))
+        return len(data)
+
+
+def setup_logging(
+    level: str, fmt: str, *, max_lines: int = 10_000, flush_timeout: float = 1.0
+) -> LineWriter:
+    """Route the proxy's and aiohttp's loggers, and `sys.stderr`, to stderr in the chosen format.
+
+    Lines go through a bounded queue to a writer thread (`LineWriter`), never to write(2) from
+    the event loop: written at least every 20 ms, at once for ERROR and above, dropped and
+    counted once `max_lines` wait. At exit what is queued gets `flush_timeout` seconds to be
+    written (`close_logging`), after which the process exits regardless.
     """
-    writer = LineWriter(sys.stderr.fileno())
-    atexit.register(writer.flush)
-    handler = LineHandler(writer)
+    global _WRITER, _FLUSH_TIMEOUT
+    _FLUSH_TIMEOUT = flush_timeout
+    writer = _WRITER
+    if writer is None:
+        writer = _WRITER = LineWriter(sys.stderr.fileno(), max_lines=max_lines)
+        atexit.register(close_logging)
+        sys.stderr = io.TextIOWrapper(
+            io.BufferedWriter(_QueuedStream(writer)),
+            encoding="utf-8",
+            errors="backslashreplace",
+            line_buffering=True,
+        )
+    writer.max_lines = max_lines
+    handler = LineHandler(writer, flush_timeout)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    writer.report = functools.partial(_dropped_line, handler)
     ACCESS.handler = handler if fmt == "json" else None
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
     # aiohttp's own access log would repeat ours without the fields that matter.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    return writer
+
+
+def _dropped_line(handler: logging.Handler, count: int) -> bytes:
+    record = logging.makeLogRecord(
+        {
+            "name": "teamup_proxy.logs",
+            "levelno": logging.WARNING,
+            "levelname": "WARNING",
+            "msg": "%d log lines dropped: the log sink was full",
+            "args": (count,),
+            "event": "log_lines_dropped",
+            "dropped": count,
+        }
+    )
+    return handler.format(record).encode("utf-8", "backslashreplace") + b"\n"
+
+
+def close_logging() -> bool:
+    """Write what is queued, waiting at most the flush timeout `setup_logging` was given;
+    False if the sink did not take it (the caller should then exit without further flushes)."""
+    writer = _WRITER
+    if writer is None:
+        return True
+    return writer.close(_FLUSH_TIMEOUT)
+
+
+def dropped_lines() -> int:
+    """Log lines this process dropped because its log queue was full (0 before setup)."""
+    return 0 if _WRITER is None else _WRITER.dropped

@@ -16,6 +16,8 @@ from prometheus_client import (
 )
 from prometheus_client import multiprocess as prom_multiprocess
 
+from .logs import dropped_lines
+
 __all__ = ["Metrics", "metrics_handler", "multiprocess_dir"]
 
 _LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -144,6 +146,13 @@ class Metrics:
             multiprocess_mode="livesum",
         )
 
+        self.log_lines_dropped = Counter(
+            "teamup_proxy_log_lines_dropped_total",
+            "Log lines dropped because stderr took nothing and the log queue was full",
+            registry=r,
+        )
+        self._dropped_seen = 0
+
         self.queue_length = Gauge(
             "teamup_proxy_upstream_queue_length",
             "Misses waiting in the fair queue for a unit of the global budget, by client",
@@ -219,6 +228,10 @@ class Metrics:
                 counter = self.client_requests.labels(client, report)
                 self._client_children[(client, report)] = counter
             counter.inc(count)
+        dropped = dropped_lines()  # counted per process: add what this registry has not seen
+        if dropped > self._dropped_seen:
+            self.log_lines_dropped.inc(dropped - self._dropped_seen)
+            self._dropped_seen = dropped
 
     def render(self) -> bytes:
         """The exposition text: every worker's values in multiprocess mode, else this app's."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -218,6 +219,10 @@ class Settings(BaseSettings):
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     log_format: Literal["json", "text"] = "json"
+    # Lines a process may hold for its writer thread; beyond, new lines are dropped and counted.
+    log_queue_lines: int = Field(10_000, ge=10, le=1_000_000)
+    # Seconds the exit may wait for stderr to take the last lines before leaving without them.
+    log_flush_timeout: float = Field(1.0, ge=0, le=60)
 
     host: str = "0.0.0.0"
     port: int = Field(8080, ge=0, le=65535)
@@ -347,6 +352,14 @@ class Settings(BaseSettings):
                 "PROXY_FLIGHT_LEASE_MS must outlast PROXY_UPSTREAM_TIMEOUT, or a second replica "
                 "fetches while the first still waits for TeamUp"
             )
+        cap = self.max_client_weight
+        for name, client in self.clients.items():
+            if client.weight > cap:
+                raise ValueError(
+                    f"PROXY_CLIENTS ({name}.weight): {client.weight} is more than {cap}, the "
+                    "units the upstream budget frees in half of PROXY_UPSTREAM_QUEUE_TIMEOUT; "
+                    "a longer turn would make every other app's queued miss time out"
+                )
         digests = {client.key_sha256 for client in self.clients.values()}
         if self.admin_key_sha256 is not None and self.admin_key_sha256 in digests:
             raise ValueError("PROXY_ADMIN_KEY_SHA256 must not be a client's key")
@@ -407,6 +420,17 @@ class Settings(BaseSettings):
         """The global budget as the GCRA runs it: the steady rate, and a burst of at most
         `upstream_burst`, so no window of one period ever holds more than rate + burst calls."""
         return self.upstream_rate_limit.with_burst(self.upstream_burst)
+
+    @property
+    def max_client_weight(self) -> int:
+        """The largest `weight` a client may have: the units the budget frees in half the
+        queue timeout (at least 1). A client's turn in the fair queue then ends with half the
+        timeout to spare for everyone waiting behind it (other workers and replicas take units
+        from the same budget meanwhile). Without a queue (timeout 0) weights do nothing."""
+        if self.upstream_queue_timeout <= 0:
+            return 1000
+        per_half = self.upstream_queue_timeout / 2 / self.upstream_rate_limit.interval
+        return max(1, min(1000, math.floor(per_half)))
 
     @property
     def lease_ms(self) -> int:

@@ -12,7 +12,7 @@ import datetime as dt
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
-from urllib.parse import quote
+from urllib.parse import quote, unquote, unquote_to_bytes
 
 __all__ = ["Expected", "expected_outcome"]
 
@@ -157,9 +157,25 @@ def _value(name: str, texts: list[str]) -> str | None:
     return quote(_show_moment(_moment(text)), safe=":")
 
 
-def expected_outcome(pairs: Iterable[tuple[str, str]]) -> Expected:
-    """The outcome for a decoded query, as (name, value) pairs in order."""
-    bad: set[str] = set()
+def _not_utf8(raw: str) -> set[str]:
+    """The names (decoded, bad bytes as U+FFFD) of the pairs of a raw query string whose name
+    or value is not UTF-8 once percent-decoded."""
+    bad = set()
+    for pair in raw.split("&"):
+        name, _, value = pair.partition("=")
+        try:
+            for part in (name, value):
+                unquote_to_bytes(part.replace("+", " ")).decode("utf-8")
+        except UnicodeDecodeError:
+            bad.add(unquote(name.replace("+", " "), errors="replace"))
+    return bad
+
+
+def expected_outcome(pairs: Iterable[tuple[str, str]], raw: str | None = None) -> Expected:
+    """The outcome for a decoded query, as (name, value) pairs in order; with the `raw` query
+    string, pairs that are not UTF-8 are bad too (the proxy sees the raw string, the pairs do
+    not show the bytes)."""
+    bad: set[str] = set() if raw is None else _not_utf8(raw)
     grouped: dict[str, list[str]] = {}
     for key, text in pairs:
         name = key[:-2] if key.endswith("[]") else key

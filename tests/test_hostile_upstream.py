@@ -352,6 +352,14 @@ async def test_oversized_endless_and_compressed_bodies_are_cut_at_the_cap(
 
 # --- 3. Validated answers -----------------------------------------------------------------
 
+# Every other character escaped, the others raw: `u\u0070s\u0074...` / `&#x75;p&#115;...`.
+JSON_ESCAPED_TOKEN = "".join(
+    f"\\u{ord(c):04x}" if n % 2 else c for n, c in enumerate(TOKEN)
+).encode()
+XML_ESCAPED_TOKEN = "".join(
+    (f"&#x{ord(c):X};", f"&#{ord(c)};", c)[n % 3] for n, c in enumerate(TOKEN)
+).encode()
+
 INVALID: dict[str, tuple[str | None, dict[str, Any]]] = {
     "HTML as JSON": (
         "json",
@@ -365,6 +373,15 @@ INVALID: dict[str, tuple[str | None, dict[str, Any]]] = {
     "credential echoed in the body": (
         "json",
         {"body": b'{"rows": [], "debug": "Authorization: Token ' + TOKEN.encode() + b'"}'},
+    ),
+    # Issue 20: what a JSON parser or an XML reader turns back into the token.
+    "credential echoed as JSON escapes": (
+        "json",
+        {"body": b'{"rows": [], "debug": "' + JSON_ESCAPED_TOKEN + b'"}'},
+    ),
+    "credential echoed as XML character references": (
+        None,
+        {"body": b"id,note\r\n1,<token>" + XML_ESCAPED_TOKEN + b"</token>\r\n"},
     ),
     "credential echoed in ETag": (None, {"headers": [b'ETag: "' + TOKEN.encode() + b'"']}),
     "credential echoed in Content-Disposition": (

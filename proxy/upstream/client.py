@@ -28,6 +28,7 @@ __all__ = [
     "UpstreamClient",
     "UpstreamResponse",
     "check_body",
+    "credential_pattern",
     "is_text_header",
     "parse_retry_after",
 ]
@@ -55,6 +56,49 @@ _CHUNK = 64 * 1024
 _NOT_PASSED_4XX = (401, 403, 429)
 
 log = logging.getLogger("teamup_proxy")
+
+_JSON_SHORT = {'"': b'\\"', "\\": b"\\\\", "/": b"\\/", "\b": b"\\b", "\f": b"\\f"}
+_JSON_SHORT |= {"\n": b"\\n", "\r": b"\\r", "\t": b"\\t"}
+_XML_NAMED = {"&": b"&amp;", "<": b"&lt;", ">": b"&gt;", '"': b"&quot;", "'": b"&apos;"}
+
+
+def _hex(value: int) -> bytes:
+    """`value` in hex, either case, any number of leading zeros."""
+    return b"0*" + b"".join(
+        b"[" + d.lower().encode() + d.upper().encode() + b"]" if d.isalpha() else d.encode()
+        for d in f"{value:x}"
+    )
+
+
+def _json_escape(code: int) -> bytes:
+    return b"\\\\u" + b"".join(
+        b"[" + d.encode() + d.upper().encode() + b"]" if d.isalpha() else d.encode()
+        for d in f"{code:04x}"
+    )
+
+
+def credential_pattern(token: str) -> re.Pattern[bytes]:
+    """Matches `token` in a body or header however each character is spelled: as itself, as a
+    JSON string escape (`\\u0041`, a surrogate pair, `\\/`) or as an XML/HTML character
+    reference (`&#x41;`, `&#65;`, `&amp;`), mixed freely. A JSON parser or an XML reader
+    would hand the caller the token from any of them."""
+    parts = []
+    for char in token:
+        code = ord(char)
+        forms = [re.escape(char.encode("utf-8", "surrogatepass"))]
+        if code < 0x10000:
+            forms.append(_json_escape(code))
+        else:
+            high, low = 0xD800 + ((code - 0x10000) >> 10), 0xDC00 + ((code - 0x10000) & 0x3FF)
+            forms.append(_json_escape(high) + _json_escape(low))
+        if char in _JSON_SHORT:
+            forms.append(re.escape(_JSON_SHORT[char]))
+        forms.append(b"&#[xX]" + _hex(code) + b";")
+        forms.append(b"&#0*" + str(code).encode() + b";")
+        if char in _XML_NAMED:
+            forms.append(re.escape(_XML_NAMED[char]))
+        parts.append(b"(?:" + b"|".join(forms) + b")")
+    return re.compile(b"".join(parts))
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,6 +245,8 @@ class UpstreamClient:
         self.base_url = settings.upstream_url
         self._headers = settings.upstream_headers
         self._token = settings.upstream_token.get_secret_value()
+        self._token_bytes = self._token.encode()
+        self._token_pattern = credential_pattern(self._token)
         self._max_body = settings.upstream_max_body_bytes
         self._timeout = aiohttp.ClientTimeout(
             total=settings.upstream_timeout, connect=min(3.0, settings.upstream_timeout)
@@ -316,7 +362,7 @@ class UpstreamClient:
             value = response.headers.get(name)
             if value is None:
                 continue
-            if self._token in value:
+            if self._carries_token(value.encode("utf-8", "surrogatepass")):
                 raise self._echoed(f"header:{name}", status, elapsed())
             if is_text_header(value):
                 passed.append((name, value))
@@ -325,7 +371,7 @@ class UpstreamClient:
                     "TeamUp sent a header that is not text; dropped",
                     extra={"event": "upstream_header_dropped", "header": name},
                 )
-        if self._token.encode() in body:
+        if self._carries_token(body):
             raise self._echoed("body", status, elapsed())
         if status == 200:
             content_type = response.headers.get("Content-Type", "")
@@ -463,7 +509,7 @@ class UpstreamClient:
                 raise self._echoed(f"header:{name}", status, elapsed())
             if is_text_header(value):
                 passed.append((name, value))
-        if self._token.encode() in body:
+        if self._carries_token(body):
             raise self._echoed("body", status, elapsed())
         if 200 <= status <= 299 and body:
             problem = check_body(fmt, response.headers.get("Content-Type", ""), body)
@@ -479,6 +525,15 @@ class UpstreamClient:
             retry_after=parse_retry_after(response.headers.get("Retry-After")),
             retry_after_raw=response.headers.get("Retry-After"),
         )
+
+    def _carries_token(self, data: bytes) -> bool:
+        """The credential in `data`, raw or spelled with escapes (the pattern runs only when
+        `data` holds a backslash or an ampersand: without either, only the raw token can)."""
+        if self._token_bytes in data:
+            return True
+        if b"\\" not in data and b"&" not in data:
+            return False
+        return self._token_pattern.search(data) is not None
 
     def _echoed(self, where: str, status: int, elapsed: float) -> UpstreamFailure:
         log.error(

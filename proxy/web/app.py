@@ -53,7 +53,7 @@ from .handlers import (
 )
 from .hot import HotHits
 from .openapi import openapi_context, openapi_handler
-from .sending import Sending
+from .sending import PacedResponse, Sending
 from .writes import expect_continue
 
 __all__ = ["SETTINGS", "create_app"]
@@ -137,6 +137,10 @@ async def observe(
         response = error_response(500, "internal_error", "The proxy failed to answer.")
     response.headers["X-Request-ID"] = request_id
     response.headers["Server"] = "teamup-proxy"
+    if type(response) is web.Response and request.method != "HEAD":
+        # Every answer, not only reports (`/openapi.json` is 0.75 MB), is written with the
+        # write timeout: a caller that reads nothing is cut off instead of held for good.
+        response = _paced(request, response, request_id)
     elapsed = time.perf_counter() - started
     if route is None:
         resource = request.match_info.route.resource
@@ -173,6 +177,22 @@ async def observe(
             else:
                 access_log.info("request", extra=extra)
     return response
+
+
+def _paced(request: web.Request, response: web.Response, request_id: str) -> web.StreamResponse:
+    """`response` as a `PacedResponse` (same status, headers and body), once the app is up."""
+    state = request.app.get(STATE)
+    body = response.body
+    if state is None or not isinstance(body, bytes):
+        return response
+    return PacedResponse(
+        request,
+        status=response.status,
+        body=body,
+        headers=response.headers,
+        sending=state.sending,
+        request_id=request_id,
+    )
 
 
 def create_app(

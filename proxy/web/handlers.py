@@ -4,7 +4,9 @@ them."""
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
+from urllib.parse import unquote, unquote_to_bytes
 
 import orjson
 from aiohttp import web
@@ -33,7 +35,44 @@ __all__ = [
     "purge",
     "read",
     "readyz",
+    "undecodable",
 ]
+
+
+# A percent-escape of a byte above 0x7F: only these can make a query string invalid UTF-8.
+_HIGH_BYTE = re.compile(r"%[89a-fA-F][0-9a-fA-F]")
+
+
+def undecodable(raw: str) -> QueryErrors | None:
+    """The parameters whose name or value is not UTF-8 once percent-decoded (`%FF`, the
+    overlong `%C0%80`, an encoded surrogate), as a 400 like a lone surrogate gets; None if all
+    are. (Decoding would make them U+FFFD, sharing an answer with a real `%EF%BF%BD`.)"""
+    if not _HIGH_BYTE.search(raw):
+        return None
+    errors: dict[str, list[str]] = {}
+    for pair in raw.split("&"):
+        name, _, value = pair.partition("=")
+        for part, what in ((name, "name"), (value, "value")):
+            try:
+                unquote_to_bytes(part.replace("+", " ")).decode("utf-8")
+            except UnicodeDecodeError:
+                shown = unquote(name.replace("+", " "), errors="replace")
+                errors.setdefault(shown, []).append(f"The {what} is not valid UTF-8.")
+                break
+    return QueryErrors(errors) if errors else None
+
+
+def with_undecodable(
+    raw: str, parsed: CanonicalQuery | QueryErrors
+) -> CanonicalQuery | QueryErrors:
+    """`parsed`, unless `raw` is not UTF-8: then its errors too, all reported at once."""
+    errors = undecodable(raw)
+    if errors is None:
+        return parsed
+    if isinstance(parsed, QueryErrors):
+        for name, messages in parsed.field_errors.items():
+            errors.field_errors.setdefault(name, []).extend(messages)
+    return errors
 
 
 class ParsedQueries:
@@ -51,7 +90,7 @@ class ParsedQueries:
         memo = (operation.operation_id, path, request.rel_url.raw_query_string)
         found = self._data.get(memo)
         if found is None:
-            parsed = operation.contract.parse(request.query, path)
+            parsed = with_undecodable(memo[2], operation.contract.parse(request.query, path))
             canonical = "" if isinstance(parsed, QueryErrors) else parsed.canonical_string()
             found = (parsed, canonical)
             if len(self._data) >= self.size:
@@ -253,7 +292,8 @@ async def purge(request: web.Request) -> web.Response:
             removed, shared = await state.service.purge(operation=operation.operation_id)
             body = {"purged": removed, "report": operation.label}
         else:
-            parsed = operation.contract.parse(request.query)
+            raw = request.rel_url.raw_query_string
+            parsed = with_undecodable(raw, operation.contract.parse(request.query))
             if isinstance(parsed, QueryErrors):
                 return invalid_query(parsed)
             removed, shared = await state.service.purge(state.service.key(parsed))

@@ -123,7 +123,14 @@ class HotHits:
         if "Cache-Control" in headers:
             return None  # `no-cache` may mean a refetch: the general path decides
         raw = request.rel_url.raw_query_string
-        credential = headers.get("Authorization") or headers.get("X-API-Key") or ""
+        # Remembered as `presented_key` reads it: `Authorization` whenever it is there (even
+        # empty or without a scheme), else `X-API-Key`; the header's name is part of the memo,
+        # so `X-API-Key: Token <key>` is never taken for `Authorization: Token <key>`.
+        authorization = headers.get("Authorization")
+        if authorization is not None:
+            credential = "Authorization:" + authorization
+        else:
+            credential = "X-API-Key:" + headers.get("X-API-Key", "")
         memo = (operation.operation_id, path, raw, credential)
         question = self._questions.get(memo)
         if question is None:

@@ -4,10 +4,12 @@ and at most PROXY_CLIENT_WRITE_BUFFER_BYTES of bodies being written per worker."
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
 import math
 import socket
 import struct
+import termios
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -57,6 +59,40 @@ def _has_room(transport: asyncio.Transport | None, size: int) -> bool:
         return transport.get_write_buffer_size() + size + _HEAD_ROOM < high
     except (AttributeError, NotImplementedError):
         return False
+
+
+def _unsent(fd: int) -> int:
+    """Bytes the kernel still holds to send on socket `fd` (Linux's SIOCOUTQ); 0 if unknown."""
+    try:
+        return int(struct.unpack("i", fcntl.ioctl(fd, termios.TIOCOUTQ, b"\0\0\0\0"))[0])
+    except (OSError, AttributeError):
+        return 0
+
+
+async def _delivered(transport: asyncio.Transport | None, patience: float) -> None:
+    """Wait while the kernel still sends the answer's tail, as long as the caller keeps reading.
+
+    The kernel's send buffer grows to megabytes: a whole answer of that size "is written" at
+    once, and only this watch can tell a caller that reads nothing (TimeoutError after
+    `patience` seconds without progress)."""
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    try:
+        fd = sock.fileno() if sock is not None else -1
+    except (OSError, ValueError):
+        return
+    if fd < 0:
+        return
+    loop = asyncio.get_running_loop()
+    left, moved = _unsent(fd), loop.time()
+    pause = 0.005
+    while left > 0:
+        await asyncio.sleep(pause)
+        pause = min(pause * 2, 0.25, patience / 4)
+        now, unsent = loop.time(), _unsent(fd)
+        if unsent < left:
+            left, moved = unsent, now
+        elif now - moved >= patience:
+            raise TimeoutError
 
 
 def paced_response(
@@ -118,6 +154,8 @@ class PacedResponse(web.Response):
                 sent = min(size, offset + CHUNK)
             async with asyncio.timeout(self._timeout):
                 await web.StreamResponse.write_eof(self)
+            self._written()
+            await _delivered(self._request.transport, self._timeout)
         except TimeoutError:
             self._sending.timeouts.inc()
             log.warning(
@@ -138,6 +176,9 @@ class PacedResponse(web.Response):
                     pass
                 transport.abort()
             raise ConnectionResetError("the caller stopped reading") from None
+
+    def _written(self) -> None:
+        """The whole body is in the kernel's hands (what is left is watching it go out)."""
 
 
 class BudgetedResponse(PacedResponse):
@@ -165,6 +206,9 @@ class BudgetedResponse(PacedResponse):
             await super().write_eof(data)
         finally:
             self._done_writing()
+
+    def _written(self) -> None:
+        self._done_writing()
 
     def _done_writing(self) -> None:
         if self._writing is not None:
