@@ -135,8 +135,14 @@ class Got:
         return TOKEN.encode() in self.body or any(TOKEN in v for v in self.headers.values())
 
 
-async def get(http: aiohttp.ClientSession, url: str, headers: dict[str, str] | None = None) -> Got:
-    async with http.get(url, headers=headers if headers is not None else auth()) as response:
+async def get(
+    http: aiohttp.ClientSession,
+    url: str,
+    headers: dict[str, str] | None = None,
+    client_timeout: aiohttp.ClientTimeout | None = None,
+) -> Got:
+    headers = headers if headers is not None else auth()
+    async with http.get(url, headers=headers, timeout=client_timeout or http.timeout) as response:
         return Got(response.status, CIMultiDict(response.headers), await response.read())
 
 
@@ -595,7 +601,9 @@ async def test_callers_that_never_read_are_cut_off_and_cost_bounded_memory(
                         sockets.append(stalled_reader(proxy.port, query))
                         await asyncio.sleep(0.01)
                     # A caller that reads still gets the whole answer meanwhile.
-                    reader = await get(http, proxy.url + REPORT + query)
+                    # A generous bound: on a loaded machine the 200 resets may come first.
+                    long = aiohttp.ClientTimeout(total=90)
+                    reader = await get(http, proxy.url + REPORT + query, client_timeout=long)
                     assert reader.status == 200 and reader.body == LARGE_BODY
                     # The kernel's share: each stalled connection queues at most its send
                     # buffer (Linux doubles SO_SNDBUF for its bookkeeping), and one last write
