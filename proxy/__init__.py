@@ -1,4 +1,4 @@
-"""teamup-proxy: a caching reverse proxy in front of TeamUp's reporting API."""
+"""teamup-proxy: a caching reverse proxy in front of TeamUp's API."""
 
 from __future__ import annotations
 

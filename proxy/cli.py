@@ -429,7 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="teamup-proxy",
         description=(
-            "A caching reverse proxy in front of TeamUp's reporting API: callers use their own "
+            "A caching reverse proxy in front of TeamUp's API: callers use their own "
             "keys, the proxy holds the credential, answers repeats from Redis and keeps every "
             "app inside TeamUp's rate budget."
         ),
