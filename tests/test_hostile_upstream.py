@@ -573,7 +573,8 @@ WRITE_BUFFER = 16 * MiB  # PROXY_CLIENT_WRITE_BUFFER_BYTES of the proxy under te
         pytest.param(
             4 * MiB,
             marks=pytest.mark.xfail(
-                reason="open (issue 18): in the full suite, since the logging/supervisor merge, the "
+                reason="open (issue 18): in the full suite, since the logging/supervisor merge, "
+                "the "
                 "one caller that reads gets no answer head within 90 s; passes alone",
                 strict=False,
             ),
