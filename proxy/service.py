@@ -477,6 +477,13 @@ class ReadService:
             # or a second round, fetch anyway.
             if waited is not VANISHED or rounds >= 2:
                 break
+        if token is not None:
+            # Looked up before another fetch of this key stored its entry and gave the lease
+            # back (in this process or another): one more look before a second upstream call.
+            found = await self._stored_since(key, newer_than)
+            if found is not None:
+                await self.leases.release(key, token)
+                return Fetched(found, False, True, None, None)
         try:
             async with self.leases.kept(key, token):
                 fetched = await self._fetch(key, query, request_id, turn)
@@ -647,6 +654,16 @@ class ReadService:
             log.exception("background refresh failed", extra={"event": "refresh_failed"})
         finally:
             self._refreshing.discard(key)
+
+    async def _stored_since(self, key: str, newer_than: float | None) -> CachedResponse | None:
+        """An entry for `key` stored after `newer_than` (any, when None) and not purged since."""
+        entry = await self.store.get(key)
+        if entry is None or (newer_than is not None and entry.stored_at <= newer_than):
+            return None
+        if self._forgotten_after(key, entry) or entry.fresh_until <= self.clock():
+            return None
+        self._remember(key, entry, self.clock())
+        return entry
 
     def _remember(self, key: str, entry: CachedResponse, now: float) -> None:
         if self.l1 is not None and self.settings.cache_l1_ttl > 0:
