@@ -570,15 +570,7 @@ WRITE_BUFFER = 16 * MiB  # PROXY_CLIENT_WRITE_BUFFER_BYTES of the proxy under te
     "sndbuf",
     [
         64 * 1024,
-        pytest.param(
-            4 * MiB,
-            marks=pytest.mark.xfail(
-                reason="open (issue 18): in the full suite, since the logging/supervisor merge, "
-                "the "
-                "one caller that reads gets no answer head within 90 s; passes alone",
-                strict=False,
-            ),
-        ),
+        4 * MiB,
     ],
     ids=["sndbuf-64k", "sndbuf-4m"],
 )

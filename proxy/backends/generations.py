@@ -77,10 +77,15 @@ class Generations:
             return found
         asked = self.clock()
         while True:
-            if self._refresh is None:
-                self._refresh = asyncio.ensure_future(self._read())
-                self._refresh.add_done_callback(self._forget)
-            sent = await asyncio.shield(self._refresh)
+            refresh = self._refresh
+            # A refresh already done (its `_forget` callback not yet run) is never awaited
+            # again: `shield` returns a done future without yielding, and when that refresh was
+            # sent before this call and is older than `interval` (a slow HGETALL under load),
+            # this loop would spin forever and the worker would stop answering.
+            if refresh is None or refresh.done():
+                refresh = self._refresh = asyncio.ensure_future(self._read())
+                refresh.add_done_callback(self._forget)
+            sent = await asyncio.shield(refresh)
             # A refresh sent before this call began will do only while still young.
             if sent >= asked or self.clock() < sent + self.interval or not self._redis:
                 return self._view.get(collection, 0)
