@@ -137,6 +137,7 @@ async def test_a_lookup_after_a_slow_read_reads_again_and_never_spins(
 
     fake = FakeClock(0.0)
     client = SlowHash.from_url(redis_server.url)
+    assert isinstance(client, SlowHash)
     client.clock, client.late = fake, []
     gens = Generations(RedisLink(client), client, PREFIX, interval=0.05, clock=clock)
     try:
