@@ -101,3 +101,24 @@ async def test_health_task_flips_both_ways(own_redis: RedisServer) -> None:
         assert link.status == "ok" and changes == [False, True]
     finally:
         await link.close()
+
+
+async def test_a_busy_event_loop_does_not_make_redis_down_before_its_timeout(
+    own_redis: RedisServer,
+) -> None:
+    """A worker's loop busy for longer than one health interval (hundreds of large answers
+    being written) but within PROXY_REDIS_TIMEOUT: the ping still counts, Redis stays up and
+    nothing is refetched from TeamUp for want of it."""
+    client = aioredis.Redis.from_url(own_redis.url, socket_timeout=2, socket_connect_timeout=2)
+    link = RedisLink(client, retry_interval=0.05, timeout=2)
+
+    def busy() -> None:
+        time.sleep(0.3)  # the loop does nothing else meanwhile: the ping's answer waits
+
+    try:
+        await client.ping()  # connected
+        asyncio.get_running_loop().call_soon(busy)
+        assert await link.check()
+        assert link.status == "ok"
+    finally:
+        await client.aclose()

@@ -135,12 +135,18 @@ class RedisLink:
         client: AnyRedis | None,
         *,
         retry_interval: float = 1.0,
+        timeout: float = 0.0,
         on_change: Callable[[bool], None] | None = None,
         on_error: Callable[[str], None] | None = None,
         on_writes: Callable[[bool], None] | None = None,
     ) -> None:
         self.client = client
         self.retry_interval = retry_interval
+        # A ping is bounded by one interval, or by the commands' own socket timeout
+        # (PROXY_REDIS_TIMEOUT) when that is longer: a worker whose event loop is busy for a
+        # moment (hundreds of large answers being written) must not call Redis down any sooner
+        # than a command would, and refetch from TeamUp what Redis holds.
+        self.ping_timeout = max(retry_interval, timeout, 0.05)
         self._down = False
         self._on_change = on_change
         self._on_error = on_error
@@ -200,14 +206,14 @@ class RedisLink:
         self._mark_down(exc, op)
 
     async def check(self) -> bool:
-        """One health ping now (bounded by one interval); updates the state. True: it answered.
+        """One health ping now (bounded by `ping_timeout`); updates the state. True: it answered.
 
         On a Cluster every primary must answer (a dead primary's slots are unusable until its
         replica is promoted); a Sentinel client asks the sentinels for the master on connect.
         """
         assert self.client is not None
         try:
-            async with asyncio.timeout(max(self.retry_interval, 0.05)):
+            async with asyncio.timeout(self.ping_timeout):
                 if isinstance(self.client, RedisCluster):
                     await self.client.ping(target_nodes=RedisCluster.PRIMARIES)
                 else:
@@ -235,7 +241,7 @@ class RedisLink:
         (maxmemory under noeviction, a read-only replica) without waiting for a miss."""
         assert self.client is not None
         try:
-            async with asyncio.timeout(max(self.retry_interval, 0.05)):
+            async with asyncio.timeout(self.ping_timeout):
                 await self.client.set(keys.probe(keys.PREFIX), b"1", px=1000)
         except WRITE_REFUSALS as exc:
             self._refuse_writes(exc, "health")

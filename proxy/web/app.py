@@ -241,6 +241,7 @@ def create_app(
         link = RedisLink(
             client,
             retry_interval=settings.redis_retry_interval,
+            timeout=settings.redis_timeout,
             on_change=on_change,
             on_error=lambda op: m.redis_errors.labels(op).inc(),
             on_writes=on_writes,
