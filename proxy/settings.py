@@ -35,6 +35,8 @@ __all__ = [
     "ReportConfig",
     "Settings",
     "SettingsError",
+    "Tenant",
+    "TenantRefused",
     "TtlConfig",
     "Upstream",
     "UpstreamConfig",
@@ -240,6 +242,30 @@ class Upstream:
         if self.request_mode:
             headers["Teamup-Request-Mode"] = self.request_mode
         return headers
+
+
+@dataclass(frozen=True, slots=True)
+class Tenant:
+    """Whom a request is for: the provider (None: none named, no header forwarded) and the
+    credential that serves it."""
+
+    upstream: Upstream
+    provider: str | None
+
+    @property
+    def labels(self) -> tuple[str, str]:
+        """(upstream, provider) as metrics label them."""
+        return self.upstream.name, self.provider or "none"
+
+
+@dataclass(frozen=True, slots=True)
+class TenantRefused:
+    """Why a request's provider cannot be served (400: malformed; 403: not this client's, or
+    no credential serves it); nothing is forwarded."""
+
+    status: int
+    code: str
+    message: str
 
 
 class ReportConfig(BaseModel):
@@ -588,6 +614,34 @@ class Settings(BaseSettings):
         if client.providers is not None:
             return client.providers
         return self.default_upstream.providers
+
+    def tenant(self, name: str, client: ClientConfig, header: str | None) -> Tenant | TenantRefused:
+        """The provider and credential for a request of client `name` whose
+        `TeamUp-Provider-ID` header is `header` (None: absent): that provider if the client
+        may use it, else the client's first provider (none: the default credential, no
+        provider header, as with a single credential)."""
+        allowed = self.client_providers(client)
+        if header is None or not header.strip(" \t"):
+            if not allowed:
+                return Tenant(self.default_upstream, None)
+            return Tenant(self.upstream_of[allowed[0]], allowed[0])
+        text = header.strip(" \t")
+        if not PROVIDER_ID.fullmatch(text):
+            return TenantRefused(
+                400,
+                "parameter_invalid",
+                "The TeamUp-Provider-ID header must be a provider id (1-18 digits).",
+            )
+        provider = str(int(text))
+        upstream = self.upstream_of.get(provider)
+        if provider not in allowed or upstream is None:
+            return TenantRefused(
+                403,
+                "permission_denied",
+                f"Client {name!r} may not act for provider {provider}. Operators: see "
+                "`providers` in PROXY_CLIENTS and PROXY_UPSTREAMS.",
+            )
+        return Tenant(upstream, provider)
 
     @property
     def enabled_reports(self) -> frozenset[str] | None:

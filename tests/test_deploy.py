@@ -261,7 +261,7 @@ def test_placeholder_token_cannot_start_the_proxy_but_the_demo_token_can() -> No
     with pytest.raises(ValidationError, match="upstream_token"):
         make_settings(upstream_token=secret["stringData"]["PROXY_UPSTREAM_TOKEN"])
     demo = (DEPLOY / "secrets" / "upstream_token.example").read_text(encoding="utf-8")
-    token = make_settings(upstream_token=demo).upstream_token
+    token = make_settings(upstream_token=demo).default_upstream.token
     assert "not-a-real" in token.get_secret_value()
 
 
