@@ -484,6 +484,11 @@ class Settings(BaseSettings):
             raise ValueError("must not contain line breaks")
         return value or None
 
+    @field_validator("upstream_provider_id")
+    @classmethod
+    def _check_provider_id(cls, value: str | None) -> str | None:
+        return _provider_ids([value])[0] if value else None
+
     @field_validator("admin_key_sha256", "metrics_key_sha256")
     @classmethod
     def _check_admin(cls, value: str | None) -> str | None:
@@ -563,8 +568,6 @@ class Settings(BaseSettings):
                 )
         elif self.upstream_token is None:
             raise ValueError("PROXY_UPSTREAM_TOKEN: is required (or set PROXY_UPSTREAMS)")
-        if self.upstream_provider_id is not None:
-            _provider_ids([self.upstream_provider_id])  # raises a readable error
 
     @functools.cached_property
     def upstream_list(self) -> tuple[Upstream, ...]:
