@@ -91,7 +91,9 @@ async def test_a_malformed_provider_id_is_400(mock: Mock, value: str) -> None:
     assert body["field_errors"] == {"TeamUp-Provider-ID": ["A valid integer is required."]}
 
 
-@pytest.mark.parametrize(("token", "provider"), [(TOK_A, "201"), (TOK_B, "101"), (TOK_B, "7")])
+@pytest.mark.parametrize(
+    ("token", "provider"), [(TOK_A, "201"), (TOK_B, "101"), (TOK_B, "7"), (TOK_B, "9" * 5000)]
+)
 async def test_a_provider_the_credential_may_not_act_for_is_403(
     mock: Mock, token: str, provider: str
 ) -> None:

@@ -681,6 +681,11 @@ def _token(request: web.Request) -> str | None:
     return parts[1] if len(parts) == 2 and parts[0].lower() == "token" else None
 
 
+def _canonical_id(digits: str) -> str:
+    """A provider id without leading zeros (no int(): any length of digits is fine)."""
+    return digits.lstrip("0") or "0"
+
+
 def who(request: web.Request) -> Who:
     """The credential and provider of a call (worked out once per request)."""
     if _WHO in request:
@@ -690,7 +695,7 @@ def who(request: web.Request) -> Who:
     credential = None if token is None else state.credential_for(token)
     sent = request.headers.getall(PROVIDER_HEADER, [])
     header = ", ".join(sent) if sent else None
-    valid = str(int(header)) if header is not None and _DIGITS.fullmatch(header) else None
+    valid = _canonical_id(header) if header is not None and _DIGITS.fullmatch(header) else None
     found: Who
     if credential is None:
         found = Who(None, valid, None)
@@ -1088,7 +1093,7 @@ def _provider_ids(owner: str, ids: Sequence[str] | str | int) -> tuple[str, ...]
         text = str(item)
         if isinstance(item, bool) or not _DIGITS.fullmatch(text):
             raise ValueError(f"{owner}: a provider id is digits, not {item!r}")
-        out.append(str(int(text)))
+        out.append(_canonical_id(text))
     if not out:
         raise ValueError(f"{owner}: at least one provider id")
     return tuple(dict.fromkeys(out))
