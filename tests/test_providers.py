@@ -27,6 +27,7 @@ from pytest_aiohttp import AiohttpClient, AiohttpServer
 
 from proxy.settings import DEFAULT_UPSTREAM, SettingsError, load_settings
 from proxy.testing.e2e import ADMIN_KEY, KEY, OTHER_KEY, auth, make_settings
+from proxy.testing.mock import MOCK_STATE, create_mock_app
 from proxy.testing.procs import ProxyProcess
 from proxy.web.app import KEY_PREFIX, create_app
 from proxy.web.auth import hash_key
@@ -38,7 +39,7 @@ UPSTREAMS = {
     "south": {"token": SOUTH, "providers": ["201"]},
 }
 THIRD_KEY = "ops-key-7q8r9s"
-CLIENTS = {
+CLIENTS: dict[str, dict[str, Any]] = {
     # billing may act for all three; its default is 101.
     "billing": {
         "key_sha256": hash_key(KEY),
@@ -767,3 +768,56 @@ async def test_replicas_a_429_on_one_upstream_leaves_the_others_circuits_closed(
     ]
     async with http.get(b.url + "/readyz") as response:
         assert (await response.json())["upstreams"] == {"north": "circuit-open", "south": "ok"}
+
+
+# --- the same, against the mock TeamUp (proxy/testing/mock.py) with two tenants --------------
+
+
+@pytest.fixture
+async def tenant_mock(aiohttp_server: AiohttpServer) -> TestServer:
+    """The mock TeamUp: north's token is "tenant0" (101, 102), south's "tenant1" (201)."""
+    app = create_mock_app("unused-default-token", tenants={NORTH: ("101", "102"), SOUTH: ("201",)})
+    return await aiohttp_server(app)
+
+
+@pytest.mark.slow
+async def test_mock_teamup_two_replicas_each_provider_its_credential_and_data(
+    tenant_mock: TestServer, redis_url: str, http: aiohttp.ClientSession
+) -> None:
+    state = tenant_mock.app[MOCK_STATE]
+    url = str(tenant_mock.make_url("")).rstrip("/")
+    values: dict[str, Any] = {
+        "upstreams": json.dumps(UPSTREAMS),
+        "clients": json.dumps(CLIENTS),
+        "redis_url": redis_url,
+        "rate_limit": "100000/second",
+        "log_level": "WARNING",
+    }
+    async with ProxyProcess(url, **values) as a, ProxyProcess(url, **values) as b:
+        state.faults.latency = 0.2
+        query = REPORT + "?format=json&limit=5"
+        asked = [(a if i % 2 else b, ("101", "102", "201")[i % 3]) for i in range(24)]
+        results = await asyncio.gather(*(get(http, r, query, p) for r, p in asked))
+        assert [status for status, _, _ in results] == [200] * 24
+        by_provider = {
+            p: orjson.dumps(body) for (_, p), (_, body, _) in zip(asked, results, strict=True)
+        }
+        assert len(set(by_provider.values())) == 3  # each provider's own data
+        assert state.calls_by(credential=state.label_of(NORTH), provider="101") == 1
+        assert state.calls_by(credential=state.label_of(NORTH), provider="102") == 1
+        assert state.calls_by(credential=state.label_of(SOUTH), provider="201") == 1
+        assert state.calls == 3
+        # A client asking for a provider it was not given: 403, the mock sees nothing more.
+        status, body, _ = await get(http, a, query, "201", OTHER_KEY)
+        assert status == 403 and body["code"] == "permission_denied"
+        assert state.calls == 3
+        # A 429 for south only: south's circuit opens, north's stays closed.
+        state.faults.latency = 0.0
+        state.faults.status, state.faults.credential = 429, state.label_of(SOUTH)
+        status, _, _ = await get(http, b, REPORT + "?format=json&limit=6", "201")
+        assert status == 503
+        status, _, _ = await get(http, a, REPORT + "?format=json&limit=6", "102")
+        assert status == 200
+        async with http.get(a.url + "/admin/circuit", headers=auth(ADMIN_KEY)) as response:
+            shown = (await response.json())["upstreams"]
+        assert shown["south"]["open"] is True and shown["north"]["open"] is False
