@@ -163,6 +163,9 @@ def setting_names() -> set[str]:
 
 def required_settings() -> set[str]:
     names = {f"PROXY_{n.upper()}" for n, f in Settings.model_fields.items() if f.is_required()}
+    # A credential is required: PROXY_UPSTREAM_TOKEN (the deploy files' choice), or
+    # PROXY_UPSTREAMS instead; the check across the two is a model validator, not a field's.
+    names.add("PROXY_UPSTREAM_TOKEN")
     assert names, "no required setting: the checks below would prove nothing"
     return names
 

@@ -445,7 +445,9 @@ async def readyz(request: web.Request) -> web.Response:
     opened = any(value != "ok" for value in upstreams.values())
     overall = "degraded" if redis in ("down", "refusing-writes") or opened else "ok"
     checks: dict[str, object] = {"redis": redis, "upstream": circuit}
-    body: dict[str, object] = {"status": overall, "checks": checks, "upstreams": upstreams}
+    body: dict[str, object] = {"status": overall, "checks": checks}
+    if len(upstreams) > 1:  # several credentials: each one's circuit
+        body["upstreams"] = upstreams
     if state.link.writes_refused is not None:
         body["reasons"] = {"redis": state.link.writes_refused}
     return web.json_response(body)
