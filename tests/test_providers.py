@@ -413,7 +413,9 @@ async def test_a_malformed_provider_id_is_400(
     response = await proxy.get(LIST, headers=with_provider(header))
     assert response.status == 400
     body = await response.json()
-    assert body["code"] == "parameter_invalid" and "TeamUp-Provider-ID" in body["message"]
+    assert body["code"] == "parameter_invalid" and body["type"] == "invalid_request_error"
+    assert "TeamUp-Provider-ID" in body["message"]
+    assert list(body["field_errors"]) == ["TeamUp-Provider-ID"]
     assert upstream.calls == []
 
 

@@ -112,6 +112,8 @@ async def observe(
             extra={
                 "request_id": request_id,
                 "client": fields.get("client"),
+                "upstream": fields.get("upstream"),
+                "provider": fields.get("provider"),
                 "method": request.method,
                 "path": request.path,
                 "report": fields.get("report"),

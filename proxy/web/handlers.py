@@ -192,6 +192,14 @@ def resolve_tenant(request: web.Request, caller: Caller) -> Tenant | web.Respons
     fields = request[LOG]
     if isinstance(found, TenantRefused):
         fields["cache"] = "rejected"
+        if found.status == 400:  # TeamUp's validation shape, naming the header
+            body = {
+                "code": found.code,
+                "type": "invalid_request_error",
+                "message": found.message,
+                "field_errors": {PROVIDER_HEADER: ["Must be a provider id: 1 to 18 digits."]},
+            }
+            return web.Response(status=400, body=orjson.dumps(body), content_type=JSON)
         return error_response(found.status, found.code, found.message)
     fields["upstream"], fields["provider"] = found.labels
     return found
