@@ -23,8 +23,10 @@ import pytest
 import redis
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
+from multidict import MultiDict
 from pytest_aiohttp import AiohttpClient, AiohttpServer
 
+from proxy.core.contract import QueryErrors
 from proxy.settings import DEFAULT_UPSTREAM, SettingsError, load_settings
 from proxy.testing.e2e import ADMIN_KEY, KEY, OTHER_KEY, auth, make_settings
 from proxy.testing.mock import MOCK_STATE, create_mock_app
@@ -339,6 +341,43 @@ def test_which_provider_a_client_gets(clean_env: Path) -> None:
     assert settings.tenant("ops", ops, "201").status == 403  # type: ignore[union-attr]
     assert settings.tenant("ops", ops, "abc").status == 400  # type: ignore[union-attr]
     assert settings.tenant("ops", ops, "1" * 19).status == 400  # type: ignore[union-attr]
+
+
+# --- keys ----------------------------------------------------------------------------------
+
+
+def test_every_key_of_a_question_names_its_provider() -> None:
+    from dataclasses import replace
+
+    from proxy.backends import keys
+    from proxy.core.operations import load_operations
+
+    operation = load_operations()["customers_list"]
+    plain = operation.contract.parse(MultiDict({"page": "2"}), ())
+    assert not isinstance(plain, QueryErrors)
+    north, other = replace(plain, provider="101"), replace(plain, provider="102")
+    # Without a provider the key is what it always was; with one, the provider is in it.
+    assert keys.cache_key(plain) == f"v3:customers_list:{plain.digest}"
+    assert keys.cache_key(north) == f"v3:customers_list:p101:{plain.digest}"
+    found = {keys.cache_key(q, "", 3) for q in (plain, north, other)}
+    assert len(found) == 3
+    # Leases and failure notes follow the cache key; idempotency and generations name it too.
+    assert keys.lease("x:", keys.cache_key(north)) != keys.lease("x:", keys.cache_key(other))
+    assert keys.idempotency("x:", "app", "k", "101") != keys.idempotency("x:", "app", "k", "102")
+    assert keys.idempotency("x:", "app", "k") == keys.idempotency("x:", "app", "k", None)
+    assert keys.collection("customers", "101") != keys.collection("customers", "102")
+    assert keys.collection("customers", None) == "customers"
+    # Purge patterns and prefixes: one provider's, not another's (101 is not a prefix of 1010).
+    assert keys.matches(keys.cache_key(north), None, "101")
+    assert not keys.matches(keys.cache_key(replace(plain, provider="1010")), None, "101")
+    assert not keys.matches(keys.cache_key(plain), None, "101")
+    assert keys.matches(keys.cache_key(north), "customers_list", "101")
+    assert not keys.matches(keys.cache_key(other), "customers_list", "101")
+    assert keys.entries("x:", None, "101") == "x:c:{v3:*:p101:*"
+    assert keys.entries("x:", "customers_list", "101") == "x:c:{v3:customers_list:p101:*"
+    # Budgets and circuits: one per credential; `default` keeps the single-credential names.
+    assert keys.budget("default") == "upstream" and keys.budget("north") == "upstream:north"
+    assert keys.circuit("x:") == "x:circuit" and keys.circuit("x:", "north") == "x:circuit:north"
 
 
 # --- through HTTP, one process ----------------------------------------------------------------
