@@ -811,6 +811,27 @@ async def test_replicas_a_429_on_one_upstream_leaves_the_others_circuits_closed(
         assert (await response.json())["upstreams"] == {"north": "circuit-open", "south": "ok"}
 
 
+@pytest.mark.slow
+async def test_replicas_a_purge_of_one_provider_reaches_every_replica(
+    start_replica: StartReplica, upstream: Upstream, http: aiohttp.ClientSession
+) -> None:
+    a, b = await asyncio.gather(start_replica(), start_replica())
+    for replica in (a, b):
+        for provider in ("101", "102"):
+            status, _, _ = await get(http, replica, LIST, provider)
+            assert status == 200
+    assert len(upstream.calls) == 2
+    async with http.delete(a.url + "/admin/cache?provider=101", headers=auth(ADMIN_KEY)) as done:
+        assert done.status == 200
+        assert (await done.json())["provider"] == "101"
+    # The other replica (its L1 included) forgot 101's entry, and only 101's.
+    _, body, cache = await get(http, b, LIST, "101")
+    assert "hit" not in cache and body["results"][0]["provider"] == "101"
+    _, _, cache = await get(http, b, LIST, "102")
+    assert "hit" in cache
+    assert [(c.credential, c.provider) for c in upstream.calls][2:] == [("north", "101")]
+
+
 # --- the same, against the mock TeamUp (proxy/testing/mock.py) with two tenants --------------
 
 
