@@ -770,8 +770,10 @@ async def test_replicas_a_flood_on_one_credential_leaves_the_other_answered(
     south = await asyncio.gather(
         *(get(http, a if n % 2 else b, f"{LIST}?page={n + 10}", "201") for n in range(1, 21))
     )
-    south_done = time.monotonic()
+    # North's flood still waits its turn (or its timeout) when south's callers are all answered.
+    still_waiting = sum(not f.done() for f in flood)
     flooded = await asyncio.gather(*flood)
+    assert still_waiting > 0
     assert [status for status, _, _ in south] == [200] * 20
     assert not any("detail=queued" in status for _, _, status in south)
     assert len(upstream.by(credential="south")) == 20
@@ -782,8 +784,6 @@ async def test_replicas_a_flood_on_one_credential_leaves_the_other_answered(
     assert len(upstream.by(credential="north")) == statuses.count(200)
     run = time.monotonic() - started + 1.0
     assert statuses.count(200) <= 2 + 2 + int(run) + 1
-    # South's calls happened while north's budget was spent (north's flood still waiting).
-    assert all(c.at <= south_done for c in upstream.by(credential="south"))
 
 
 @pytest.mark.slow
