@@ -669,6 +669,20 @@ async def test_hot_hits_never_cross_providers(make_proxy: MakeProxy, upstream: U
     assert (await proxy.get(LIST, headers=with_provider("101", OTHER_KEY))).status == 403
 
 
+async def test_the_served_document_takes_the_provider_header(make_proxy: MakeProxy) -> None:
+    from openapi_spec_validator import validate
+
+    proxy = await make_proxy()
+    document = await (await proxy.get("/openapi.json")).json()
+    validate(document)
+    header = document["components"]["parameters"]["TeamUp-Provider-ID"]
+    assert header["in"] == "header" and header["schema"]["enum"] == ["101", "102", "201"]
+    ref = {"$ref": "#/components/parameters/TeamUp-Provider-ID"}
+    for path, method in ((LIST, "get"), (LIST, "post"), (REPORT, "get")):
+        assert ref in document["paths"][path][method]["parameters"], (path, method)
+    assert all(ref not in op.get("parameters", []) for op in document["paths"]["/healthz"].values())
+
+
 # --- two replicas on one Redis --------------------------------------------------------------
 
 
