@@ -655,6 +655,39 @@ async def test_a_spent_budget_on_one_credential_leaves_the_other_answered(
     assert names == {f"{KEY_PREFIX}rl:upstream:north", f"{KEY_PREFIX}rl:upstream:south"}
 
 
+async def test_while_redis_is_down_each_credential_gets_its_own_share(
+    make_proxy: MakeProxy, upstream: Upstream
+) -> None:
+    from proxy.testing.support import free_port
+
+    # Redis unreachable; 2 processes assumed: each counts half of each credential's budget
+    # (burst 2 of 4, one unit a second of two), from a bucket taken as spent when Redis went.
+    upstreams = {
+        "north": {**UPSTREAMS["north"], "rate": "120/minute", "burst": 4},
+        "south": {**UPSTREAMS["south"], "rate": "120/minute", "burst": 4},
+    }
+    proxy = await make_proxy(
+        upstreams=upstreams,
+        redis_url=f"redis://127.0.0.1:{free_port()}/0",
+        replicas_hint=2,
+        workers=1,
+        upstream_queue_timeout=0,
+    )
+
+    await asyncio.sleep(2.2)  # the local share's period (2 s): its bucket is full again
+
+    async def statuses(provider: str) -> list[int]:
+        found = []
+        for n in range(2, 6):
+            response = await proxy.get(f"{LIST}?page={n}", headers=with_provider(provider))
+            found.append(response.status)
+        return found
+
+    assert await statuses("101") == [200, 200, 503, 503]  # north's share: 4 / 2
+    assert await statuses("201") == [200, 200, 503, 503]  # south's own share, untouched
+    assert len(upstream.by(credential="north")) == len(upstream.by(credential="south")) == 2
+
+
 async def test_hot_hits_never_cross_providers(make_proxy: MakeProxy, upstream: Upstream) -> None:
     proxy = await make_proxy(cache_l1_ttl=5.0)
     answers: dict[str, list[Any]] = {"101": [], "201": []}
