@@ -36,25 +36,25 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        self._request_children: dict[tuple[str, str, int, str], Counter] = {}
+        self._request_children: dict[tuple[str, str, int, str, str, str], Counter] = {}
         self._seconds_children: dict[str, Histogram] = {}
-        self._client_children: dict[tuple[str, str], Counter] = {}
+        self._client_children: dict[tuple[str, str, str, str], Counter] = {}
         # Tallies since the last flush: per label set, and per route one count per bucket
         # (the last bucket +Inf) followed by the sum of seconds.
-        self._pending_requests: dict[tuple[str, str, int, str], int] = {}
+        self._pending_requests: dict[tuple[str, str, int, str, str, str], int] = {}
         self._pending_seconds: dict[str, list[float]] = {}
-        self._pending_clients: dict[tuple[str, str], int] = {}
+        self._pending_clients: dict[tuple[str, str, str, str], int] = {}
         r = self.registry
         self.requests = Counter(
             "teamup_proxy_requests_total",
-            "Answered requests by route, report, status and cache outcome",
-            ["route", "report", "status", "cache"],
+            "Answered requests by route, report, status, cache outcome, upstream and provider",
+            ["route", "report", "status", "cache", "upstream", "provider"],
             registry=r,
         )
         self.client_requests = Counter(
             "teamup_proxy_client_requests_total",
-            "Authenticated report requests by client and report",
-            ["client", "report"],
+            "Authenticated report requests by client, report, upstream and provider",
+            ["client", "report", "upstream", "provider"],
             registry=r,
         )
         self.request_seconds = Histogram(
@@ -66,13 +66,15 @@ class Metrics:
         )
         self.upstream_requests = Counter(
             "teamup_proxy_upstream_requests_total",
-            "Calls to TeamUp by report and status (or timeout / unreachable / …)",
-            ["report", "status"],
+            "Calls to TeamUp by report and status (or timeout / unreachable / …), upstream "
+            "(credential) and provider",
+            ["report", "status", "upstream", "provider"],
             registry=r,
         )
         self.upstream_seconds = Histogram(
             "teamup_proxy_upstream_duration_seconds",
-            "Latency of calls to TeamUp",
+            "Latency of calls to TeamUp, by upstream (credential)",
+            ["upstream"],
             buckets=_LATENCY,
             registry=r,
         )
@@ -85,7 +87,8 @@ class Metrics:
         )
         self.budget_remaining = Gauge(
             "teamup_proxy_upstream_budget_remaining",
-            "Units of the global upstream budget left at the last upstream call",
+            "Units of the upstream's (credential's) budget left at its last call",
+            ["upstream"],
             registry=r,
             multiprocess_mode="mostrecent",
         )
@@ -155,15 +158,15 @@ class Metrics:
 
         self.queue_length = Gauge(
             "teamup_proxy_upstream_queue_length",
-            "Misses waiting in the fair queue for a unit of the global budget, by client",
-            ["client"],
+            "Misses waiting in the fair queue for a unit of an upstream's budget, by client",
+            ["client", "upstream"],
             registry=r,
             multiprocess_mode="livesum",
         )
         self.queue_wait = Histogram(
             "teamup_proxy_upstream_queue_wait_seconds",
             "Time a miss waited in the fair queue before its upstream call, by client",
-            ["client"],
+            ["client", "upstream"],
             buckets=_WAITS,
             registry=r,
         )
@@ -171,27 +174,35 @@ class Metrics:
             "teamup_proxy_upstream_queue_timeouts_total",
             "Misses the fair queue could not serve within PROXY_UPSTREAM_QUEUE_TIMEOUT, by client "
             "and when (upfront: the budget's wait was already too long; waited: the time ran out)",
-            ["client", "when"],
+            ["client", "when", "upstream"],
             registry=r,
         )
         self.queue_abandoned = Counter(
             "teamup_proxy_upstream_queue_abandoned_total",
             "Queued misses whose callers all left before their turn (no budget unit spent)",
-            ["client"],
+            ["client", "upstream"],
             registry=r,
         )
 
     def count_request(
-        self, route: str, report: str, status: int, cache: str, seconds: float
+        self,
+        route: str,
+        report: str,
+        status: int,
+        cache: str,
+        seconds: float,
+        upstream: str = "none",
+        provider: str = "none",
     ) -> None:
         """Count one answer, in this process's tallies until the next `flush`.
 
         Per request that is two dict updates instead of two locked metric updates (and, in
         multiprocess mode, two writes to shared memory); `flush` runs at least every second
         (see `create_app`) and before every render. `report` is one of the document's report
-        names or "none": a bounded label.
+        names or "none": a bounded label; so are `upstream` and `provider` (the configured
+        ones, or "none").
         """
-        key = (route, report, status, cache)
+        key = (route, report, status, cache, upstream, provider)
         pending = self._pending_requests
         pending[key] = pending.get(key, 0) + 1
         tally = self._pending_seconds.get(route)
@@ -200,19 +211,22 @@ class Metrics:
         tally[bisect.bisect_left(_LATENCY, seconds)] += 1
         tally[-1] += seconds
 
-    def count_client(self, client: str, report: str) -> None:
+    def count_client(
+        self, client: str, report: str, upstream: str = "none", provider: str = "none"
+    ) -> None:
         """Count one authenticated report request of `client` (tallied until `flush`)."""
         pending = self._pending_clients
-        pending[(client, report)] = pending.get((client, report), 0) + 1
+        key = (client, report, upstream, provider)
+        pending[key] = pending.get(key, 0) + 1
 
     def flush(self) -> None:
         """Move the tallies into the Prometheus metrics (labelled children cached)."""
         pending, self._pending_requests = self._pending_requests, {}
-        for (route, report, status, cache), count in pending.items():
-            key = (route, report, status, cache)
+        for key, count in pending.items():
             child = self._request_children.get(key)
             if child is None:
-                child = self.requests.labels(route, report, str(status), cache)
+                route, report, status, cache, upstream, provider = key
+                child = self.requests.labels(route, report, str(status), cache, upstream, provider)
                 self._request_children[key] = child
             child.inc(count)
         seconds, self._pending_seconds = self._pending_seconds, {}
@@ -222,11 +236,11 @@ class Metrics:
                 histogram = self._seconds_children[route] = self.request_seconds.labels(route)
             _observe_many(histogram, tally)
         clients, self._pending_clients = self._pending_clients, {}
-        for (client, report), count in clients.items():
-            counter = self._client_children.get((client, report))
+        for labels, count in clients.items():
+            counter = self._client_children.get(labels)
             if counter is None:
-                counter = self.client_requests.labels(client, report)
-                self._client_children[(client, report)] = counter
+                counter = self.client_requests.labels(*labels)
+                self._client_children[labels] = counter
             counter.inc(count)
         dropped = dropped_lines()  # counted per process: add what this registry has not seen
         if dropped > self._dropped_seen:

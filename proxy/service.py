@@ -8,7 +8,7 @@ import hashlib
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
 import orjson
@@ -109,8 +109,14 @@ class ReadService:
         clock: Callable[[], float] = time.time,
         batched_writes: bool = False,
         generations: Generations | None = None,
+        guards: Mapping[str, UpstreamGuard] | None = None,
+        upstreams: Mapping[str, UpstreamClient] | None = None,
     ) -> None:
         self.settings = settings
+        # One guard (budget, fair queue, circuit) and one client per credential; `guard` and
+        # `upstream` are the default credential's.
+        self.guards = dict(guards or {guard.name: guard})
+        self.upstreams = dict(upstreams or {settings.default_upstream.name: upstream})
         # The collection generations writes bump (part of every key; backends/generations.py).
         self.generations = generations or Generations(
             limiter.link, None, keys.PREFIX, interval=settings.generation_check_interval
@@ -138,7 +144,7 @@ class ReadService:
         # Purges: the events channel (set by the app), the ones done while Redis was out of
         # reach (re-applied on its return), and when each key/operation/everything was purged.
         self.bus: Bus | None = None
-        self._pending_purges: list[tuple[str | None, str | None]] = []
+        self._pending_purges: list[tuple[str | None, str | None, str | None]] = []
         self._forgotten: dict[str, float] = {}
         self._forgot_all = -math.inf
         self._prefix_floors = False
@@ -162,20 +168,31 @@ class ReadService:
             else ""
         )
 
+    def lane(self, provider: str | None) -> tuple[UpstreamGuard, UpstreamClient]:
+        """The guard and the client of the credential that serves `provider`."""
+        settings = self.settings
+        upstream = settings.upstream_of.get(provider) if provider is not None else None
+        name = (upstream or settings.default_upstream).name
+        return self.guards.get(name, self.guard), self.upstreams.get(name, self.upstream)
+
+    def collection(self, query: CanonicalQuery) -> str:
+        """The generation-hash field of a question's collection (per provider)."""
+        return keys.collection(self.collections[query.operation], query.provider)
+
     def key(self, query: CanonicalQuery, generation: int | None = None) -> str:
         """The cache key of a canonical question (built in `backends.keys`) under its
         collection's generation (None: the one this process saw last)."""
         if generation is None:
-            generation = self.generations.last(self.collections[query.operation])
+            generation = self.generations.last(self.collection(query))
         return keys.cache_key(query, self._variant, generation)
 
     def key_of(self, query: CanonicalQuery, generation: int) -> str:
         """The cache key of a canonical question under a given generation."""
         return keys.cache_key(query, self._variant, generation)
 
-    async def generation(self, operation: str) -> int:
-        """The generation of an operation's collection, from a view no older than allowed."""
-        collection = self.collections[operation]
+    async def generation(self, query: CanonicalQuery) -> int:
+        """The generation of a question's collection, from a view no older than allowed."""
+        collection = self.collection(query)
         found = self.generations.now(collection)
         return found if found is not None else await self.generations.get(collection)
 
@@ -200,7 +217,7 @@ class ReadService:
         if isinstance(parsed, QueryErrors):
             decision = await limiter.hit(limit_key, rate)
         else:
-            key = self.key(parsed, await self.generation(parsed.operation))
+            key = self.key(parsed, await self.generation(parsed))
             answer = None if bypass else self.l1_hit(key, self.policies[parsed.operation])
             if answer is not None:
                 # A hot hit with a reserved unit at hand does no I/O at all.
@@ -242,9 +259,10 @@ class ReadService:
         return None
 
     async def purge(
-        self, key: str | None = None, *, operation: str | None = None
+        self, key: str | None = None, *, operation: str | None = None, provider: str | None = None
     ) -> tuple[int, bool]:
-        """Drop one entry, every entry of one operation, or everything: (removed, shared).
+        """Drop one entry, every entry of one operation (of one provider), every entry of one
+        provider, or everything: (removed, shared).
 
         Shared: Redis dropped it and every process was told (each drops it from its L1, and
         from its in-process store, before acknowledging; see `backends.bus`). Not shared: Redis
@@ -252,52 +270,59 @@ class ReadService:
         to Redis (and told to every process) before this process uses Redis again, so the
         entry never comes back once Redis does.
         """
-        self.forget(key, operation)
+        self.forget(key, operation, provider)
         store = self.store
         if not isinstance(store, FallbackCacheStore) or store.redis is None:
-            removed = await (store.clear(operation) if key is None else store.delete(key))
+            removed = await (store.clear(operation, provider) if key is None else store.delete(key))
             return int(removed), True
         memory = store.memory
-        removed = memory.clear_now(operation) if key is None else int(memory.delete_now(key))
+        removed = (
+            memory.clear_now(operation, provider) if key is None else int(memory.delete_now(key))
+        )
         if store.link.up:
             try:
-                removed += await self._purge_shared(key, operation)
+                removed += await self._purge_shared(key, operation, provider)
                 return removed, True
             except REDIS_ERRORS as exc:
                 store.link.failed(exc, "purge")
         if len(self._pending_purges) >= 1000:
-            self._pending_purges = [(None, None)]  # too many to keep: everything, once
-        self._pending_purges.append((key, operation))
+            self._pending_purges = [(None, None, None)]  # too many to keep: everything, once
+        self._pending_purges.append((key, operation, provider))
         log.warning(
             "purge reached this process only; re-applied when Redis is back",
             extra={"event": "purge_pending", "operation": operation},
         )
         return removed, False
 
-    async def _purge_shared(self, key: str | None, operation: str | None) -> int:
+    async def _purge_shared(
+        self, key: str | None, operation: str | None, provider: str | None = None
+    ) -> int:
         """Drop it in Redis, then tell every process (raises a Redis error on failure)."""
         store = self.store
         assert isinstance(store, FallbackCacheStore) and store.redis is not None
         if key is None:
-            removed = await store.redis.clear(operation)
+            removed = await store.redis.clear(operation, provider)
         else:
             removed = int(await store.redis.delete(key))
         if self.bus is not None:
-            await self.bus.tell({"kind": "purge", "key": key, "operation": operation})
+            event = {"kind": "purge", "key": key, "operation": operation, "provider": provider}
+            await self.bus.tell(event)
         return removed
 
     async def reapply_purges(self) -> None:
         """Before going back to Redis: the purges done here meanwhile, in Redis and everywhere
         (raises a Redis error if Redis cannot take them yet)."""
         while self._pending_purges:
-            key, operation = self._pending_purges[0]
-            await self._purge_shared(key, operation)
+            key, operation, provider = self._pending_purges[0]
+            await self._purge_shared(key, operation, provider)
             self._pending_purges.pop(0)
             log.warning("purge re-applied in Redis", extra={"event": "purge_reapplied"})
 
-    def forget(self, key: str | None, operation: str | None) -> None:
-        """Drop an entry (an operation's, everything) from the L1, and never put back into the L1
-        an entry stored before now (a request that read it before the purge may finish after)."""
+    def forget(self, key: str | None, operation: str | None, provider: str | None = None) -> None:
+        """Drop an entry (an operation's, a provider's, everything) from the L1, and never put
+        back into the L1 an entry stored before now (a request that read it before the purge
+        may finish after). A provider's purge keeps the L1 from taking back any older entry:
+        its keys share no prefix, and the L1 holds only a second's worth anyway."""
         now = self.clock()
         if key is not None:
             if len(self._forgotten) >= 10_000:
@@ -305,14 +330,14 @@ class ReadService:
                 self._forgot_all = now
             self._forgotten[key] = now
         elif operation is not None:
-            self._forgotten[keys.operation_prefix(operation)] = now
+            self._forgotten[keys.operation_prefix(operation, provider)] = now
             self._prefix_floors = True
         else:
             self._forgot_all = now
             self._forgotten.clear()
         if self.l1 is not None:
             if key is None:
-                self.l1.clear_now(operation)
+                self.l1.clear_now(operation, provider)
             else:
                 self.l1.delete_now(key)
 
@@ -321,14 +346,16 @@ class ReadService:
         if event.get("kind") != "purge":
             return
         key, operation = event.get("key"), event.get("operation")
+        provider = event.get("provider")
         key = key if isinstance(key, str) else None
         operation = operation if isinstance(operation, str) else None
-        self.forget(key, operation)
+        provider = provider if isinstance(provider, str) else None
+        self.forget(key, operation, provider)
         store = self.store
         memory = store.memory if isinstance(store, FallbackCacheStore) else None
         if memory is not None:
             if key is None:
-                memory.clear_now(operation)
+                memory.clear_now(operation, provider)
             else:
                 memory.delete_now(key)
 
@@ -395,7 +422,9 @@ class ReadService:
         turn = Turn(caller.name, caller.config.weight, wait=fallback is None, key=key)
         try:
             fetched, collapsed = await self._join(
-                key, lambda: self._fetch_shared(key, query, request_id, newer_than, turn, wait=True)
+                key,
+                lambda: self._fetch_shared(key, query, request_id, newer_than, turn, wait=True),
+                self.lane(query.provider)[0],
             )
         except UpstreamFailure as failure:
             if failure.kind in (FailureKind.BUDGET, FailureKind.CIRCUIT):
@@ -416,7 +445,9 @@ class ReadService:
             return self._failure(failure)
         return self._fetched(fetched, collapsed or fetched.collapsed, bypass)
 
-    async def _join(self, key: str, work: Callable[[], Awaitable[Fetched]]) -> tuple[Fetched, bool]:
+    async def _join(
+        self, key: str, work: Callable[[], Awaitable[Fetched]], guard: UpstreamGuard
+    ) -> tuple[Fetched, bool]:
         """Run or join the fetch of `key`; when its last caller leaves while it still waits in
         the fair queue, it gives up its place (a fetch nobody awaits must not spend the budget)."""
         self._callers[key] = self._callers.get(key, 0) + 1
@@ -434,7 +465,7 @@ class ReadService:
             if left:
                 self._callers[key] = left
             else:
-                self.guard.queue.abandon(key)
+                guard.queue.abandon(key)
 
     async def close(self) -> None:
         """Let background refreshes finish briefly, then cancel what is left."""
@@ -443,7 +474,8 @@ class ReadService:
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
-        await self.guard.queue.close()
+        for guard in self.guards.values():
+            await guard.queue.close()
 
     async def _fetch_shared(
         self,
@@ -518,29 +550,36 @@ class ReadService:
 
         Without a free unit the call waits its client's turn in the fair queue, or raises
         (circuit open, budget spent for longer than the queue waits)."""
-        slot = await self.guard.acquire_slot(turn)
-        self.metrics.budget_remaining.set(slot.decision.remaining)
+        guard, upstream = self.lane(query.provider)
+        slot = await guard.acquire_slot(turn)
+        name, provider = guard.name, query.provider or "none"
+        self.metrics.budget_remaining.labels(name).set(slot.decision.remaining)
         operation = self.operations[query.operation]
         fmt = query.get("format")
         # A report without `format` is CSV; any other read without it is JSON (TeamUp's default).
         default_format = "csv" if operation.report is not None else "json"
         try:
-            response = await self.upstream.fetch(
+            response = await upstream.fetch(
                 operation.upstream_path(query.path),
                 query.upstream_query(self.settings.upstream_array_style),
                 fmt=fmt if isinstance(fmt, str) else default_format,
                 request_id=request_id,
+                provider=query.provider,
             )
         except UpstreamFailure as failure:
-            self.metrics.upstream_requests.labels(operation.label, failure.kind).inc()
+            self.metrics.upstream_requests.labels(
+                operation.label, failure.kind, name, provider
+            ).inc()
             if failure.elapsed is not None:
-                self.metrics.upstream_seconds.observe(failure.elapsed)
+                self.metrics.upstream_seconds.labels(name).observe(failure.elapsed)
             raise
-        self.metrics.upstream_requests.labels(operation.label, str(response.status)).inc()
-        self.metrics.upstream_seconds.observe(response.elapsed)
+        self.metrics.upstream_requests.labels(
+            operation.label, str(response.status), name, provider
+        ).inc()
+        self.metrics.upstream_seconds.labels(name).observe(response.elapsed)
         upstream_ms = response.elapsed * 1000
         if response.status == 429:
-            wait = await self.guard.open_circuit(response.retry_after, raw=response.retry_after_raw)
+            wait = await guard.open_circuit(response.retry_after, raw=response.retry_after_raw)
             raise UpstreamFailure(
                 FailureKind.RATE_LIMITED,
                 503,
@@ -551,8 +590,14 @@ class ReadService:
             )
         if response.status in (401, 403):
             log.error(
-                "TeamUp refused the proxy's credential; check PROXY_UPSTREAM_TOKEN",
-                extra={"event": "upstream_credential_refused", "upstream_status": response.status},
+                "TeamUp refused the proxy's credential; check PROXY_UPSTREAM_TOKEN / "
+                "PROXY_UPSTREAMS",
+                extra={
+                    "event": "upstream_credential_refused",
+                    "upstream_status": response.status,
+                    "upstream": name,
+                    "provider": provider,
+                },
             )
             raise UpstreamFailure(
                 FailureKind.CREDENTIAL,

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
@@ -27,16 +29,27 @@ from .core.gcra import Rate, parse_rate
 from .core.operations import Operation, TtlClass, load_operations
 
 __all__ = [
+    "DEFAULT_UPSTREAM",
+    "PROVIDER_ID",
     "ClientConfig",
     "ReportConfig",
     "Settings",
     "SettingsError",
+    "Tenant",
+    "TenantRefused",
     "TtlConfig",
+    "Upstream",
+    "UpstreamConfig",
     "load_settings",
 ]
 
 DEFAULT_SECRETS_DIR = "/run/secrets"
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
+# A TeamUp provider id as the `TeamUp-Provider-ID` header carries it: 1-18 digits.
+PROVIDER_ID = re.compile(r"[0-9]{1,18}")
+# The upstream the single-credential settings (`PROXY_UPSTREAM_TOKEN`, …) make.
+DEFAULT_UPSTREAM = "default"
+_UPSTREAM_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
 
 
 def _to_rate(value: Any) -> Any:
@@ -59,6 +72,26 @@ def _known_reports(names: list[str] | tuple[str, ...]) -> tuple[str, ...]:
     if unknown:
         raise ValueError(f"unknown report(s) {', '.join(unknown)}; known: {', '.join(known)}")
     return tuple(dict.fromkeys(names))
+
+
+def _check_token_value(raw: str) -> str:
+    raw = raw.strip()
+    if not raw or any(c in raw for c in "\r\n\0 "):
+        raise ValueError("must be a non-empty token without spaces or line breaks")
+    return raw
+
+
+def _provider_ids(ids: list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    """Provider ids as TeamUp writes them (digits, no leading zeros), in order, once each."""
+    out: list[str] = []
+    for raw in ids:
+        text = str(raw).strip()
+        if not PROVIDER_ID.fullmatch(text):
+            raise ValueError(f"provider id {text[:20]!r} must be 1-18 digits")
+        canonical = str(int(text))
+        if canonical not in out:
+            out.append(canonical)
+    return tuple(out)
 
 
 def _known_segments(names: list[str] | tuple[str, ...]) -> tuple[str, ...]:
@@ -90,8 +123,20 @@ class ClientConfig(BaseModel):
     read: tuple[str, ...] | None = None
     # The first path segments this client may write (`*`: all). Default: no writes at all.
     write: tuple[str, ...] = ()
+    # The TeamUp providers this client may act for (`TeamUp-Provider-ID`); the first is its
+    # default. None: the default upstream's providers.
+    providers: tuple[str, ...] | None = None
 
     _check_key = field_validator("key_sha256")(_check_sha256)
+
+    @field_validator("providers", mode="before")
+    @classmethod
+    def _check_providers(cls, value: Any) -> Any:
+        if value is None:
+            return None
+        if not isinstance(value, list | tuple) or not value:
+            raise ValueError("must be a non-empty list of provider ids")
+        return _provider_ids(value)
 
     @field_validator("reports")
     @classmethod
@@ -119,6 +164,108 @@ class ClientConfig(BaseModel):
         if self.read is not None and segment not in self.read:
             return False
         return report is None or self.reports is None or report in self.reports
+
+
+class UpstreamConfig(BaseModel):
+    """One TeamUp credential in `PROXY_UPSTREAMS`: its token (a value or a file), the providers
+    it may act for, and its own budget."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    token: SecretStr | None = None
+    token_file: str | None = None
+    providers: tuple[str, ...] = ()
+    rate: RateSetting | None = None
+    burst: int | None = Field(None, ge=1)
+    request_mode: str | None = None
+
+    @field_validator("providers", mode="before")
+    @classmethod
+    def _check_providers(cls, value: Any) -> Any:
+        if not isinstance(value, list | tuple):
+            raise ValueError("must be a list of provider ids")
+        return _provider_ids(value)
+
+    @field_validator("request_mode")
+    @classmethod
+    def _check_mode(cls, value: str | None) -> str | None:
+        if value is not None and any(c in value for c in "\r\n\0"):
+            raise ValueError("must not contain line breaks")
+        return value or None
+
+    @field_validator("token")
+    @classmethod
+    def _check_token(cls, value: SecretStr | None) -> SecretStr | None:
+        # Never echoed: the message names the rule, not the value.
+        return None if value is None else SecretStr(_check_token_value(value.get_secret_value()))
+
+    @model_validator(mode="after")
+    def _one_token(self) -> UpstreamConfig:
+        if (self.token is None) == (self.token_file is None):
+            raise ValueError("set exactly one of token and token_file")
+        return self
+
+    def secret(self) -> SecretStr:
+        """The token, read from `token_file` when that is how it is given."""
+        if self.token is not None:
+            return self.token
+        assert self.token_file is not None
+        try:
+            with open(self.token_file, encoding="utf-8") as handle:
+                raw = handle.read()
+        except OSError as exc:
+            raise ValueError(
+                f"token_file {self.token_file[:200]!r} cannot be read ({exc.strerror})"
+            ) from None
+        try:
+            return SecretStr(_check_token_value(raw))
+        except ValueError:
+            raise ValueError(
+                f"token_file {self.token_file[:200]!r} must hold one token without spaces"
+            ) from None
+
+
+@dataclass(frozen=True, slots=True)
+class Upstream:
+    """One TeamUp credential as the proxy uses it (resolved from `PROXY_UPSTREAMS`, or from
+    the single-credential settings as `default`)."""
+
+    name: str
+    token: SecretStr = field(repr=False)
+    providers: tuple[str, ...]
+    budget: Rate
+    request_mode: str | None = None
+
+    def headers(self, auth_scheme: str) -> dict[str, str]:
+        """Headers every call with this credential carries (the provider header is per call)."""
+        headers = {"Authorization": f"{auth_scheme} {self.token.get_secret_value()}"}
+        if self.request_mode:
+            headers["Teamup-Request-Mode"] = self.request_mode
+        return headers
+
+
+@dataclass(frozen=True, slots=True)
+class Tenant:
+    """Whom a request is for: the provider (None: none named, no header forwarded) and the
+    credential that serves it."""
+
+    upstream: Upstream
+    provider: str | None
+
+    @property
+    def labels(self) -> tuple[str, str]:
+        """(upstream, provider) as metrics label them."""
+        return self.upstream.name, self.provider or "none"
+
+
+@dataclass(frozen=True, slots=True)
+class TenantRefused:
+    """Why a request's provider cannot be served (400: malformed; 403: not this client's, or
+    no credential serves it); nothing is forwarded."""
+
+    status: int
+    code: str
+    message: str
 
 
 class ReportConfig(BaseModel):
@@ -169,7 +316,7 @@ class Settings(BaseSettings):
     )
 
     upstream_url: str = "https://goteamup.com"
-    upstream_token: SecretStr
+    upstream_token: SecretStr | None = None
     upstream_auth_scheme: str = "Token"
     upstream_provider_id: str | None = None
     upstream_request_mode: str | None = None
@@ -181,6 +328,8 @@ class Settings(BaseSettings):
     upstream_circuit_max: float = Field(300.0, gt=0, le=86400)
     upstream_max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)
     upstream_queue_timeout: float = Field(5.0, ge=0, le=300)
+    # Several credentials, by name (issue 22); unset: the single-credential settings above.
+    upstreams: dict[str, UpstreamConfig] = Field(default_factory=dict)
 
     redis_url: str | None = None
     redis_timeout: float = Field(0.1, gt=0, le=10)
@@ -293,11 +442,33 @@ class Settings(BaseSettings):
 
     @field_validator("upstream_token")
     @classmethod
-    def _check_token(cls, value: SecretStr) -> SecretStr:
-        raw = value.get_secret_value().strip()
-        if not raw or any(c in raw for c in "\r\n\0 "):
-            raise ValueError("must be a non-empty token without spaces or line breaks")
-        return SecretStr(raw)
+    def _check_token(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None:
+            return None
+        return SecretStr(_check_token_value(value.get_secret_value()))
+
+    @field_validator("upstreams")
+    @classmethod
+    def _check_upstreams(cls, value: dict[str, UpstreamConfig]) -> dict[str, UpstreamConfig]:
+        for name in value:
+            if not _UPSTREAM_NAME.fullmatch(name):
+                raise ValueError(f"upstream name {name[:40]!r} must be 1-32 of a-z 0-9 _ -")
+        served: dict[str, str] = {}
+        for name, config in value.items():
+            for provider in config.providers:
+                if provider in served:
+                    raise ValueError(
+                        f"provider {provider} is served by both {served[provider]!r} and "
+                        f"{name!r}; each provider needs exactly one credential"
+                    )
+                served[provider] = name
+            if len(value) > 1 and not config.providers:
+                raise ValueError(
+                    f"upstream {name!r} lists no providers: with several upstreams each must "
+                    "list the provider ids it serves"
+                )
+            config.secret()  # a token file that cannot be read fails at start-up
+        return value
 
     @field_validator("upstream_auth_scheme")
     @classmethod
@@ -312,6 +483,11 @@ class Settings(BaseSettings):
         if value is not None and any(c in value for c in "\r\n\0"):
             raise ValueError("must not contain line breaks")
         return value or None
+
+    @field_validator("upstream_provider_id")
+    @classmethod
+    def _check_provider_id(cls, value: str | None) -> str | None:
+        return _provider_ids([value])[0] if value else None
 
     @field_validator("admin_key_sha256", "metrics_key_sha256")
     @classmethod
@@ -347,6 +523,7 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check_combinations(self) -> Settings:
+        self._check_upstream_choice()
         if self.flight_lease_ms is not None and self.flight_lease_ms < self.upstream_timeout * 1000:
             raise ValueError(
                 "PROXY_FLIGHT_LEASE_MS must outlast PROXY_UPSTREAM_TIMEOUT, or a second replica "
@@ -360,10 +537,114 @@ class Settings(BaseSettings):
                     "units the upstream budget frees in half of PROXY_UPSTREAM_QUEUE_TIMEOUT; "
                     "a longer turn would make every other app's queued miss time out"
                 )
+        served = set(self.upstream_of)
+        for name, client in self.clients.items():
+            unknown = [p for p in client.providers or () if p not in served]
+            if unknown:
+                raise ValueError(
+                    f"PROXY_CLIENTS ({name}.providers): no upstream serves provider(s) "
+                    f"{', '.join(unknown)}; add them to an upstream's providers"
+                )
         digests = {client.key_sha256 for client in self.clients.values()}
         if self.admin_key_sha256 is not None and self.admin_key_sha256 in digests:
             raise ValueError("PROXY_ADMIN_KEY_SHA256 must not be a client's key")
         return self
+
+    def _check_upstream_choice(self) -> None:
+        if self.upstreams:
+            legacy = [
+                name
+                for name, value in (
+                    ("PROXY_UPSTREAM_TOKEN", self.upstream_token),
+                    ("PROXY_UPSTREAM_PROVIDER_ID", self.upstream_provider_id),
+                    ("PROXY_UPSTREAM_REQUEST_MODE", self.upstream_request_mode),
+                )
+                if value is not None
+            ]
+            if legacy:
+                raise ValueError(
+                    f"PROXY_UPSTREAMS and {', '.join(legacy)} are both set: keep one (move the "
+                    "single credential into PROXY_UPSTREAMS, see README)"
+                )
+        elif self.upstream_token is None:
+            raise ValueError("PROXY_UPSTREAM_TOKEN: is required (or set PROXY_UPSTREAMS)")
+
+    @functools.cached_property
+    def upstream_list(self) -> tuple[Upstream, ...]:
+        """Every credential, the default one first."""
+        if not self.upstreams:
+            assert self.upstream_token is not None
+            providers = (
+                _provider_ids([self.upstream_provider_id]) if self.upstream_provider_id else ()
+            )
+            return (
+                Upstream(
+                    DEFAULT_UPSTREAM,
+                    self.upstream_token,
+                    providers,
+                    self.upstream_budget,
+                    self.upstream_request_mode,
+                ),
+            )
+        made = [
+            Upstream(
+                name,
+                config.secret(),
+                config.providers,
+                (config.rate or self.upstream_rate_limit).with_burst(
+                    config.burst or self.upstream_burst
+                ),
+                config.request_mode,
+            )
+            for name, config in self.upstreams.items()
+        ]
+        # The default: the one named `default`, else the first listed.
+        made.sort(key=lambda up: up.name != DEFAULT_UPSTREAM)
+        return tuple(made)
+
+    @property
+    def default_upstream(self) -> Upstream:
+        """The credential of a client that names no provider (and has none of its own)."""
+        return self.upstream_list[0]
+
+    @functools.cached_property
+    def upstream_of(self) -> dict[str, Upstream]:
+        """Each provider id, the credential that serves it."""
+        return {provider: up for up in self.upstream_list for provider in up.providers}
+
+    def client_providers(self, client: ClientConfig) -> tuple[str, ...]:
+        """The providers a client may ask for; the first is the one it gets without asking."""
+        if client.providers is not None:
+            return client.providers
+        return self.default_upstream.providers
+
+    def tenant(self, name: str, client: ClientConfig, header: str | None) -> Tenant | TenantRefused:
+        """The provider and credential for a request of client `name` whose
+        `TeamUp-Provider-ID` header is `header` (None: absent): that provider if the client
+        may use it, else the client's first provider (none: the default credential, no
+        provider header, as with a single credential)."""
+        allowed = self.client_providers(client)
+        if header is None or not header.strip(" \t"):
+            if not allowed:
+                return Tenant(self.default_upstream, None)
+            return Tenant(self.upstream_of[allowed[0]], allowed[0])
+        text = header.strip(" \t")
+        if not PROVIDER_ID.fullmatch(text):
+            return TenantRefused(
+                400,
+                "parameter_invalid",
+                "The TeamUp-Provider-ID header must be a provider id (1-18 digits).",
+            )
+        provider = str(int(text))
+        upstream = self.upstream_of.get(provider)
+        if provider not in allowed or upstream is None:
+            return TenantRefused(
+                403,
+                "permission_denied",
+                f"Client {name!r} may not act for provider {provider}. Operators: see "
+                "`providers` in PROXY_CLIENTS and PROXY_UPSTREAMS.",
+            )
+        return Tenant(upstream, provider)
 
     @property
     def enabled_reports(self) -> frozenset[str] | None:
@@ -451,15 +732,9 @@ class Settings(BaseSettings):
 
     @property
     def upstream_headers(self) -> dict[str, str]:
-        """Headers the proxy adds to every upstream request (the credential included)."""
-        headers = {
-            "Authorization": f"{self.upstream_auth_scheme} {self.upstream_token.get_secret_value()}"
-        }
-        if self.upstream_provider_id:
-            headers["TeamUp-Provider-ID"] = self.upstream_provider_id
-        if self.upstream_request_mode:
-            headers["Teamup-Request-Mode"] = self.upstream_request_mode
-        return headers
+        """Headers the proxy adds to every call with the default credential (the credential
+        included; the provider header is added per call)."""
+        return self.default_upstream.headers(self.upstream_auth_scheme)
 
 
 class SettingsError(Exception):

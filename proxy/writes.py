@@ -12,8 +12,10 @@ import asyncio
 import hashlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
+from .backends import keys
 from .backends.generations import Generations
 from .backends.idempotency import Claimed, Held, IdempotencyStore, Stored
 from .core.contract import CanonicalQuery
@@ -49,7 +51,13 @@ class WriteAnswer:
 def fingerprint(operation: Operation, query: CanonicalQuery, content_type: str, body: bytes) -> str:
     """What makes two requests with one Idempotency-Key the same request."""
     digest = hashlib.sha256()
-    for part in (operation.operation_id, query.canonical_string(), repr(query.path), content_type):
+    for part in (
+        operation.operation_id,
+        query.canonical_string(),
+        repr(query.path),
+        content_type,
+        query.provider or "",
+    ):
         digest.update(part.encode())
         digest.update(b"\0")
     digest.update(body)
@@ -76,11 +84,14 @@ class WriteService:
         idempotency: IdempotencyStore,
         metrics: Metrics,
         operations: Operations | None = None,
+        lane: Callable[[str | None], tuple[UpstreamGuard, UpstreamClient]] | None = None,
     ) -> None:
         self.settings = settings
         self.operations = operations or Operations({})  # the routed writes
         self.guard = guard
         self.upstream = upstream
+        # The guard and client of the credential serving a provider (ReadService.lane).
+        self.lane = lane or (lambda _provider: (guard, upstream))
         self.generations = generations
         self.idempotency = idempotency
         self.metrics = metrics
@@ -133,7 +144,7 @@ class WriteService:
         claimed: Claimed | None = None
         if token is not None:
             print_ = fingerprint(operation, query, content_type, body)
-            found = await self.idempotency.claim(caller.name, token, print_)
+            found = await self.idempotency.claim(caller.name, token, print_, query.provider)
             if isinstance(found, Stored):
                 if found.fingerprint != print_:
                     return self._mismatch()
@@ -209,13 +220,16 @@ class WriteService:
     ) -> WriteAnswer:
         fmt = query.get("format")
         fmt_name = fmt if isinstance(fmt, str) else "json"
+        guard, upstream = self.lane(query.provider)
+        labels = (guard.name, query.provider or "none")
         try:
-            # The write waits its client's turn for a unit of the shared budget, like a miss.
-            await self.guard.acquire_slot(Turn(caller.name, caller.config.weight))
+            # The write waits its client's turn for a unit of its credential's budget, like a
+            # miss.
+            await guard.acquire_slot(Turn(caller.name, caller.config.weight))
             sending.set()  # from here on it runs to its end, caller or not
             if claimed is not None:
                 await self.idempotency.sending(claimed)
-            response = await self.upstream.send(
+            response = await upstream.send(
                 operation.method,
                 operation.upstream_path(query.path),
                 query.upstream_query(self.settings.upstream_array_style),
@@ -223,15 +237,22 @@ class WriteService:
                 content_type=content_type or None,
                 fmt=fmt_name,
                 request_id=request_id,
+                provider=query.provider,
             )
         except UpstreamFailure as failure:
-            return await self._failed(operation, failure)
-        self.metrics.upstream_requests.labels(operation.label, str(response.status)).inc()
+            return await self._failed(operation, failure, query.provider, labels)
+        self.metrics.upstream_requests.labels(operation.label, str(response.status), *labels).inc()
         self.metrics.write_seconds.observe(response.elapsed)
-        return await self._answered(operation, response)
+        return await self._answered(operation, response, guard, query.provider)
 
-    async def _failed(self, operation: Operation, failure: UpstreamFailure) -> WriteAnswer:
-        self.metrics.upstream_requests.labels(operation.label, failure.kind).inc()
+    async def _failed(
+        self,
+        operation: Operation,
+        failure: UpstreamFailure,
+        provider: str | None,
+        labels: tuple[str, str],
+    ) -> WriteAnswer:
+        self.metrics.upstream_requests.labels(operation.label, failure.kind, *labels).inc()
         if failure.kind in _NOT_SENT:
             message = f"The write was NOT sent to TeamUp: {failure.message}"
             if not message.endswith("."):
@@ -241,7 +262,7 @@ class WriteService:
             answer = _error(failure.status, failure.kind.code, message, failure.retry_after)
             return WriteAnswer(answer, "not_sent", False)
         if failure.kind in _MAYBE_DONE:
-            await self._invalidate(operation)
+            await self._invalidate(operation, provider)
         message = failure.message
         if failure.kind in (FailureKind.TOO_LARGE, FailureKind.INVALID_RESPONSE):
             message += ". The write was sent: it may have been done; it is not resent."
@@ -251,11 +272,17 @@ class WriteService:
         outcome = "outcome_unknown" if failure.kind is FailureKind.OUTCOME_UNKNOWN else "invalid"
         return WriteAnswer(answer, outcome, True)
 
-    async def _answered(self, operation: Operation, response: UpstreamResponse) -> WriteAnswer:
+    async def _answered(
+        self,
+        operation: Operation,
+        response: UpstreamResponse,
+        guard: UpstreamGuard,
+        provider: str | None,
+    ) -> WriteAnswer:
         status = response.status
         upstream_ms = response.elapsed * 1000
         if status == 429:
-            wait = await self.guard.open_circuit(response.retry_after, raw=response.retry_after_raw)
+            wait = await guard.open_circuit(response.retry_after, raw=response.retry_after_raw)
             answer = _error(
                 503,
                 "upstream_rate_limited",
@@ -267,7 +294,11 @@ class WriteService:
         if status in (401, 403):
             log.error(
                 "TeamUp refused the proxy's credential; check PROXY_UPSTREAM_TOKEN",
-                extra={"event": "upstream_credential_refused", "upstream_status": status},
+                extra={
+                    "event": "upstream_credential_refused",
+                    "upstream_status": status,
+                    "upstream": guard.name,
+                },
             )
             answer = _error(
                 502,
@@ -287,7 +318,7 @@ class WriteService:
             answer.upstream_status, answer.upstream_ms = status, upstream_ms
             return WriteAnswer(answer, "5xx", True)
         if 200 <= status <= 299:
-            await self._invalidate(operation)
+            await self._invalidate(operation, provider)
         body = self.links.rewrite(response.body) if status < 300 else response.body
         headers = dict(response.headers)
         if "Location" in headers:  # a created object's URL points at the proxy, as links do
@@ -297,11 +328,14 @@ class WriteService:
         answer = Answer(status, body, headers, "write", status, upstream_ms)
         return WriteAnswer(answer, f"{status // 100}xx", True)
 
-    async def _invalidate(self, operation: Operation) -> None:
-        """Bump the write's collections, then wait until no worker can use a view from before."""
+    async def _invalidate(self, operation: Operation, provider: str | None = None) -> None:
+        """Bump the write's collections (the provider's own: another provider's reads stay),
+        then wait until no worker can use a view from before."""
         if not operation.invalidates:
             return
-        await self.generations.bump(operation.invalidates)
+        await self.generations.bump(
+            tuple(keys.collection(name, provider) for name in operation.invalidates)
+        )
         await self.generations.settle()
 
 

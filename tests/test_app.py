@@ -151,10 +151,10 @@ async def test_response_headers_are_allowlisted_and_set_cookie_dropped(
 async def test_provider_headers_sent_when_configured(
     make_proxy: MakeProxy, mock_state: MockState
 ) -> None:
-    proxy = await make_proxy(upstream_provider_id="prov-42", upstream_request_mode="customer")
+    proxy = await make_proxy(upstream_provider_id="42", upstream_request_mode="customer")
     assert (await proxy.get(REPORT, headers=auth())).status == 200
     sent = mock_state.requests[0].headers
-    assert sent["TeamUp-Provider-ID"] == "prov-42"
+    assert sent["TeamUp-Provider-ID"] == "42"
     assert sent["Teamup-Request-Mode"] == "customer"
 
 

@@ -163,6 +163,9 @@ def setting_names() -> set[str]:
 
 def required_settings() -> set[str]:
     names = {f"PROXY_{n.upper()}" for n, f in Settings.model_fields.items() if f.is_required()}
+    # A credential is required: PROXY_UPSTREAM_TOKEN (the deploy files' choice), or
+    # PROXY_UPSTREAMS instead; the check across the two is a model validator, not a field's.
+    names.add("PROXY_UPSTREAM_TOKEN")
     assert names, "no required setting: the checks below would prove nothing"
     return names
 
@@ -261,7 +264,7 @@ def test_placeholder_token_cannot_start_the_proxy_but_the_demo_token_can() -> No
     with pytest.raises(ValidationError, match="upstream_token"):
         make_settings(upstream_token=secret["stringData"]["PROXY_UPSTREAM_TOKEN"])
     demo = (DEPLOY / "secrets" / "upstream_token.example").read_text(encoding="utf-8")
-    token = make_settings(upstream_token=demo).upstream_token
+    token = make_settings(upstream_token=demo).default_upstream.token
     assert "not-a-real" in token.get_secret_value()
 
 

@@ -184,7 +184,9 @@ async def test_a_caller_that_hangs_up_gives_its_place_back(
     async def queue_length() -> float:
         async with http.get(proxy.url + "/metrics") as reply:
             text = await reply.text()
-        return metric(text, "teamup_proxy_upstream_queue_length", client="billing")
+        return metric(
+            text, "teamup_proxy_upstream_queue_length", client="billing", upstream="default"
+        )
 
     gone = asyncio.ensure_future(ask(http, proxy.url, 2, KEY))
     await until(lambda: _at_least(queue_length(), 1))
@@ -197,7 +199,15 @@ async def test_a_caller_that_hangs_up_gives_its_place_back(
     assert [limit_of(r.query_string) for r in mock_state.requests] == [1, 3]
     async with http.get(proxy.url + "/metrics") as reply:
         text = await reply.text()
-    assert metric(text, "teamup_proxy_upstream_queue_abandoned_total", client="billing") == 1
+    assert (
+        metric(
+            text,
+            "teamup_proxy_upstream_queue_abandoned_total",
+            client="billing",
+            upstream="default",
+        )
+        == 1
+    )
     await proxy.stop()
     assert b"never retrieved" not in proxy.stderr  # the dropped fetch ends quietly
 
@@ -275,7 +285,7 @@ async def test_a_hopeless_wait_is_refused_at_once(
     assert int(headers["Retry-After"]) >= 55  # the next unit frees in a minute: no point waiting
     assert mock_state.calls == 1
     text = await (await proxy.get("/metrics")).text()
-    labels = {"client": "billing", "when": "upfront"}
+    labels = {"client": "billing", "when": "upfront", "upstream": "default"}
     assert metric(text, "teamup_proxy_upstream_queue_timeouts_total", **labels) == 1
 
 
@@ -301,7 +311,7 @@ async def test_a_wait_that_runs_out_answers_503_with_retry_after(
         assert int(headers["Retry-After"]) >= 20
         assert mock_state.calls == 1
         text = await (await proxy.get("/metrics")).text()
-        labels = {"client": "billing", "when": "waited"}
+        labels = {"client": "billing", "when": "waited", "upstream": "default"}
         assert metric(text, "teamup_proxy_upstream_queue_timeouts_total", **labels) == 1
     finally:
         await client.aclose()

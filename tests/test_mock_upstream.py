@@ -630,8 +630,13 @@ async def test_state_endpoint(client: Client) -> None:
     assert len(body["requests"]) == 1
     assert body["requests"][0]["query_string"] == "limit=1"
     assert body["requests"][0]["headers"]["Accept"] == "text/csv"
-    assert set(body) == {"calls", "requests", "report_calls"}
+    assert set(body) == {"calls", "requests", "report_calls", "credential_calls", "provider_calls"}
     assert body["report_calls"] == {"customer_credits": 1}
+    # The token's label, never the token; no TeamUp-Provider-ID sent: no provider.
+    assert body["credential_calls"] == {"default": 1}
+    assert body["provider_calls"] == {}
+    assert body["requests"][0]["credential"] == "default"
+    assert body["requests"][0]["provider"] is None
     assert body["requests"][0]["path"] == REPORT_PATH
     assert body["requests"][0]["report"] == "customer_credits"
 

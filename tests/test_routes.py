@@ -197,12 +197,13 @@ async def test_the_report_is_in_metrics_and_access_logs(
     assert (await proxy.get(GROUPED, headers=auth())).status == 400
     text = await (await proxy.get("/metrics")).text()
     assert (
-        'teamup_proxy_requests_total{cache="miss",report="customer_credits",route="report",'
-        'status="200"} 1.0'
+        'teamup_proxy_requests_total{cache="miss",provider="none",report="customer_credits",'
+        'route="report",status="200",upstream="default"} 1.0'
     ) in text
     assert 'report="customers.grouped",route="report",status="400"' in text
     assert (
-        'teamup_proxy_upstream_requests_total{report="customer_credits",status="200"} 1.0' in text
+        'teamup_proxy_upstream_requests_total{provider="none",report="customer_credits",'
+        'status="200",upstream="default"} 1.0' in text
     )
     access = [r for r in json_logs.records() if r.get("logger") == "teamup_proxy.access"]
     assert [r["report"] for r in access] == ["customer_credits", "customers.grouped"]

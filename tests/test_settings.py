@@ -47,7 +47,7 @@ def test_design_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_token_from_a_dotenv_file(tmp_path: Path) -> None:
     (tmp_path / ".env").write_text(f"PROXY_UPSTREAM_TOKEN={TOKEN}\nPROXY_CACHE_TTL=60\n")
     settings = load_settings()
-    assert settings.upstream_token.get_secret_value() == TOKEN
+    assert settings.default_upstream.token.get_secret_value() == TOKEN
     assert settings.cache_ttl == 60
 
 
@@ -56,13 +56,13 @@ def test_token_from_a_secrets_directory(monkeypatch: pytest.MonkeyPatch, tmp_pat
     secrets.mkdir()
     (secrets / "PROXY_UPSTREAM_TOKEN").write_text(TOKEN + "\n")
     monkeypatch.setenv("PROXY_SECRETS_DIR", str(secrets))
-    assert load_settings().upstream_token.get_secret_value() == TOKEN
+    assert load_settings().default_upstream.token.get_secret_value() == TOKEN
 
 
 def test_environment_wins_over_dotenv(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     (tmp_path / ".env").write_text("PROXY_UPSTREAM_TOKEN=from-dotenv\n")
     monkeypatch.setenv("PROXY_UPSTREAM_TOKEN", TOKEN)
-    assert load_settings().upstream_token.get_secret_value() == TOKEN
+    assert load_settings().default_upstream.token.get_secret_value() == TOKEN
 
 
 def test_clients_and_rates(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -535,7 +535,10 @@ async def test_writes_wait_their_turn_for_the_shared_budget(
     assert first.status == second.status == 200
     assert sent(mock_writes) == 2
     metrics = await (await proxy.get("/metrics")).text()
-    assert 'teamup_proxy_upstream_queue_wait_seconds_count{client="billing"} 1.0' in metrics
+    assert (
+        'teamup_proxy_upstream_queue_wait_seconds_count{client="billing",upstream="default"} 1.0'
+        in metrics
+    )
 
 
 async def test_expect_100_continue_invites_a_body_that_can_be_taken(

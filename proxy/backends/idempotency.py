@@ -102,9 +102,11 @@ class IdempotencyStore:
             client.register_script(load_script("idempotency_release")) if client else None
         )
 
-    async def claim(self, client: str, token: str, fingerprint: str) -> Claimed | Stored | Held:
+    async def claim(
+        self, client: str, token: str, fingerprint: str, provider: str | None = None
+    ) -> Claimed | Stored | Held:
         """Hold the key for this write, or what holds it already."""
-        key = keys.idempotency(self.prefix, client, token)
+        key = keys.idempotency(self.prefix, client, token, provider)
         mark = _mark(fingerprint)
         if self._begin is not None and self.link.up:
             try:

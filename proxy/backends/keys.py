@@ -13,8 +13,10 @@ from ..core.contract import CanonicalQuery
 __all__ = [
     "KEY_VERSION",
     "PREFIX",
+    "budget",
     "cache_key",
     "circuit",
+    "collection",
     "entries",
     "entry",
     "failure",
@@ -22,6 +24,7 @@ __all__ = [
     "idempotency",
     "lease",
     "limiter",
+    "matches",
     "operation_prefix",
     "probe",
 ]
@@ -34,20 +37,39 @@ LIMITER_PREFIX = PREFIX + "rl:"
 KEY_VERSION = "v3"
 
 
-def operation_prefix(operation_id: str) -> str:
-    """What every cache key of one operation starts with (for purging one operation)."""
-    return f"{KEY_VERSION}:{operation_id}:"
+def operation_prefix(operation_id: str, provider: str | None = None) -> str:
+    """What every cache key of one operation (for one provider) starts with (for purging)."""
+    base = f"{KEY_VERSION}:{operation_id}:"
+    return base if provider is None else f"{base}p{provider}:"
+
+
+def matches(key: str, operation_id: str | None, provider: str | None) -> bool:
+    """Whether a cache key is one of an operation's and/or a provider's (both None: any)."""
+    if operation_id is not None:
+        return key.startswith(operation_prefix(operation_id, provider))
+    if provider is not None:
+        return key.startswith(f"{KEY_VERSION}:") and f":p{provider}:" in key
+    return True
 
 
 def cache_key(query: CanonicalQuery, variant: str = "", generation: int = 0) -> str:
-    """`v3:<operationId>:<sha256>`: the operation, then the digest of its path parameters and
-    canonical query; `variant` (a short tag of what else shapes the stored body, such as the
-    public URL links are rewritten to) joins the digest when set; `generation` (of the read's
-    collection, bumped by every write that changes it) ends it as `:g<n>` once it is past 0,
-    so that a write makes every older entry of the collection unreachable in O(1)."""
+    """`v3:<operationId>:[p<provider>:]<sha256>`: the operation, the provider the question is
+    for (when one is named: two providers never share an entry, a lease or a failure note),
+    then the digest of its path parameters and canonical query; `variant` (a short tag of what
+    else shapes the stored body, such as the public URL links are rewritten to) joins the
+    digest when set; `generation` (of the read's collection, bumped by every write that
+    changes it) ends it as `:g<n>` once it is past 0, so that a write makes every older entry
+    of the collection unreachable in O(1). The digest is hex, so `p` never starts it."""
     digest = query.digest if not variant else f"{query.digest}.{variant}"
-    key = f"{KEY_VERSION}:{query.operation}:{digest}"
+    tenant = f"p{query.provider}:" if query.provider is not None else ""
+    key = f"{KEY_VERSION}:{query.operation}:{tenant}{digest}"
     return key if not generation else f"{key}:g{generation}"
+
+
+def collection(name: str, provider: str | None) -> str:
+    """A collection's field in the generation hash: one generation per provider, so a write
+    for one provider never invalidates another's reads."""
+    return name if provider is None else f"p{provider}/{name}"
 
 
 def generations(prefix: str) -> str:
@@ -56,11 +78,13 @@ def generations(prefix: str) -> str:
     return f"{prefix}gen"
 
 
-def idempotency(prefix: str, client: str, token: str) -> str:
-    """The stored answer (or in-flight mark) of one client's Idempotency-Key; the token is
-    hashed (any length, any bytes the header allows, never a key pattern)."""
+def idempotency(prefix: str, client: str, token: str, provider: str | None = None) -> str:
+    """The stored answer (or in-flight mark) of one client's Idempotency-Key (per provider:
+    one key sent for two providers is two writes); the token is hashed (any length, any bytes
+    the header allows, never a key pattern)."""
     digest = hashlib.sha256(token.encode()).hexdigest()
-    return f"{prefix}idem:{client}:{digest}"
+    tenant = f"p{provider}:" if provider is not None else ""
+    return f"{prefix}idem:{client}:{tenant}{digest}"
 
 
 def entry(prefix: str, key: str) -> str:
@@ -68,11 +92,13 @@ def entry(prefix: str, key: str) -> str:
     return f"{prefix}c:{{{key}}}"
 
 
-def entries(prefix: str, operation_id: str | None = None) -> str:
-    """A SCAN pattern for every entry, or every entry of one operation."""
-    if operation_id is None:
-        return f"{prefix}c:*"
-    return f"{prefix}c:{{{operation_prefix(operation_id)}*"
+def entries(prefix: str, operation_id: str | None = None, provider: str | None = None) -> str:
+    """A SCAN pattern for every entry, or every entry of one operation and/or one provider."""
+    if operation_id is not None:
+        return f"{prefix}c:{{{operation_prefix(operation_id, provider)}*"
+    if provider is not None:
+        return f"{prefix}c:{{{KEY_VERSION}:*:p{provider}:*"
+    return f"{prefix}c:*"
 
 
 def lease(prefix: str, key: str) -> str:
@@ -86,13 +112,20 @@ def failure(prefix: str, key: str) -> str:
 
 
 def limiter(prefix: str, name: str) -> str:
-    """One GCRA bucket (`client:<name>`, `share:<name>`, `upstream`, `admin`)."""
+    """One GCRA bucket (`client:<name>`, `share:<name>`, `upstream` for the default
+    credential, `upstream:<name>` for another, `admin`)."""
     return f"{prefix}{name}"
 
 
-def circuit(prefix: str) -> str:
-    """The shared circuit opened by an upstream 429 (its PTTL is how long it stays open)."""
-    return f"{prefix}circuit"
+def budget(upstream: str) -> str:
+    """The limiter name of one credential's budget (`upstream` for `default`, as before)."""
+    return "upstream" if upstream == "default" else f"upstream:{upstream}"
+
+
+def circuit(prefix: str, upstream: str = "default") -> str:
+    """The shared circuit of one credential, opened by an upstream 429 (its PTTL is how long
+    it stays open); `circuit` for `default`, as before."""
+    return f"{prefix}circuit" if upstream == "default" else f"{prefix}circuit:{upstream}"
 
 
 def probe(prefix: str) -> str:

@@ -24,7 +24,7 @@ class CacheStore(Protocol):
 
     async def delete(self, key: str) -> bool: ...
 
-    async def clear(self, operation: str | None = None) -> int: ...
+    async def clear(self, operation: str | None = None, provider: str | None = None) -> int: ...
 
 
 class MemoryCacheStore:
@@ -78,15 +78,15 @@ class MemoryCacheStore:
         self._bytes -= len(item[1].body)
         return True
 
-    def clear_now(self, operation: str | None = None) -> int:
-        """Drop everything (or every entry of one operation), synchronously; how many went."""
-        if operation is None:
+    def clear_now(self, operation: str | None = None, provider: str | None = None) -> int:
+        """Drop everything (or every entry of one operation and/or provider), synchronously;
+        how many went."""
+        if operation is None and provider is None:
             count = len(self._data)
             self._data.clear()
             self._bytes = 0
             return count
-        prefix = keys.operation_prefix(operation)
-        doomed = [key for key in self._data if key.startswith(prefix)]
+        doomed = [key for key in self._data if keys.matches(key, operation, provider)]
         for key in doomed:
             self._drop(key)
         return len(doomed)
@@ -103,8 +103,8 @@ class MemoryCacheStore:
     async def delete(self, key: str) -> bool:
         return self._drop(key)
 
-    async def clear(self, operation: str | None = None) -> int:
-        return self.clear_now(operation)
+    async def clear(self, operation: str | None = None, provider: str | None = None) -> int:
+        return self.clear_now(operation, provider)
 
 
 class RedisCacheStore:
@@ -129,12 +129,12 @@ class RedisCacheStore:
     async def delete(self, key: str) -> bool:
         return bool(await self.client.unlink(self.entry_key(key)))
 
-    async def clear(self, operation: str | None = None) -> int:
-        """Remove every entry (or one operation's) with SCAN + UNLINK in batches (never KEYS,
-        never a blocking DEL)."""
+    async def clear(self, operation: str | None = None, provider: str | None = None) -> int:
+        """Remove every entry (or one operation's, one provider's) with SCAN + UNLINK in
+        batches (never KEYS, never a blocking DEL)."""
         removed = 0
         batch: list[bytes] = []
-        pattern = keys.entries(self.prefix, operation)
+        pattern = keys.entries(self.prefix, operation, provider)
         async for name in self.client.scan_iter(match=pattern, count=500):
             batch.append(name)
             if len(batch) >= 500:
@@ -186,11 +186,11 @@ class FallbackCacheStore:
                 self.link.failed(exc, "cache_delete")
         return removed
 
-    async def clear(self, operation: str | None = None) -> int:
-        removed = await self.memory.clear(operation)
+    async def clear(self, operation: str | None = None, provider: str | None = None) -> int:
+        removed = await self.memory.clear(operation, provider)
         if self.redis is not None and self.link.up:
             try:
-                removed += await self.redis.clear(operation)
+                removed += await self.redis.clear(operation, provider)
             except REDIS_ERRORS as exc:
                 self.link.failed(exc, "cache_clear")
         return removed

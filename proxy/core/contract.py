@@ -101,6 +101,9 @@ class CanonicalQuery:
     operation: str
     items: tuple[tuple[str, Value], ...]
     path: PathValue = ()
+    # The TeamUp provider the question is asked for (`TeamUp-Provider-ID`; None: none named).
+    # Part of the cache key (`backends.keys`), not of the digest.
+    provider: str | None = None
     digest: str = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:

@@ -40,9 +40,19 @@ __all__ = [
     "label",
     "matcher",
     "money",
+    "provider_seed",
     "rows",
     "sort_key",
 ]
+
+
+def provider_seed(seed: int, provider: str | None) -> int:
+    """The seed of a provider's generated data: `seed` itself without a provider (today's data),
+    else one derived from both (stable across processes), so each provider's data differs."""
+    if provider is None:
+        return seed
+    return zlib.crc32(f"{seed}:provider:{provider}".encode())
+
 
 START = int(datetime(2023, 1, 1, tzinfo=UTC).timestamp())
 END = int(datetime(2024, 12, 31, 23, 59, 59, tzinfo=UTC).timestamp())

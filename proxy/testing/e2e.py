@@ -63,6 +63,8 @@ def make_settings(upstream_url: str, **overrides: Any) -> Settings:
         "cache_l1_ttl": 0,
     }
     values.update(overrides)
+    if "upstreams" in overrides and "upstream_token" not in overrides:
+        del values["upstream_token"]  # several credentials replace the single one
     return Settings(_env_file=None, **values)  # type: ignore[call-arg]
 
 

@@ -11,7 +11,7 @@ import signal
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,10 +50,19 @@ ERROR_STATUSES = frozenset({429, 502, 503, 504})
 class MockProcess:
     """`python -m proxy.testing.mock` on a free port, controlled over its `/_mock/*` API."""
 
-    def __init__(self, token: str = TOKEN, *, latency: float = 0.0) -> None:
+    def __init__(
+        self,
+        token: str = TOKEN,
+        *,
+        latency: float = 0.0,
+        providers: Sequence[str] | None = None,
+        tenants: Mapping[str, Sequence[str]] | None = None,
+    ) -> None:
         self.port = free_port()
         self.token = token
         self.latency = latency
+        self.providers = providers  # what `token` may act for (--providers)
+        self.tenants = tenants  # more credentials (--tenants): "tenant0", "tenant1", ...
         self.process: asyncio.subprocess.Process | None = None
         self._http: aiohttp.ClientSession | None = None
 
@@ -74,6 +83,8 @@ class MockProcess:
             self.token,
             "--latency",
             str(self.latency),
+            *(() if self.providers is None else ("--providers", ",".join(self.providers))),
+            *(() if self.tenants is None else ("--tenants", _tenants_json(self.tenants))),
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.DEVNULL,
             start_new_session=True,
@@ -97,6 +108,16 @@ class MockProcess:
     async def calls(self) -> int:
         """Report requests the mock has received since the last reset."""
         return int((await self.state())["calls"])
+
+    async def calls_by(self, credential: str | None = None, provider: str | None = None) -> int:
+        """Calls of a credential label ("default", "tenant0", ...) and/or for a provider (None:
+        any) since the last reset."""
+        return sum(
+            1
+            for r in (await self.state())["requests"]
+            if (credential is None or r["credential"] == credential)
+            and (provider is None or r["provider"] == provider)
+        )
 
     async def faults(self, **values: Any) -> None:
         """Replace every fault switch (omitted ones take their defaults)."""
@@ -127,6 +148,10 @@ class MockProcess:
             except TimeoutError:
                 self.process.kill()
                 await self.process.wait()
+
+
+def _tenants_json(tenants: Mapping[str, Sequence[str]]) -> str:
+    return orjson.dumps({token: list(ids) for token, ids in tenants.items()}).decode()
 
 
 # --- raw HTTP ---------------------------------------------------------------------------------

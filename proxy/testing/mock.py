@@ -12,7 +12,7 @@ import io
 import random
 import re
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
 from http import HTTPStatus
@@ -34,6 +34,7 @@ from .data import (
     group,
     label,
     matcher,
+    provider_seed,
     rows,
     sort_key,
 )
@@ -44,20 +45,27 @@ from .objects import Catalog, page_url, resolve, sort_members, to_xml
 __all__ = [
     "DEFAULT_COLUMNS",
     "MOCK_STATE",
+    "PROVIDER_HEADER",
     "REPORT_PATH",
+    "Credential",
     "Faults",
     "MockState",
     "RecordedRequest",
     "create_mock_app",
     "main",
+    "parse_tenants",
 ]
 
 REPORT_PATH = "/api/v2/reports/customer_credits/data"
+PROVIDER_HEADER = "TeamUp-Provider-ID"
+DEFAULT_LABEL = "default"
 
 
 @dataclass
 class Faults:
-    """Mutable switches applied to report requests."""
+    """Mutable switches applied to report requests (and every other call). With `credential` (a
+    label: "default", "tenant0", ...) and/or `provider` set, every switch, latency included,
+    applies only to the calls of that credential / for that provider."""
 
     latency: float = 0.0
     status: int | None = None
@@ -67,6 +75,8 @@ class Faults:
     drop: bool = False
     set_cookie: bool = False
     extra_headers: dict[str, str] = field(default_factory=dict)
+    credential: str | None = None
+    provider: str | None = None
 
 
 @dataclass
@@ -79,6 +89,20 @@ class RecordedRequest:
     report: str = ""  # the report it asked for, e.g. customers.grouped
     at: float = field(default_factory=time.time)  # when it arrived (wall clock)
     operation: str = ""  # the operationId it asked for, e.g. events_list
+    # The label of the credential it carried (never the token; None: no known credential) and
+    # the provider it acted for (None: none; a token without providers: the header as sent).
+    credential: str | None = None
+    provider: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Credential:
+    """A token the mock accepts, its label (what recordings and fault filters name) and the
+    providers it may act for (None: any `TeamUp-Provider-ID`, unchecked, as the mock always did)."""
+
+    label: str
+    token: str = field(repr=False)
+    providers: tuple[str, ...] | None
 
 
 @dataclass
@@ -91,6 +115,46 @@ class MockState:
     requests: list[RecordedRequest] = field(default_factory=list)
     report_calls: dict[str, int] = field(default_factory=dict)  # calls by report name
     operation_calls: dict[str, int] = field(default_factory=dict)  # calls by operationId
+    # The providers `token` may act for (None: any header, unchecked), and more credentials:
+    # token -> providers, labelled "tenant0", "tenant1", ... in the map's order.
+    providers: tuple[str, ...] | None = None
+    tenants: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+    def credentials(self) -> tuple[Credential, ...]:
+        """Every accepted credential: the tenants in order, then `token` ("default") unless a
+        tenant has the same token."""
+        found = [Credential(f"tenant{i}", t, p) for i, (t, p) in enumerate(self.tenants.items())]
+        if self.token not in self.tenants:
+            found.append(Credential(DEFAULT_LABEL, self.token, self.providers))
+        return tuple(found)
+
+    def credential_for(self, token: str) -> Credential | None:
+        """The credential a token is (every one compared in constant time), None if none."""
+        found = None
+        for credential in self.credentials():
+            if hmac.compare_digest(token.encode(), credential.token.encode()):
+                found = credential
+        return found
+
+    def label_of(self, token: str) -> str | None:
+        """The label a token is recorded under ("default", "tenant0", ...), None if unknown."""
+        credential = self.credential_for(token)
+        return None if credential is None else credential.label
+
+    def requests_by(
+        self, credential: str | None = None, provider: str | None = None
+    ) -> list[RecordedRequest]:
+        """The recorded calls of a credential label and/or for a provider (None: any)."""
+        return [
+            r
+            for r in self.requests
+            if (credential is None or r.credential == credential)
+            and (provider is None or r.provider == provider)
+        ]
+
+    def calls_by(self, credential: str | None = None, provider: str | None = None) -> int:
+        """How many calls a credential label made and/or were for a provider (None: any)."""
+        return len(self.requests_by(credential, provider))
 
     def reset(self) -> None:
         """Forget calls and requests; faults back to their defaults (the same object)."""
@@ -106,6 +170,9 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _RELEASE_HANGS = web.AppKey("mock_release_hangs", asyncio.Event)
 _SEED = web.AppKey("mock_seed", int)
 _CATALOG = web.AppKey("mock_catalog", Catalog)
+# The catalogs of the providers (the default one, of `seed`, is _CATALOG), and how to make one.
+_CATALOGS = web.AppKey("mock_catalogs", dict[str, Catalog])
+_NEW_CATALOG: web.AppKey[Callable[[int], Catalog]] = web.AppKey("mock_new_catalog")
 
 
 def _assign_faults(target: Faults, source: Faults) -> None:
@@ -593,12 +660,88 @@ def _drop(request: web.Request) -> web.Response:
     return web.Response()  # never reaches the client: the transport is closed
 
 
-def _authorised(request: web.Request, token: str) -> bool:
+@dataclass(frozen=True, slots=True)
+class Who:
+    """Who a call is from and for: the credential's label (None: no known credential), the
+    provider it is recorded as acting for, the provider whose data answers (None: the default
+    data), and why it is refused (a 400 or 403 body), if it is."""
+
+    credential: str | None
+    provider: str | None
+    data: str | None
+    refusal: tuple[int, str] | None = None
+
+
+_WHO = web.RequestKey("mock_who", Who)
+_REQUIRED = "This field is required."
+
+
+def _token(request: web.Request) -> str | None:
     parts = request.headers.get("Authorization", "").split()
-    return (
-        len(parts) == 2
-        and parts[0].lower() == "token"
-        and hmac.compare_digest(parts[1].encode(), token.encode())
+    return parts[1] if len(parts) == 2 and parts[0].lower() == "token" else None
+
+
+def _canonical_id(digits: str) -> str:
+    """A provider id without leading zeros (no int(): any length of digits is fine)."""
+    return digits.lstrip("0") or "0"
+
+
+def who(request: web.Request) -> Who:
+    """The credential and provider of a call (worked out once per request)."""
+    if _WHO in request:
+        return request[_WHO]
+    state = request.app[MOCK_STATE]
+    token = _token(request)
+    credential = None if token is None else state.credential_for(token)
+    sent = request.headers.getall(PROVIDER_HEADER, [])
+    header = ", ".join(sent) if sent else None
+    valid = _canonical_id(header) if header is not None and _DIGITS.fullmatch(header) else None
+    found: Who
+    if credential is None:
+        found = Who(None, valid, None)
+    elif credential.providers is None:  # today's mock: any header, unchecked, default data
+        found = Who(credential.label, valid, None)
+    elif header is None:
+        if len(credential.providers) == 1:
+            only = credential.providers[0]
+            found = Who(credential.label, only, only)
+        else:
+            found = Who(credential.label, None, None, (400, _REQUIRED))
+    elif valid is None:
+        found = Who(credential.label, None, None, (400, _INT_REQUIRED))
+    elif valid not in credential.providers:
+        found = Who(credential.label, valid, None, (403, _DETAILS[403]))
+    else:
+        found = Who(credential.label, valid, valid)
+    request[_WHO] = found
+    return found
+
+
+def _refused(refusal: tuple[int, str]) -> web.Response:
+    status, message = refusal
+    if status == 400:
+        return _invalid({PROVIDER_HEADER: [message]})
+    return _json_error(status, {"detail": message})
+
+
+def catalog_for(request: web.Request) -> Catalog:
+    """The generated data (with its writes) of the provider a call acts for."""
+    provider = who(request).data
+    if provider is None:
+        return request.app[_CATALOG]
+    catalogs = request.app[_CATALOGS]
+    if provider not in catalogs:
+        catalogs[provider] = request.app[_NEW_CATALOG](provider_seed(request.app[_SEED], provider))
+    return catalogs[provider]
+
+
+def _seed_for(request: web.Request) -> int:
+    return provider_seed(request.app[_SEED], who(request).data)
+
+
+def _fault_applies(faults: Faults, caller: Who) -> bool:
+    return (faults.credential is None or faults.credential == caller.credential) and (
+        faults.provider is None or faults.provider == caller.provider
     )
 
 
@@ -609,7 +752,16 @@ def _record(request: web.Request, report: str, operation: str) -> RecordedReques
         first = spelling.setdefault(name.lower(), str(name))
         headers[first] = f"{headers[first]}, {value}" if first in headers else value
     path, _, query = request.raw_path.partition("?")
-    return RecordedRequest(query, headers, path, report, operation=operation)
+    caller = who(request)
+    return RecordedRequest(
+        query,
+        headers,
+        path,
+        report,
+        operation=operation,
+        credential=caller.credential,
+        provider=caller.provider,
+    )
 
 
 def _invalid(errors: dict[str, list[str]]) -> web.Response:
@@ -633,8 +785,10 @@ def _invalid(errors: dict[str, list[str]]) -> web.Response:
 async def _guarded(
     request: web.Request, report: str, operation_id: str, answer: Callable[[], web.Response]
 ) -> web.Response:
-    """Count and record a call, apply the faults, check the token, then answer."""
+    """Count and record a call, apply the faults, check the token and the provider, then
+    answer."""
     state = request.app[MOCK_STATE]
+    caller = who(request)
     state.calls += 1
     if report:
         state.report_calls[report] = state.report_calls.get(report, 0) + 1
@@ -642,10 +796,11 @@ async def _guarded(
     call = state.calls
     state.requests.append(_record(request, report, operation_id))
     faults = state.faults
-    fault = _take_fault(faults)
-    extra = {"X-Mock-Calls": str(call), **faults.extra_headers}
-    cookie = faults.set_cookie
-    if faults.latency > 0:
+    applies = _fault_applies(faults, caller)
+    fault = _take_fault(faults) if applies else None
+    extra = {"X-Mock-Calls": str(call), **(faults.extra_headers if applies else {})}
+    cookie = faults.set_cookie and applies
+    if applies and faults.latency > 0:
         await asyncio.sleep(faults.latency)
     if fault is not None and fault.hang:
         await request.app[_RELEASE_HANGS].wait()
@@ -654,8 +809,10 @@ async def _guarded(
         return _drop(request)
     if fault is not None:
         response = _fault_response(fault)
-    elif not _authorised(request, state.token):
+    elif caller.credential is None:
         response = _fault_response(_Fault(401, None, False, False))
+    elif caller.refusal is not None:
+        response = _refused(caller.refusal)
     else:
         response = answer()
     response.headers.update(extra)
@@ -670,7 +827,7 @@ async def _report(request: web.Request, endpoint: Endpoint) -> web.Response:
             query = _Parser(endpoint, request.query).parse()
         except _InvalidParams as exc:
             return _invalid(exc.errors)
-        total, page = _select(request.app[_SEED], endpoint, query)
+        total, page = _select(_seed_for(request), endpoint, query)
         return _render(endpoint, query, total, page)
 
     return await _guarded(request, endpoint.report, endpoint.operation_id, answer)
@@ -756,7 +913,7 @@ def _matches(
 def _answer(
     request: web.Request, operation: Operation, values: Sequence[str], given: Mapping[str, Any]
 ) -> web.Response:
-    catalog = request.app[_CATALOG]
+    catalog = catalog_for(request)
     if not catalog.exists(operation, values):
         return _json_error(404, _NOT_FOUND)
     origin = f"{request.scheme}://{request.host}"
@@ -828,12 +985,22 @@ def _route(template: str) -> str:
     return re.sub(r"{[^}]+}", lambda _: f"{{p{next(counter)}}}", template)
 
 
+def _counts(names: Iterable[str | None]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for name in names:
+        if name is not None:
+            counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
 async def _state(request: web.Request) -> web.Response:
     state = request.app[MOCK_STATE]
     body = {
         "calls": state.calls,
         "requests": [asdict(r) for r in state.requests],
         "report_calls": state.report_calls,
+        "credential_calls": _counts(r.credential for r in state.requests),
+        "provider_calls": _counts(r.provider for r in state.requests),
     }
     return web.Response(body=orjson.dumps(body), content_type="application/json")
 
@@ -866,6 +1033,10 @@ def _faults_from_json(data: Any) -> Faults:
         "extra_headers": lambda v: (
             isinstance(v, dict)
             and all(isinstance(k, str) and isinstance(x, str) for k, x in v.items())
+        ),
+        "credential": lambda v: v is None or isinstance(v, str),
+        "provider": lambda v: (
+            v is None or (isinstance(v, str) and _DIGITS.fullmatch(v) is not None)
         ),
     }
     for name, value in data.items():
@@ -914,16 +1085,52 @@ def _handler(endpoint: Endpoint) -> Handler:
     return report
 
 
+def _provider_ids(owner: str, ids: Sequence[str] | str | int) -> tuple[str, ...]:
+    """Provider ids as the mock keeps them (digits, no leading zeros), or ValueError."""
+    items = (ids,) if isinstance(ids, str | int) else tuple(ids)
+    out: list[str] = []
+    for item in items:
+        text = str(item)
+        if isinstance(item, bool) or not _DIGITS.fullmatch(text):
+            raise ValueError(f"{owner}: a provider id is digits, not {item!r}")
+        out.append(_canonical_id(text))
+    if not out:
+        raise ValueError(f"{owner}: at least one provider id")
+    return tuple(dict.fromkeys(out))
+
+
 def create_mock_app(
-    token: str, *, latency: float = 0.0, seed: int = 7, document: Path | None = None
+    token: str,
+    *,
+    latency: float = 0.0,
+    seed: int = 7,
+    document: Path | None = None,
+    providers: Sequence[str] | None = None,
+    tenants: Mapping[str, Sequence[str]] | None = None,
 ) -> web.Application:
     """A fake TeamUp answering every GET of proxy/spec/teamup.json (or of `document`, for the
-    reads other than reports) with generated data, and every documented write."""
+    reads other than reports) with generated data, and every documented write.
+
+    `token` is the credential "default"; `providers` the provider ids it may act for (None:
+    any `TeamUp-Provider-ID` header is accepted and ignored, the data is `seed`'s). `tenants`
+    maps more tokens to the provider ids each may act for, labelled "tenant0", "tenant1", ... in
+    the map's order. A credential with providers needs the header when it has several (400
+    without, 400 when not digits, 403 for a provider it may not act for); each provider's data
+    is generated from `provider_seed(seed, provider)` and its writes are its own."""
     app = web.Application(middlewares=[_not_found])
-    app[MOCK_STATE] = MockState(token=token, faults=Faults(latency=latency))
+    app[MOCK_STATE] = MockState(
+        token=token,
+        faults=Faults(latency=latency),
+        providers=None if providers is None else _provider_ids("providers", providers),
+        tenants={
+            t: _provider_ids(f"tenant {i}", p) for i, (t, p) in enumerate((tenants or {}).items())
+        },
+    )
     app[_SEED] = seed
     reads = operations(document)
     app[_CATALOG] = Catalog(reads, seed)
+    app[_CATALOGS] = {}
+    app[_NEW_CATALOG] = lambda data_seed: Catalog(reads, data_seed)
     app[_RELEASE_HANGS] = asyncio.Event()
     _credit_rows(seed)  # generate now, not during the first request (the others: on first use)
     for endpoint in endpoints().values():
@@ -955,6 +1162,27 @@ def _new_loop() -> asyncio.AbstractEventLoop:
     return uvloop.new_event_loop()
 
 
+def parse_tenants(text: str) -> dict[str, tuple[str, ...]]:
+    """`--tenants`: a JSON object token -> provider ids (a list, or one id), or `@file` holding
+    one; ValueError when it is not."""
+    if text.startswith("@"):
+        text = Path(text[1:]).read_text(encoding="utf-8")
+    try:
+        data = orjson.loads(text)
+    except orjson.JSONDecodeError as exc:
+        raise ValueError(f"not JSON: {exc}") from None
+    if not isinstance(data, dict) or not data:
+        raise ValueError("a JSON object of token -> provider ids")
+    out: dict[str, tuple[str, ...]] = {}
+    for i, (token, ids) in enumerate(data.items()):
+        if not token:
+            raise ValueError("a token is not empty")
+        if not isinstance(ids, list | str | int):
+            raise ValueError(f"tenant {i}: a list of provider ids")
+        out[token] = _provider_ids(f"tenant {i}", ids)
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     """Serve the mock: `python -m proxy.testing.mock --port 8081 --token T`."""
     parser = argparse.ArgumentParser(prog="python -m proxy.testing.mock", description=__doc__)
@@ -966,8 +1194,31 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--document", type=Path, default=None, help="an OpenAPI document of the reads to serve"
     )
+    parser.add_argument(
+        "--providers",
+        default=None,
+        help="comma-separated provider ids --token may act for (default: any header, unchecked)",
+    )
+    parser.add_argument(
+        "--tenants",
+        default=None,
+        help='more credentials: JSON {"token": ["101", "102"], ...} or @file; '
+        'recorded as "tenant0", "tenant1", ... in order',
+    )
     args = parser.parse_args(argv)
-    app = create_mock_app(args.token, latency=args.latency, seed=args.seed, document=args.document)
+    try:
+        tenants = None if args.tenants is None else parse_tenants(args.tenants)
+        providers = None if args.providers is None else args.providers.split(",")
+        app = create_mock_app(
+            args.token,
+            latency=args.latency,
+            seed=args.seed,
+            document=args.document,
+            providers=providers,
+            tenants=tenants,
+        )
+    except (OSError, ValueError) as exc:
+        parser.error(str(exc))
     for endpoint in endpoints().values():
         _table(args.seed, endpoint)  # every report's rows now, not during its first request
     app[_CATALOG].warm()

@@ -45,6 +45,8 @@ class ProxyProcess:
             "redis_retry_interval": 0.2,
         }
         values.update(settings)
+        if "upstreams" in settings and "upstream_token" not in settings:
+            del values["upstream_token"]  # several credentials replace the single one
         self.env = proxy_env(**values)
         self.process: asyncio.subprocess.Process | None = None
         self._drain: asyncio.Future[None] | None = None

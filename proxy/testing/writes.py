@@ -6,7 +6,11 @@ generated data where that is plain — an update of a retrieve's object (PATCH/P
 Write faults (`PUT /_mock/write-faults`, `{"when": "before"|"after", "status": 500 | null,
 "drop": false, "times": 1}`) fail a write before it is done (nothing changes) or after (the
 change is made, then the answer is an error or a dropped connection). The read faults of
-`/_mock/faults` apply to writes too, before anything is done.
+`/_mock/faults` apply to writes too, before anything is done. A write fault with `credential`
+(a label: "default", "tenant0", ...) and/or `provider` fails only the matching writes.
+
+Each provider's data is its own (see create_mock_app's `providers` and `tenants`): a write for
+provider 101 changes 101's data only.
 """
 
 from __future__ import annotations
@@ -23,7 +27,17 @@ from ..core.operations import Operation as DocOperation
 from ..core.operations import load_operations
 from .data import entity_id
 from .document import Operation, Param
-from .mock import _CATALOG, _drop, _guarded, _json_error, _route
+from .mock import (
+    _CATALOG,
+    _NEW_CATALOG,
+    Who,
+    _drop,
+    _guarded,
+    _json_error,
+    _route,
+    catalog_for,
+    who,
+)
 from .objects import Catalog, _kind
 
 __all__ = ["MOCK_WRITES", "MockWrites", "WriteFaults", "install_writes"]
@@ -31,12 +45,15 @@ __all__ = ["MOCK_WRITES", "MockWrites", "WriteFaults", "install_writes"]
 
 @dataclass
 class WriteFaults:
-    """Fail the next `times` writes `before` or `after` they are done."""
+    """Fail the next `times` writes `before` or `after` they are done (only those of the
+    credential label `credential` and/or for `provider`, when set)."""
 
     when: str = "before"
     status: int | None = None
     drop: bool = False
     times: int | None = None
+    credential: str | None = None
+    provider: str | None = None
 
 
 @dataclass
@@ -49,6 +66,8 @@ class RecordedWrite:
     query_string: str
     headers: dict[str, str]
     body: str
+    credential: str | None = None  # the credential's label, never the token (None: unknown)
+    provider: str | None = None  # the provider it acted for
 
 
 @dataclass
@@ -59,6 +78,17 @@ class MockWrites:
     received: list[RecordedWrite] = field(default_factory=list)
     deleted: set[tuple[str, tuple[str, ...], int]] = field(default_factory=set)
     created: dict[str, int] = field(default_factory=dict)  # per collection template
+
+    def received_by(
+        self, credential: str | None = None, provider: str | None = None
+    ) -> list[RecordedWrite]:
+        """The writes of a credential label and/or for a provider (None: any)."""
+        return [
+            w
+            for w in self.received
+            if (credential is None or w.credential == credential)
+            and (provider is None or w.provider == provider)
+        ]
 
 
 MOCK_WRITES = web.AppKey("mock_writes", MockWrites)
@@ -85,8 +115,12 @@ class WritableCatalog(Catalog):
         return (key, tuple(values[:-1]), index or 0) not in self.writes.deleted
 
 
-def _take(faults: WriteFaults, when: str) -> WriteFaults | None:
+def _take(faults: WriteFaults, when: str, caller: Who) -> WriteFaults | None:
     if faults.when != when or (faults.status is None and not faults.drop):
+        return None
+    if faults.credential is not None and faults.credential != caller.credential:
+        return None
+    if faults.provider is not None and faults.provider != caller.provider:
         return None
     if faults.times is not None:
         if faults.times <= 0:
@@ -168,6 +202,7 @@ def _handler(write: DocOperation, target: _Target) -> Any:
         writes = request.app[MOCK_WRITES]
         raw = await request.read()
         path, _, query = request.raw_path.partition("?")
+        caller = who(request)
         writes.received.append(
             RecordedWrite(
                 write.operation_id,
@@ -176,6 +211,8 @@ def _handler(write: DocOperation, target: _Target) -> Any:
                 query,
                 {str(k): v for k, v in request.headers.items()},
                 raw.decode("latin-1"),
+                caller.credential,
+                caller.provider,
             )
         )
         values = [request.match_info.get(f"p{i}", "") for i in range(write.path.count("{"))]
@@ -190,16 +227,16 @@ def _handler(write: DocOperation, target: _Target) -> Any:
                     return _json_error(400, {"detail": "JSON parse error."})
                 if not isinstance(data, dict):
                     return _json_error(400, {"detail": "Expected a JSON object."})
-            before = _take(writes.faults, "before")
+            before = _take(writes.faults, "before", caller)
             if before is not None:
                 if before.drop:
                     outcome["drop"] = _drop(request)
                     return web.Response()
                 return _failed(request, before)
-            catalog = request.app[_CATALOG]
+            catalog = catalog_for(request)
             assert isinstance(catalog, WritableCatalog)
             status, body = _apply(catalog, target, values, data)
-            after = _take(writes.faults, "after")
+            after = _take(writes.faults, "after", caller)
             if after is not None and status < 300:
                 if after.drop:
                     outcome["drop"] = _drop(request)
@@ -249,6 +286,9 @@ def install_writes(app: web.Application, reads: Sequence[Operation], seed: int) 
     writes = MockWrites()
     app[MOCK_WRITES] = writes
     app[_CATALOG] = WritableCatalog(reads, seed, writes)
+    # Another provider's data: its own deleted and created objects (its MockWrites holds only
+    # those; what was received is recorded in the app's).
+    app[_NEW_CATALOG] = lambda data_seed: WritableCatalog(reads, data_seed, MockWrites())
     by_path = _targets(reads)
     ops = [op for op in load_operations().values() if not op.is_read]
     # A static path before a template that could match it (as the reads do).

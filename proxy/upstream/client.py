@@ -21,7 +21,7 @@ from defusedxml.ElementTree import fromstring as parse_xml
 from yarl import URL
 
 from ..core.failures import FailureKind, UpstreamFailure
-from ..settings import Settings
+from ..settings import Settings, Upstream
 
 __all__ = [
     "PASS_RESPONSE_HEADERS",
@@ -239,12 +239,15 @@ def check_body(fmt: str, content_type: str, body: bytes) -> str | None:
 
 
 class UpstreamClient:
-    """One pooled `aiohttp.ClientSession` to TeamUp, with the credential added to every call."""
+    """One pooled `aiohttp.ClientSession` to TeamUp, with one credential (`upstream`; None: the
+    default one) added to every call, and the provider each call is for."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, upstream: Upstream | None = None) -> None:
+        upstream = upstream or settings.default_upstream
+        self.name = upstream.name
         self.base_url = settings.upstream_url
-        self._headers = settings.upstream_headers
-        self._token = settings.upstream_token.get_secret_value()
+        self._headers = upstream.headers(settings.upstream_auth_scheme)
+        self._token = upstream.token.get_secret_value()
         self._token_bytes = self._token.encode()
         self._token_pattern = credential_pattern(self._token)
         self._max_body = settings.upstream_max_body_bytes
@@ -287,7 +290,13 @@ class UpstreamClient:
             self._session = None
 
     async def fetch(
-        self, path: str, query_string: str, *, fmt: str, request_id: str
+        self,
+        path: str,
+        query_string: str,
+        *,
+        fmt: str,
+        request_id: str,
+        provider: str | None = None,
     ) -> UpstreamResponse:
         """GET one read's `path` (from the operation document, never from a caller);
         a failed connect is retried once, nothing else is."""
@@ -305,6 +314,8 @@ class UpstreamClient:
             "User-Agent": "teamup-proxy",
         }
         headers["X-Request-ID"] = request_id
+        if provider is not None:
+            headers["TeamUp-Provider-ID"] = provider
         started = time.perf_counter()
         for attempt in (1, 2):
             try:
@@ -421,6 +432,7 @@ class UpstreamClient:
         content_type: str | None,
         fmt: str,
         request_id: str,
+        provider: str | None = None,
     ) -> UpstreamResponse:
         """Send one write, exactly once: never retried, not even after a failed connect.
 
@@ -440,6 +452,8 @@ class UpstreamClient:
             "User-Agent": "teamup-proxy",
             "X-Request-ID": request_id,
         }
+        if provider is not None:
+            headers["TeamUp-Provider-ID"] = provider
         if content_type:  # the one header of the caller's that reaches TeamUp
             headers["Content-Type"] = content_type
         started = time.perf_counter()

@@ -29,7 +29,8 @@ RECHECK_SECONDS = 1.0
 
 
 class UpstreamGuard:
-    """The company-wide budget on the credential, and the circuit opened by an upstream 429."""
+    """The company-wide budget on one credential, and the circuit opened by an upstream 429
+    for it (one guard per upstream: a 429 for one credential holds back that one only)."""
 
     BUDGET_KEY = "upstream"
 
@@ -46,19 +47,24 @@ class UpstreamGuard:
         client: AnyRedis | None = None,
         queue_timeout: float = 0.0,
         metrics: Metrics | None = None,
+        name: str = "default",
     ) -> None:
+        self.name = name
+        self.budget_key = keys.budget(name)
         self.link = link
         self.client = client if client is not None else link.client
         self.limiter = limiter
         self.rate = rate
-        self.circuit_key = keys.circuit(prefix)
+        self.circuit_key = keys.circuit(prefix, name)
         self.max_wait = max_wait
         self.default_wait = min(default_wait, max_wait)
         self._clock = clock
         self._open_until = 0.0
         self._checked = -RECHECK_SECONDS  # time.monotonic() of the last PTTL read
         self._opener = f"{socket.gethostname()}:{os.getpid()}"
-        self.queue = BudgetQueue(self.admit, rate.interval, queue_timeout, metrics=metrics)
+        self.queue = BudgetQueue(
+            self.admit, rate.interval, queue_timeout, metrics=metrics, upstream=name
+        )
         # The events channel: an open or closed circuit reaches every worker before the answer
         # that opened or closed it (None: no Redis, or tests without it).
         self.bus: Bus | None = None
@@ -76,7 +82,9 @@ class UpstreamGuard:
         return True
 
     def apply(self, event: dict[str, Any]) -> None:
-        """An event from the channel: another process opened or closed the circuit."""
+        """An event from the channel: another process opened or closed this circuit."""
+        if event.get("upstream", "default") != self.name:
+            return  # another credential's circuit
         if event.get("kind") == "circuit-open":
             wait = event.get("wait")
             if isinstance(wait, int | float) and 0 < wait <= self.max_wait:
@@ -134,12 +142,13 @@ class UpstreamGuard:
         self._open_until = max(self._open_until, self._clock() + wait)
         log.warning(
             "TeamUp answered 429; circuit open",
-            extra={"event": "circuit_open", "wait_s": round(wait, 3)},
+            extra={"event": "circuit_open", "wait_s": round(wait, 3), "upstream": self.name},
         )
         if self.link.up:
             assert self.link.client is not None
             opened_by = {
                 "replica": self._opener,
+                "upstream": self.name,
                 "at": round(self._clock(), 3),
                 "wait_s": round(wait, 3),
                 "retry_after": None if raw is None else _printable(raw)[:64],
@@ -155,7 +164,7 @@ class UpstreamGuard:
             except REDIS_ERRORS as exc:
                 self.link.failed(exc, "circuit")
             else:
-                await self._tell({"kind": "circuit-open", "wait": wait})
+                await self._tell({"kind": "circuit-open", "wait": wait, "upstream": self.name})
         return wait
 
     async def describe(self) -> dict[str, Any]:
@@ -182,6 +191,7 @@ class UpstreamGuard:
         state["retry_after"] = round(wait, 3)
         state["shared"] = self._shared()
         state["max_s"] = self.max_wait
+        state["upstream"] = self.name
         return state
 
     async def close_circuit(self) -> bool:
@@ -198,9 +208,12 @@ class UpstreamGuard:
             except REDIS_ERRORS as exc:
                 self.link.failed(exc, "circuit")
             else:
-                self.told = await self._tell({"kind": "circuit-closed"})
+                self.told = await self._tell({"kind": "circuit-closed", "upstream": self.name})
         if was_open:
-            log.warning("circuit closed by an operator", extra={"event": "circuit_closed"})
+            log.warning(
+                "circuit closed by an operator",
+                extra={"event": "circuit_closed", "upstream": self.name},
+            )
         return was_open
 
     async def acquire_slot(self, turn: Turn) -> Slot:
@@ -210,8 +223,8 @@ class UpstreamGuard:
         return await self.queue.acquire(turn)
 
     async def take(self) -> RateDecision:
-        """Spend one unit of the global budget, if one is left."""
-        return await self.limiter.hit(self.BUDGET_KEY, self.rate)
+        """Spend one unit of this credential's budget, if one is left."""
+        return await self.limiter.hit(self.budget_key, self.rate)
 
     def open_locally_for(self) -> float:
         """Seconds this process already knows the circuit stays open (no round trip)."""

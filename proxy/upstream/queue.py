@@ -103,8 +103,10 @@ class BudgetQueue:
         *,
         metrics: Metrics | None = None,
         clock: Callable[[], float] = time.monotonic,
+        upstream: str = "default",
     ) -> None:
         self._attempt = attempt
+        self.upstream = upstream  # the credential whose budget this queue hands out
         self.interval = interval
         self.timeout = timeout
         self._metrics = metrics
@@ -171,7 +173,7 @@ class BudgetQueue:
         decision = waiter.future.result()  # a failure set by the dispatcher raises here
         queued = self._clock() - waiter.since
         if self._metrics is not None:
-            self._metrics.queue_wait.labels(turn.client).observe(queued)
+            self._metrics.queue_wait.labels(turn.client, self.upstream).observe(queued)
         return Slot(decision, queued)
 
     def abandon(self, key: str) -> bool:
@@ -182,7 +184,7 @@ class BudgetQueue:
         self._leave(waiter)
         waiter.future.cancel()
         if self._metrics is not None:
-            self._metrics.queue_abandoned.labels(waiter.client).inc()
+            self._metrics.queue_abandoned.labels(waiter.client, self.upstream).inc()
         return True
 
     async def close(self) -> None:
@@ -250,8 +252,10 @@ class BudgetQueue:
 
     def _gauge(self, client: str) -> None:
         if self._metrics is not None:
-            self._metrics.queue_length.labels(client).set(self._waiting.length(client))
+            self._metrics.queue_length.labels(client, self.upstream).set(
+                self._waiting.length(client)
+            )
 
     def _count_timeout(self, client: str, when: str) -> None:
         if self._metrics is not None:
-            self._metrics.queue_timeouts.labels(client, when).inc()
+            self._metrics.queue_timeouts.labels(client, when, self.upstream).inc()

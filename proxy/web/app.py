@@ -112,6 +112,8 @@ async def observe(
             extra={
                 "request_id": request_id,
                 "client": fields.get("client"),
+                "upstream": fields.get("upstream"),
+                "provider": fields.get("provider"),
                 "method": request.method,
                 "path": request.path,
                 "report": fields.get("report"),
@@ -149,7 +151,13 @@ async def observe(
         route = str(fields.get("route", "read"))
     report = str(fields.get("report", "none"))
     request.app[METRICS].count_request(
-        route, report, response.status, str(fields.get("cache", "none")), elapsed
+        route,
+        report,
+        response.status,
+        str(fields.get("cache", "none")),
+        elapsed,
+        str(fields.get("upstream", "none")),
+        str(fields.get("provider", "none")),
     )
     if route not in ("health", "metrics", "docs") and access_log.isEnabledFor(logging.INFO):
         total_ms = round(elapsed * 1000, 2)
@@ -161,6 +169,8 @@ async def observe(
             extra = {
                 "request_id": request_id,
                 "client": fields.get("client"),
+                "upstream": fields.get("upstream"),
+                "provider": fields.get("provider"),
                 "method": request.method,
                 "path": request.path,
                 "report": fields.get("report"),
@@ -276,18 +286,25 @@ def create_app(
             lifetime=settings.rate_limit_reservation,
         )
         budget_limiter = FallbackLimiter(link, redis_limiter, MemoryLimiter(), share, settle=settle)
-        guard = UpstreamGuard(
-            link,
-            budget_limiter,
-            settings.upstream_budget,
-            KEY_PREFIX,
-            default_wait=settings.upstream_circuit_default,
-            max_wait=settings.upstream_circuit_max,
-            clock=clock,
-            client=hot,
-            queue_timeout=settings.upstream_queue_timeout,
-            metrics=m,
-        )
+        # One guard per credential: its own budget (Redis key per upstream name; the outage
+        # share is split per budget), fair queue and circuit.
+        guards = {
+            each.name: UpstreamGuard(
+                link,
+                budget_limiter,
+                each.budget,
+                KEY_PREFIX,
+                default_wait=settings.upstream_circuit_default,
+                max_wait=settings.upstream_circuit_max,
+                clock=clock,
+                client=hot,
+                queue_timeout=settings.upstream_queue_timeout,
+                metrics=m,
+                name=each.name,
+            )
+            for each in settings.upstream_list
+        }
+        guard = guards[settings.default_upstream.name]
         l1 = (
             MemoryCacheStore(4096, clock=clock, max_bytes=L1_BYTES)
             if settings.cache_l1_ttl > 0 and client is not None
@@ -301,7 +318,10 @@ def create_app(
             client=hot,
         )
         up = upstream or UpstreamClient(settings)
-        await up.start()
+        clients = {settings.default_upstream.name: up}
+        for each in settings.upstream_list[1:]:
+            clients[each.name] = UpstreamClient(settings, each)
+        await asyncio.gather(*(one.start() for one in clients.values()))
         if client is not None:
             try:
                 await client.ping()
@@ -334,6 +354,8 @@ def create_app(
             clock=clock,
             batched_writes=isinstance(hot, AutoPipelineRedis),
             generations=generations,
+            guards=guards,
+            upstreams=clients,
         )
         write_service = WriteService(
             settings,
@@ -353,6 +375,7 @@ def create_app(
             ),
             metrics=m,
             operations=writes,
+            lane=service.lane,
         )
         directory = ClientDirectory(settings.clients)
         state = ProxyState(
@@ -370,7 +393,9 @@ def create_app(
         bus = None
         if client is not None:
             bus = _events(settings, client, link, service, l1, state, (limiter, budget_limiter))
-            service.bus = guard.bus = bus
+            service.bus = bus
+            for each_guard in guards.values():
+                each_guard.bus = bus
 
             async def before_up() -> None:
                 await service.reapply_purges()
@@ -399,7 +424,8 @@ def create_app(
             await write_service.close()
             await service.close()
             await client_limiter.close()
-            await up.close()
+            for one in clients.values():
+                await one.close()
             if bus is not None:
                 await bus.close()
             await link.stop()
@@ -453,7 +479,8 @@ def _events(
         if kind == "purge":
             service.apply(event)
         elif kind in ("circuit-open", "circuit-closed"):
-            service.guard.apply(event)
+            for guard in service.guards.values():
+                guard.apply(event)  # each takes only its own upstream's
         elif kind == "limits-switch":
             wait = event.get("in")
             if isinstance(wait, int | float) and 0 <= wait <= 60:
@@ -501,7 +528,8 @@ def _events(
             l1.clear_now()
             service.l1 = l1
         if lost_once:  # events may have been missed meanwhile
-            service.guard.recheck()
+            for guard in service.guards.values():
+                guard.recheck()
 
     bus = Bus(
         bus_client,

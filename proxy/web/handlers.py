@@ -3,6 +3,7 @@ them."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ from ..core.gcra import Rate, RateDecision
 from ..core.operations import BadPath, Operation, Operations, Router
 from ..metrics import metrics_handler
 from ..service import Caller, ReadService
-from ..settings import Settings
+from ..settings import PROVIDER_ID, Settings, Tenant, TenantRefused
 from ..writes import WriteService
 from .auth import ClientDirectory, presented_key
 from .errors import JSON, error_response
@@ -35,8 +36,12 @@ __all__ = [
     "purge",
     "read",
     "readyz",
+    "resolve_tenant",
     "undecodable",
 ]
+
+# The request header naming the provider a call is for, as TeamUp spells it.
+PROVIDER_HEADER = "TeamUp-Provider-ID"
 
 
 # A percent-escape of a byte above 0x7F: only these can make a query string invalid UTF-8.
@@ -178,6 +183,28 @@ async def read(request: web.Request) -> web.StreamResponse:
     return response
 
 
+def resolve_tenant(request: web.Request, caller: Caller) -> Tenant | web.Response:
+    """The provider and credential of an authenticated request (`TeamUp-Provider-ID`, else the
+    client's first provider), or the 400/403 to answer instead (nothing is forwarded). Sets
+    the access-log fields `upstream` and `provider`."""
+    state = request.app[STATE]
+    found = state.settings.tenant(caller.name, caller.config, request.headers.get(PROVIDER_HEADER))
+    fields = request[LOG]
+    if isinstance(found, TenantRefused):
+        fields["cache"] = "rejected"
+        if found.status == 400:  # TeamUp's validation shape, naming the header
+            body = {
+                "code": found.code,
+                "type": "invalid_request_error",
+                "message": found.message,
+                "field_errors": {PROVIDER_HEADER: ["Must be a provider id: 1 to 18 digits."]},
+            }
+            return web.Response(status=400, body=orjson.dumps(body), content_type=JSON)
+        return error_response(found.status, found.code, found.message)
+    fields["upstream"], fields["provider"] = found.labels
+    return found
+
+
 def forbidden(client: str, operation: Operation) -> web.Response:
     """403 for a read outside the client's scopes (nothing is forwarded)."""
     if operation.report is not None and operation.segment == "reports":
@@ -214,12 +241,17 @@ async def _read(request: web.Request, operation: Operation, path: PathValue) -> 
         )
     caller = Caller(*found)
     fields["client"] = caller.name
+    tenant = resolve_tenant(request, caller)
+    if isinstance(tenant, web.Response):
+        return tenant
     if not caller.config.may_read(operation.segment, operation.report):
         fields["cache"] = "rejected"
         return forbidden(caller.name, operation)
     service = state.service
-    service.metrics.count_client(caller.name, operation.label)
+    service.metrics.count_client(caller.name, operation.label, *tenant.labels)
     parsed, canonical = state.queries.parse(operation, path, request)
+    if tenant.provider is not None and isinstance(parsed, CanonicalQuery):
+        parsed = dataclasses.replace(parsed, provider=tenant.provider)
     bypass = service.bypasses("no-cache" in request.headers.get("Cache-Control", "").lower())
     rate, decision, answer = await service.serve(caller, parsed, request[REQUEST_ID], bypass=bypass)
     fields["cache"] = answer.cache
@@ -264,6 +296,9 @@ async def purge(request: web.Request) -> web.Response:
     `/admin/cache` everything; `/admin/cache/<report>` that report's entries;
     `/admin/cache/<report>/data?<query>` the one entry of that query (mirrors the report URL);
     `/admin/cache?<query>` the customer_credits entry (the form from before every report).
+    A `TeamUp-Provider-ID` header (or `?provider=<id>` on the first two forms) narrows any of
+    them to that provider's entries; without one, the one-entry forms name the entry asked
+    without a provider.
     """
     state = request.app[STATE]
     refused = _not_admin(request, "purge the cache")
@@ -274,12 +309,22 @@ async def purge(request: web.Request) -> web.Response:
         return limited
     report = request.match_info.get("report")
     one_entry = request.match_info.get("data") is not None
-    if report is None and request.rel_url.raw_query_string:
+    raw_provider = request.headers.get(PROVIDER_HEADER)
+    if raw_provider is None and not one_entry and set(request.query) == {"provider"}:
+        raw_provider = request.query["provider"]
+    elif report is None and request.rel_url.raw_query_string:
         report, one_entry = LEGACY_PURGE_REPORT, True
+    provider = None
+    if raw_provider is not None:
+        if not PROVIDER_ID.fullmatch(raw_provider.strip(" \t")):
+            return error_response(
+                400, "parameter_invalid", "The provider must be a provider id (1-18 digits)."
+            )
+        provider = str(int(raw_provider.strip(" \t")))
     body: dict[str, object]
     shared = True
     if report is None:
-        removed, shared = await state.service.purge()
+        removed, shared = await state.service.purge(provider=provider)
         body = {"purged": removed}
     else:
         operation = state.reports.get(report) or _by_id(state, report)
@@ -289,19 +334,25 @@ async def purge(request: web.Request) -> web.Response:
             )
         request[LOG]["report"] = operation.label
         if not one_entry:
-            removed, shared = await state.service.purge(operation=operation.operation_id)
+            removed, shared = await state.service.purge(
+                operation=operation.operation_id, provider=provider
+            )
             body = {"purged": removed, "report": operation.label}
         else:
             raw = request.rel_url.raw_query_string
             parsed = with_undecodable(raw, operation.contract.parse(request.query))
             if isinstance(parsed, QueryErrors):
                 return invalid_query(parsed)
+            if provider is not None:
+                parsed = dataclasses.replace(parsed, provider=provider)
             removed, shared = await state.service.purge(state.service.key(parsed))
             body = {
                 "purged": removed,
                 "report": operation.label,
                 "canonical_query": parsed.canonical_string(),
             }
+    if provider is not None:
+        body["provider"] = provider
     if state.link.embedded:
         return web.Response(body=orjson.dumps(body), content_type="application/json")
     # Not shared: Redis is out of reach; only this worker dropped it (re-applied on its return).
@@ -317,20 +368,37 @@ def _by_id(state: ProxyState, name: str) -> Operation | None:
 
 
 async def circuit(request: web.Request) -> web.Response:
-    """`GET /admin/circuit` shows the shared upstream circuit; `DELETE` closes it everywhere."""
+    """`GET /admin/circuit` shows the circuits (one per upstream credential); `DELETE` closes
+    them everywhere. `?upstream=<name>` picks one; without it the default upstream's circuit
+    is the top level of the answer (as with a single credential), every upstream's is under
+    `upstreams`, and `DELETE` closes all of them."""
     state = request.app[STATE]
     refused = _not_admin(request, "manage the circuit")
     if refused is not None:
         return refused
-    guard = state.service.guard
+    guards = state.service.guards
+    wanted = request.query.get("upstream")
+    if wanted is not None and wanted not in guards:
+        return error_response(
+            404, "not_found", f"No upstream {wanted[:40]!r}; known: {', '.join(guards)}."
+        )
+    chosen = [guards[wanted]] if wanted is not None else list(guards.values())
     status = 200
-    if request.method == "DELETE":
-        body = {"closed": await guard.close_circuit(), **await guard.describe()}
-        if not state.link.embedded and not guard.told:
-            body["shared"] = False
-            status = 503  # closed in this worker only: Redis is out of reach
-    else:
-        body = await guard.describe()
+    each: dict[str, dict[str, object]] = {}
+    for guard in chosen:
+        if request.method == "DELETE":
+            closed = await guard.close_circuit()
+            each[guard.name] = {"closed": closed, **await guard.describe()}
+            if not state.link.embedded and not guard.told:
+                each[guard.name]["shared"] = False
+                status = 503  # closed in this worker only: Redis is out of reach
+        else:
+            each[guard.name] = await guard.describe()
+    top = wanted if wanted is not None else state.service.guard.name
+    body: dict[str, object] = dict(each.get(top) or next(iter(each.values())))
+    if request.method == "DELETE" and wanted is None:
+        body["closed"] = any(bool(one.get("closed")) for one in each.values())
+    body["upstreams"] = each
     return web.Response(body=orjson.dumps(body), status=status, content_type="application/json")
 
 
@@ -376,9 +444,18 @@ async def readyz(request: web.Request) -> web.Response:
         status = "draining" if state is not None and state.draining else "starting"
         return web.json_response({"status": status}, status=503)
     redis = state.link.status
-    circuit = "circuit-open" if await state.service.guard.circuit_wait() > 0 else "ok"
-    overall = "degraded" if redis in ("down", "refusing-writes") or circuit != "ok" else "ok"
-    body: dict[str, object] = {"status": overall, "checks": {"redis": redis, "upstream": circuit}}
+    upstreams = {
+        name: "circuit-open" if await guard.circuit_wait() > 0 else "ok"
+        for name, guard in state.service.guards.items()
+    }
+    # `upstream`: the default credential's (as with one); `upstreams`: each one's.
+    circuit = upstreams.get(state.service.guard.name, "ok")
+    opened = any(value != "ok" for value in upstreams.values())
+    overall = "degraded" if redis in ("down", "refusing-writes") or opened else "ok"
+    checks: dict[str, object] = {"redis": redis, "upstream": circuit}
+    body: dict[str, object] = {"status": overall, "checks": checks}
+    if len(upstreams) > 1:  # several credentials: each one's circuit
+        body["upstreams"] = upstreams
     if state.link.writes_refused is not None:
         body["reasons"] = {"redis": state.link.writes_refused}
     return web.json_response(body)

@@ -11,6 +11,7 @@ header, an L1 miss, no reserved unit — returns None, and the general path answ
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -25,7 +26,7 @@ from ..core.gcra import Rate
 from ..core.operations import Operation
 from ..logs import ACCESS, ACCESS_MIDDLE, json_bytes
 from ..service import CACHE_NAME, ReadService
-from ..settings import Settings
+from ..settings import Settings, Tenant
 from .auth import ClientDirectory, presented_key
 from .sending import Sending, paced_response
 
@@ -46,6 +47,8 @@ class _Question:
     path."""
 
     client: str
+    upstream: str  # the credential and provider it is for (metrics, the access log)
+    provider: str
     rate: Rate
     limit_key: str
     cache_key: str  # under `generation` of `collection`
@@ -76,6 +79,8 @@ def _middle(question: _Question, path: str) -> bytes:
     """The access-log fields of a hot hit between `request_id` and `total_ms`, as JSON."""
     fields = {
         "client": question.client,
+        "upstream": question.upstream,
+        "provider": question.provider,
         "method": "GET",
         "path": path,
         "report": question.report,
@@ -104,7 +109,7 @@ class HotHits:
         self.directory = directory
         self.service = service
         self.queries = queries
-        self._questions: dict[tuple[str, PathValue, str, str], _Question] = {}
+        self._questions: dict[tuple[str, PathValue, str, str, str | None], _Question] = {}
 
     def answer(
         self,
@@ -131,10 +136,12 @@ class HotHits:
             credential = "Authorization:" + authorization
         else:
             credential = "X-API-Key:" + headers.get("X-API-Key", "")
-        memo = (operation.operation_id, path, raw, credential)
+        # The provider header as sent: another spelling is another question (learned once).
+        provider = headers.get("TeamUp-Provider-ID")
+        memo = (operation.operation_id, path, raw, credential, provider)
         question = self._questions.get(memo)
         if question is None:
-            question = self._learn(operation, path, raw, credential, request)
+            question = self._learn(operation, path, raw, credential, provider, request)
             if question is None:
                 return None
         # The generation view may be used only for a short while after it was read (see
@@ -161,6 +168,8 @@ class HotHits:
         fields["report"] = question.report
         fields["route"] = question.route
         fields["client"] = question.client
+        fields["upstream"] = question.upstream
+        fields["provider"] = question.provider
         fields["cache"] = "hit"
         fields["key"] = question.cache_key
         fields["upstream_status"] = None
@@ -171,7 +180,9 @@ class HotHits:
             if question.log_path != shown:
                 question.log_path, question.log_middle = shown, _middle(question, shown)
             fields[ACCESS_MIDDLE] = question.log_middle
-        service.metrics.count_client(question.client, question.report)
+        service.metrics.count_client(
+            question.client, question.report, question.upstream, question.provider
+        )
         return paced_response(
             request,
             status=entry.status,
@@ -187,6 +198,7 @@ class HotHits:
         path: PathValue,
         raw: str,
         credential: str,
+        provider: str | None,
         request: web.Request,
     ) -> _Question | None:
         """What the general path would work out for this question, if it can be a hot hit."""
@@ -198,19 +210,26 @@ class HotHits:
         name, config = found
         if not config.may_read(operation.segment, operation.report):
             return None
+        tenant = self.settings.tenant(name, config, provider)
+        if not isinstance(tenant, Tenant):
+            return None  # the general path answers the refusal
         parsed, canonical = self.queries.parse(operation, path, request)  # the general path's
         if not isinstance(parsed, CanonicalQuery):
             return None
+        if tenant.provider is not None:
+            parsed = dataclasses.replace(parsed, provider=tenant.provider)
         rate = config.rate or self.settings.rate_limit
         if len(self._questions) >= _MAX_QUESTIONS:
             self._questions.clear()
         question = _Question(
             client=name,
+            upstream=tenant.labels[0],
+            provider=tenant.labels[1],
             rate=rate,
             limit_key=f"client:{name}",
             cache_key=self.service.key(parsed),
-            collection=operation.collection,
-            generation=self.service.generations.last(operation.collection),
+            collection=self.service.collection(parsed),
+            generation=self.service.generations.last(self.service.collection(parsed)),
             canonical_query=parsed,
             report=operation.label,
             route="report" if operation.report is not None else "read",
@@ -220,7 +239,7 @@ class HotHits:
             policy=f'"client";q={rate.limit};w={math.ceil(rate.period)}',
             canonical=canonical,
         )
-        self._questions[(operation.operation_id, path, raw, credential)] = question
+        self._questions[(operation.operation_id, path, raw, credential, provider)] = question
         return question
 
     @staticmethod

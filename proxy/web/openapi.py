@@ -76,11 +76,13 @@ def build_document(
     reports: Mapping[str, Operation],
     reads: Iterable[Operation] = (),
     writes: Iterable[Operation] = (),
+    providers: Iterable[str] = (),
 ) -> dict[str, Any]:
     """The proxy's document for the operations it routes: the template plus two path items
     (single and doubled slash) per report, sharing the report's parameters and responses
     (components named `<report>.<name>`), two per other routed read (`reads`, parameters
-    inline), and the admin purge forms limited to those reports."""
+    inline), and the admin purge forms limited to those reports. With `providers` (the ids
+    the proxy's credentials serve) every operation takes a `TeamUp-Provider-ID` header."""
     document = copy.deepcopy(dict(load_template()))
     components = document["components"]
     paths: dict[str, Any] = {}
@@ -113,6 +115,14 @@ def build_document(
     if legacy is not None:
         admin["/admin/cache"]["delete"]["parameters"] = _parameter_refs(legacy)
     del components["parameters"]["report"]
+    served = sorted(providers, key=lambda p: (len(p), p))
+    if served:
+        components["parameters"]["TeamUp-Provider-ID"] = _provider_parameter(served)
+        for path, item in paths.items():
+            if path.startswith("/api/"):
+                for operation in item.values():
+                    ref = {"$ref": "#/components/parameters/TeamUp-Provider-ID"}
+                    operation["parameters"].append(ref)
     document["paths"] = {**paths, **admin}
     return document
 
@@ -484,27 +494,44 @@ def _shown(value: str | int | bool) -> str:
     return str(value)
 
 
+def _provider_parameter(providers: list[str]) -> dict[str, Any]:
+    """The `TeamUp-Provider-ID` request header, as this proxy's credentials serve it."""
+    return {
+        "name": "TeamUp-Provider-ID",
+        "in": "header",
+        "description": (
+            "The TeamUp provider the call is for, as TeamUp's API takes it. The proxy forwards "
+            "the call with the credential that serves that provider. Without it: your client's "
+            "first provider (`providers` in PROXY_CLIENTS). A provider your client was not "
+            "given: 403; a malformed id: 400. Nothing is sent to TeamUp for either."
+        ),
+        "schema": {"type": "string", "enum": providers},
+    }
+
+
 class OpenAPIDocument:
     """One app's document: built and encoded on first use, then served as the same bytes
     (most apps in tests, and many workers, are never asked for it)."""
 
-    __slots__ = ("_body", "_endpoints", "_reads", "_writes")
+    __slots__ = ("_body", "_endpoints", "_providers", "_reads", "_writes")
 
     def __init__(
         self,
         reports: Mapping[str, Operation],
         reads: Iterable[Operation] = (),
         writes: Iterable[Operation] = (),
+        providers: Iterable[str] = (),
     ) -> None:
         self._endpoints = reports
         self._reads = tuple(reads)
         self._writes = tuple(writes)
+        self._providers = tuple(providers)
         self._body: bytes | None = None
 
     @property
     def body(self) -> bytes:
         if self._body is None:
-            document = build_document(self._endpoints, self._reads, self._writes)
+            document = build_document(self._endpoints, self._reads, self._writes, self._providers)
             self._body = orjson.dumps(document)
         return self._body
 
@@ -518,7 +545,8 @@ async def openapi_context(app: web.Application) -> AsyncIterator[None]:
     state = app[STATE]
     reads = (op for op in state.operations.values() if op.report is None)
     writes = state.writes.operations.values() if state.writes is not None else ()
-    app[OPENAPI] = OpenAPIDocument(state.reports, reads, writes)
+    providers = state.settings.upstream_of  # the provider ids some credential serves
+    app[OPENAPI] = OpenAPIDocument(state.reports, reads, writes, providers)
     yield
 
 

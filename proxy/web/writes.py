@@ -4,6 +4,7 @@ and the query, limit, then `WriteService`; one audit line and one metric per wri
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import re
 import time
@@ -17,7 +18,7 @@ from ..service import Caller
 from ..writes import WriteAnswer, not_json
 from .auth import presented_key
 from .errors import error_response
-from .handlers import LOG, REQUEST_ID, STATE, invalid_query, ratelimit_headers
+from .handlers import LOG, REQUEST_ID, STATE, invalid_query, ratelimit_headers, resolve_tenant
 
 __all__ = ["expect_continue", "write"]
 
@@ -121,6 +122,8 @@ async def write(request: web.Request, operation: Operation, path: PathValue) -> 
                 "event": "write",
                 "request_id": request[REQUEST_ID],
                 "client": client,
+                "upstream": fields.get("upstream"),
+                "provider": fields.get("provider"),
                 "method": request.method,
                 "operation": operation.operation_id,
                 "path": request.path,
@@ -157,6 +160,9 @@ async def _write(
         return refused, None, None
     caller = Caller(*found)
     fields["client"] = caller.name
+    tenant = resolve_tenant(request, caller)
+    if isinstance(tenant, web.Response):
+        return tenant, caller.name, None
     exported = operation.exported_report
     if not caller.config.may_write(operation.segment) or (
         exported is not None and not caller.config.may_read("reports", exported)
@@ -210,6 +216,8 @@ async def _write(
     parsed = operation.contract.parse(request.query, path)
     if isinstance(parsed, QueryErrors):
         return invalid_query(parsed), caller.name, None
+    if tenant.provider is not None:
+        parsed = dataclasses.replace(parsed, provider=tenant.provider)
     service = state.service
     rate = caller.config.rate or settings.rate_limit
     decision = await service.client_limiter.hit(f"client:{caller.name}", rate)
