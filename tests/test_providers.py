@@ -88,6 +88,7 @@ class Upstream:
         self.limited: set[str] = set()  # credential names answered 429
         self.latency = 0.0
         self.served = 0
+        self.leak: str | None = None  # text put in every answer's item (an echo of a secret)
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -124,13 +125,18 @@ class Upstream:
             await asyncio.sleep(self.latency)
         self.served += 1
         item = {"id": self.served, "provider": provider, "credential": name}
+        if self.leak is not None:
+            item["note"] = "@leak@"
         if request.method == "POST":
             await request.read()
             return web.json_response(item, status=201)
         if request.path.startswith("/api/v2/reports/"):
             text = f"id,provider\n{self.served},{provider}\n"
             return web.Response(text=text, content_type="text/csv")
-        return web.json_response({"count": 1, "next": None, "previous": None, "results": [item]})
+        text = json.dumps({"count": 1, "next": None, "previous": None, "results": [item]})
+        # The leak goes in as JSON text: raw, or spelled with escapes a JSON parser decodes.
+        text = text.replace("@leak@", self.leak or "")
+        return web.Response(text=text, content_type="application/json")
 
 
 def make_upstream() -> Upstream:
@@ -404,6 +410,31 @@ async def test_two_providers_asking_the_same_question_are_two_calls_with_their_c
         assert "hit" in response.headers["Cache-Status"]
         assert (await response.json()) == bodies[provider]
     assert len(upstream.calls) == 3
+
+
+async def test_an_answer_carrying_another_credential_is_refused(
+    make_proxy: MakeProxy, upstream: Upstream
+) -> None:
+    """North's answer that holds south's credential (raw, or spelled with JSON escapes) never
+    reaches a caller of north's providers, nor the cache: each tenant's secret is everyone's."""
+    proxy = await make_proxy()
+    escaped = "".join(f"\\u{ord(c):04x}" for c in SOUTH)  # the JSON text \u0073\u006f...
+    assert json.loads(f'"{escaped}"') == SOUTH
+    for leak in (SOUTH, escaped, None):
+        upstream.leak = leak
+        response = await proxy.get(
+            LIST + f"?page={len(upstream.calls) + 2}", headers=with_provider("101")
+        )
+        text = await response.text()
+        assert SOUTH not in text and NORTH not in text
+        if leak is None:
+            assert response.status == 200
+        else:
+            assert response.status == 502
+            assert (await response.json())["code"] == "upstream_invalid_response"
+    upstream.leak = f"{SOUTH[:-1]}"  # a prefix is not the credential
+    response = await proxy.get(LIST + "?page=9", headers=with_provider("201"))
+    assert response.status == 200
 
 
 async def test_without_the_header_a_client_gets_its_first_provider(

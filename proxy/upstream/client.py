@@ -248,8 +248,17 @@ class UpstreamClient:
         self.base_url = settings.upstream_url
         self._headers = upstream.headers(settings.upstream_auth_scheme)
         self._token = upstream.token.get_secret_value()
-        self._token_bytes = self._token.encode()
-        self._token_pattern = credential_pattern(self._token)
+        # Every configured credential is refused in an answer, not only this one's: an answer
+        # for one tenant must never hand a caller another tenant's credential either.
+        tokens = [self._token] + [
+            other.token.get_secret_value()
+            for other in settings.upstream_list
+            if other.token.get_secret_value() != self._token
+        ]
+        self._token_bytes = tuple(token.encode() for token in tokens)
+        self._token_pattern = re.compile(
+            b"|".join(b"(?:" + credential_pattern(token).pattern + b")" for token in tokens)
+        )
         self._max_body = settings.upstream_max_body_bytes
         self._timeout = aiohttp.ClientTimeout(
             total=settings.upstream_timeout, connect=min(3.0, settings.upstream_timeout)
@@ -519,7 +528,7 @@ class UpstreamClient:
             value = response.headers.get(name)
             if value is None:
                 continue
-            if self._token in value:
+            if self._carries_token(value.encode("utf-8", "surrogatepass")):
                 raise self._echoed(f"header:{name}", status, elapsed())
             if is_text_header(value):
                 passed.append((name, value))
@@ -543,7 +552,7 @@ class UpstreamClient:
     def _carries_token(self, data: bytes) -> bool:
         """The credential in `data`, raw or spelled with escapes (the pattern runs only when
         `data` holds a backslash or an ampersand: without either, only the raw token can)."""
-        if self._token_bytes in data:
+        if any(token in data for token in self._token_bytes):
             return True
         if b"\\" not in data and b"&" not in data:
             return False
