@@ -173,7 +173,9 @@ class ReadService:
         settings = self.settings
         upstream = settings.upstream_of.get(provider) if provider is not None else None
         name = (upstream or settings.default_upstream).name
-        return self.guards.get(name, self.guard), self.upstreams.get(name, self.upstream)
+        # Never another credential's lane: a missing one is a construction error, not a call
+        # sent with the default credential.
+        return self.guards[name], self.upstreams[name]
 
     def collection(self, query: CanonicalQuery) -> str:
         """The generation-hash field of a question's collection (per provider)."""
@@ -552,7 +554,7 @@ class ReadService:
         (circuit open, budget spent for longer than the queue waits)."""
         guard, upstream = self.lane(query.provider)
         slot = await guard.acquire_slot(turn)
-        name, provider = guard.name, query.provider or "none"
+        name, provider = guard.name, query.provider or upstream.sole or "none"
         self.metrics.budget_remaining.labels(name).set(slot.decision.remaining)
         operation = self.operations[query.operation]
         fmt = query.get("format")

@@ -217,6 +217,10 @@ class UpstreamConfig(BaseModel):
             raise ValueError(
                 f"token_file {self.token_file[:200]!r} cannot be read ({exc.strerror})"
             ) from None
+        except UnicodeDecodeError:  # its message would quote a byte of the secret
+            raise ValueError(
+                f"token_file {self.token_file[:200]!r} must hold one token without spaces"
+            ) from None
         try:
             return SecretStr(_check_token_value(raw))
         except ValueError:
@@ -251,6 +255,10 @@ class Tenant:
 
     upstream: Upstream
     provider: str | None
+    # The provider as keys name it (cache, lease, idempotency, generations, hot memo): None
+    # while the proxy serves one provider at most, so that keys stay what they were before
+    # providers existed (an upgrade changes no key); the provider header is still sent.
+    key: str | None = None
 
     @property
     def labels(self) -> tuple[str, str]:
@@ -467,7 +475,15 @@ class Settings(BaseSettings):
                     f"upstream {name!r} lists no providers: with several upstreams each must "
                     "list the provider ids it serves"
                 )
-            config.secret()  # a token file that cannot be read fails at start-up
+        tokens: dict[str, str] = {}
+        for name, config in value.items():
+            token = config.secret().get_secret_value()  # an unreadable file fails at start-up
+            if token in tokens:
+                raise ValueError(
+                    f"upstreams {tokens[token]!r} and {name!r} hold the same credential: one "
+                    "credential has one TeamUp budget (list all its providers under one name)"
+                )
+            tokens[token] = name
         return value
 
     @field_validator("upstream_auth_scheme")
@@ -529,15 +545,17 @@ class Settings(BaseSettings):
                 "PROXY_FLIGHT_LEASE_MS must outlast PROXY_UPSTREAM_TIMEOUT, or a second replica "
                 "fetches while the first still waits for TeamUp"
             )
-        cap = self.max_client_weight
+        served = set(self.upstream_of)
         for name, client in self.clients.items():
+            if client.providers is not None and not set(client.providers) <= served:
+                continue  # named below
+            cap = self.max_client_weight(client)
             if client.weight > cap:
                 raise ValueError(
                     f"PROXY_CLIENTS ({name}.weight): {client.weight} is more than {cap}, the "
-                    "units the upstream budget frees in half of PROXY_UPSTREAM_QUEUE_TIMEOUT; "
+                    "units its upstream budget frees in half of PROXY_UPSTREAM_QUEUE_TIMEOUT; "
                     "a longer turn would make every other app's queued miss time out"
                 )
-        served = set(self.upstream_of)
         for name, client in self.clients.items():
             unknown = [p for p in client.providers or () if p not in served]
             if unknown:
@@ -608,6 +626,11 @@ class Settings(BaseSettings):
         return self.upstream_list[0]
 
     @functools.cached_property
+    def keyed_providers(self) -> bool:
+        """Whether keys name the provider: only when the proxy serves more than one."""
+        return len(self.upstream_of) > 1
+
+    @functools.cached_property
     def upstream_of(self) -> dict[str, Upstream]:
         """Each provider id, the credential that serves it."""
         return {provider: up for up in self.upstream_list for provider in up.providers}
@@ -627,7 +650,8 @@ class Settings(BaseSettings):
         if header is None or not header.strip(" \t"):
             if not allowed:
                 return Tenant(self.default_upstream, None)
-            return Tenant(self.upstream_of[allowed[0]], allowed[0])
+            first = allowed[0]
+            return Tenant(self.upstream_of[first], first, first if self.keyed_providers else None)
         text = header.strip(" \t")
         if not PROVIDER_ID.fullmatch(text):
             return TenantRefused(
@@ -644,7 +668,7 @@ class Settings(BaseSettings):
                 f"Client {name!r} may not act for provider {provider}. Operators: see "
                 "`providers` in PROXY_CLIENTS and PROXY_UPSTREAMS.",
             )
-        return Tenant(upstream, provider)
+        return Tenant(upstream, provider, provider if self.keyed_providers else None)
 
     @property
     def enabled_reports(self) -> frozenset[str] | None:
@@ -702,15 +726,20 @@ class Settings(BaseSettings):
         `upstream_burst`, so no window of one period ever holds more than rate + burst calls."""
         return self.upstream_rate_limit.with_burst(self.upstream_burst)
 
-    @property
-    def max_client_weight(self) -> int:
-        """The largest `weight` a client may have: the units the budget frees in half the
-        queue timeout (at least 1). A client's turn in the fair queue then ends with half the
-        timeout to spare for everyone waiting behind it (other workers and replicas take units
-        from the same budget meanwhile). Without a queue (timeout 0) weights do nothing."""
+    def max_client_weight(self, client: ClientConfig | None = None) -> int:
+        """The largest `weight` a client may have: the units its credentials' budgets free in
+        half the queue timeout (the slowest of them; at least 1). A client's turn in a fair
+        queue then ends with half the timeout to spare for everyone waiting behind it (other
+        workers and replicas take units from the same budget meanwhile). Without a queue
+        (timeout 0) weights do nothing."""
         if self.upstream_queue_timeout <= 0:
             return 1000
-        per_half = self.upstream_queue_timeout / 2 / self.upstream_rate_limit.interval
+        providers = self.client_providers(client) if client is not None else ()
+        upstreams = {self.upstream_of[p].name: self.upstream_of[p] for p in providers}
+        intervals = [up.budget.interval for up in upstreams.values()] or [
+            self.default_upstream.budget.interval
+        ]
+        per_half = self.upstream_queue_timeout / 2 / max(intervals)
         return max(1, min(1000, math.floor(per_half)))
 
     @property

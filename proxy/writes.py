@@ -91,12 +91,19 @@ class WriteService:
         self.guard = guard
         self.upstream = upstream
         # The guard and client of the credential serving a provider (ReadService.lane).
-        self.lane = lane or (lambda _provider: (guard, upstream))
+        self.lane = lane or self._only_lane
         self.generations = generations
         self.idempotency = idempotency
         self.metrics = metrics
         self.links = LinkRewriter(settings.upstream_url, settings.public_url)
         self._running: set[asyncio.Task[WriteAnswer]] = set()
+
+    def _only_lane(self, provider: str | None) -> tuple[UpstreamGuard, UpstreamClient]:
+        """Without a lane given: the one credential, and never for another's provider."""
+        served = self.settings.upstream_of.get(provider) if provider is not None else None
+        if served is not None and served.name != self.guard.name:
+            raise LookupError(f"no lane for upstream {served.name!r}")
+        return self.guard, self.upstream
 
     async def write(
         self,
@@ -221,7 +228,7 @@ class WriteService:
         fmt = query.get("format")
         fmt_name = fmt if isinstance(fmt, str) else "json"
         guard, upstream = self.lane(query.provider)
-        labels = (guard.name, query.provider or "none")
+        labels = (guard.name, query.provider or upstream.sole or "none")
         try:
             # The write waits its client's turn for a unit of its credential's budget, like a
             # miss.

@@ -242,6 +242,7 @@ def test_the_single_credential_settings_are_the_upstream_default(clean_env: Path
     assert with_id.default_upstream.providers == ("42",)
     tenant = with_id.tenant("app", _client(), None)
     assert tenant.provider == "42" and tenant.upstream.name == "default"  # type: ignore[union-attr]
+    assert tenant.key is None  # type: ignore[union-attr]  # one provider: keys do not name it
 
 
 @pytest.mark.parametrize(
@@ -307,6 +308,27 @@ def test_the_single_credential_settings_are_the_upstream_default(clean_env: Path
             },
             "PROXY_CLIENTS (app.providers): no upstream serves provider(s) 9",
         ),
+        (
+            {
+                "upstreams": {
+                    "a": {"token": "same-tok", "providers": ["1"]},
+                    "b": {"token": "same-tok", "providers": ["2"]},
+                }
+            },
+            "upstreams 'a' and 'b' hold the same credential",
+        ),
+        (
+            {
+                "upstreams": {
+                    "a": {"token": "x", "providers": ["1"]},
+                    "b": {"token": "y", "providers": ["2"], "rate": "12/minute"},
+                },
+                "upstream_queue_timeout": 5,
+                "clients": {"app": {"key_sha256": "a" * 64, "providers": ["2"], "weight": 10}},
+            },
+            # b frees 12/minute: 0.5 units in half the queue timeout, so at most 1.
+            "PROXY_CLIENTS (app.weight): 10 is more than 1",
+        ),
         ({"upstream_token": "tok", "upstream_provider_id": "prov-1"}, "must be 1-18 digits"),
         ({}, "PROXY_UPSTREAM_TOKEN: is required"),
     ],
@@ -331,6 +353,11 @@ def test_a_bad_token_is_named_never_echoed(clean_env: Path) -> None:
     with pytest.raises(SettingsError) as caught:
         load_settings(upstreams={"a": {"token_file": str(bad_file), "providers": ["1"]}})
     assert "SECRET" not in str(caught.value)
+    bad_file.write_bytes(b"\xffSECRET-token")  # not UTF-8: its decoder would quote the byte
+    with pytest.raises(SettingsError) as caught:
+        load_settings(upstreams={"a": {"token_file": str(bad_file), "providers": ["1"]}})
+    assert "must hold one token" in str(caught.value)
+    assert "SECRET" not in str(caught.value) and "0xff" not in str(caught.value)
 
 
 def test_which_provider_a_client_gets(clean_env: Path) -> None:
@@ -509,6 +536,37 @@ async def test_the_single_credential_proxy_forwards_no_provider_header(
     assert len(names) == 1 and ":p" not in names[0]
 
 
+async def test_one_provider_keeps_todays_keys_and_always_sends_its_header(
+    aiohttp_client: AiohttpClient, aiohttp_server: AiohttpServer, redis_url: str
+) -> None:
+    """`PROXY_UPSTREAM_PROVIDER_ID` alone (one provider in all): an upgrade changes no key (no
+    cold cache, an Idempotency-Key retried across the deploy is still a replay, old and new
+    replicas bump the same generations), every call carries the header, and purges with or
+    without the provider named find the entries."""
+    upstream = Upstream({"only-token": ("default", ("7", "8"))})
+    server = await aiohttp_server(upstream.app())
+    settings = make_settings(
+        str(server.make_url("")).rstrip("/"),
+        upstream_token="only-token",
+        upstream_provider_id="7",
+        redis_url=redis_url,
+    )
+    proxy = await aiohttp_client(create_app(settings))
+    for headers in (auth(), with_provider("7"), with_provider("07")):
+        assert (await proxy.get(LIST, headers=headers)).status == 200
+    assert [(c.credential, c.provider) for c in upstream.calls] == [("default", "7")]
+    with redis.Redis.from_url(redis_url) as sync:
+        names = [k.decode() for k in sync.keys(f"{KEY_PREFIX}c:*")]
+    assert len(names) == 1 and ":p7" not in names[0]
+    assert (await proxy.get(LIST, headers=with_provider("8"))).status == 403
+    admin = auth(ADMIN_KEY)
+    for headers in (admin, {**admin, "TeamUp-Provider-ID": "7"}):
+        purged = await proxy.delete("/admin/cache/customers_list/data", headers=headers)
+        assert (await purged.json())["purged"] == 1
+        assert (await proxy.get(LIST, headers=auth())).status == 200  # a miss: stored again
+    assert len(upstream.calls) == 3
+
+
 async def test_purge_can_target_one_provider(make_proxy: MakeProxy, upstream: Upstream) -> None:
     proxy = await make_proxy(cache_l1_ttl=0)
     admin = auth(ADMIN_KEY)
@@ -543,6 +601,11 @@ async def test_purge_can_target_one_provider(make_proxy: MakeProxy, upstream: Up
     assert not await hit(REPORT, "101") and await hit(LIST, "101")
     bad = await proxy.delete("/admin/cache?provider=x1", headers=admin)
     assert bad.status == 400
+    # One entry without a provider named: that question's entry of every provider.
+    assert await hit(LIST, "101") and await hit(LIST, "102")
+    one = await proxy.delete("/admin/cache/customers_list/data", headers=admin)
+    assert (await one.json())["purged"] == 2
+    assert not await hit(LIST, "101") and not await hit(LIST, "102")
 
 
 async def test_a_write_invalidates_its_own_providers_reads_only(

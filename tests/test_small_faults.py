@@ -166,7 +166,9 @@ def test_a_weight_that_would_starve_the_others_stops_serve_with_one_line() -> No
     lines = done.stderr.decode().strip().splitlines()
     assert len(lines) == 1
     assert "PROXY_CLIENTS (heavy.weight): 6 is more than 5" in lines[0]
-    assert make_settings("http://127.0.0.1:1", clients=weighted(5), **BUDGET).max_client_weight == 5
+    assert (
+        make_settings("http://127.0.0.1:1", clients=weighted(5), **BUDGET).max_client_weight() == 5
+    )
 
 
 async def test_at_the_cap_a_heavy_app_never_starves_a_light_one(

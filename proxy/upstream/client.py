@@ -248,6 +248,9 @@ class UpstreamClient:
         self.base_url = settings.upstream_url
         self._headers = upstream.headers(settings.upstream_auth_scheme)
         self._token = upstream.token.get_secret_value()
+        # A credential that acts for one provider sends its header on every call, also when
+        # the question names none (keys name no provider while the proxy serves only one).
+        self.sole = upstream.providers[0] if len(upstream.providers) == 1 else None
         # Every configured credential is refused in an answer, not only this one's: an answer
         # for one tenant must never hand a caller another tenant's credential either.
         tokens = [self._token] + [
@@ -323,6 +326,7 @@ class UpstreamClient:
             "User-Agent": "teamup-proxy",
         }
         headers["X-Request-ID"] = request_id
+        provider = provider if provider is not None else self.sole
         if provider is not None:
             headers["TeamUp-Provider-ID"] = provider
         started = time.perf_counter()
@@ -461,6 +465,7 @@ class UpstreamClient:
             "User-Agent": "teamup-proxy",
             "X-Request-ID": request_id,
         }
+        provider = provider if provider is not None else self.sole
         if provider is not None:
             headers["TeamUp-Provider-ID"] = provider
         if content_type:  # the one header of the caller's that reaches TeamUp

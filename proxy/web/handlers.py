@@ -250,8 +250,8 @@ async def _read(request: web.Request, operation: Operation, path: PathValue) -> 
     service = state.service
     service.metrics.count_client(caller.name, operation.label, *tenant.labels)
     parsed, canonical = state.queries.parse(operation, path, request)
-    if tenant.provider is not None and isinstance(parsed, CanonicalQuery):
-        parsed = dataclasses.replace(parsed, provider=tenant.provider)
+    if tenant.key is not None and isinstance(parsed, CanonicalQuery):
+        parsed = dataclasses.replace(parsed, provider=tenant.key)
     bypass = service.bypasses("no-cache" in request.headers.get("Cache-Control", "").lower())
     rate, decision, answer = await service.serve(caller, parsed, request[REQUEST_ID], bypass=bypass)
     fields["cache"] = answer.cache
@@ -297,8 +297,8 @@ async def purge(request: web.Request) -> web.Response:
     `/admin/cache/<report>/data?<query>` the one entry of that query (mirrors the report URL);
     `/admin/cache?<query>` the customer_credits entry (the form from before every report).
     A `TeamUp-Provider-ID` header (or `?provider=<id>` on the first two forms) narrows any of
-    them to that provider's entries; without one, the one-entry forms name the entry asked
-    without a provider.
+    them to that provider's entries; without one, the one-entry forms drop that question's
+    entry for every provider served.
     """
     state = request.app[STATE]
     refused = _not_admin(request, "purge the cache")
@@ -321,6 +321,9 @@ async def purge(request: web.Request) -> web.Response:
                 400, "parameter_invalid", "The provider must be a provider id (1-18 digits)."
             )
         provider = str(int(raw_provider.strip(" \t")))
+    settings = state.settings
+    if provider is not None and not settings.keyed_providers and provider in settings.upstream_of:
+        provider = None  # the only provider served: keys do not name it, every entry is its
     body: dict[str, object]
     shared = True
     if report is None:
@@ -343,9 +346,14 @@ async def purge(request: web.Request) -> web.Response:
             parsed = with_undecodable(raw, operation.contract.parse(request.query))
             if isinstance(parsed, QueryErrors):
                 return invalid_query(parsed)
-            if provider is not None:
-                parsed = dataclasses.replace(parsed, provider=provider)
-            removed, shared = await state.service.purge(state.service.key(parsed))
+            # Without a provider named: that question's entry for every provider served.
+            named = [provider] if provider is not None or not settings.keyed_providers else []
+            removed, shared = 0, True
+            for each in named or [None, *sorted(settings.upstream_of)]:
+                one, done = await state.service.purge(
+                    state.service.key(dataclasses.replace(parsed, provider=each))
+                )
+                removed, shared = removed + one, shared and done
             body = {
                 "purged": removed,
                 "report": operation.label,

@@ -216,8 +216,8 @@ class HotHits:
         parsed, canonical = self.queries.parse(operation, path, request)  # the general path's
         if not isinstance(parsed, CanonicalQuery):
             return None
-        if tenant.provider is not None:
-            parsed = dataclasses.replace(parsed, provider=tenant.provider)
+        if tenant.key is not None:
+            parsed = dataclasses.replace(parsed, provider=tenant.key)
         rate = config.rate or self.settings.rate_limit
         if len(self._questions) >= _MAX_QUESTIONS:
             self._questions.clear()

@@ -216,8 +216,8 @@ async def _write(
     parsed = operation.contract.parse(request.query, path)
     if isinstance(parsed, QueryErrors):
         return invalid_query(parsed), caller.name, None
-    if tenant.provider is not None:
-        parsed = dataclasses.replace(parsed, provider=tenant.provider)
+    if tenant.key is not None:
+        parsed = dataclasses.replace(parsed, provider=tenant.key)
     service = state.service
     rate = caller.config.rate or settings.rate_limit
     decision = await service.client_limiter.hit(f"client:{caller.name}", rate)
