@@ -310,10 +310,23 @@ async def purge(request: web.Request) -> web.Response:
     report = request.match_info.get("report")
     one_entry = request.match_info.get("data") is not None
     raw_provider = request.headers.get(PROVIDER_HEADER)
-    if raw_provider is None and not one_entry and set(request.query) == {"provider"}:
+    if not one_entry and set(request.query) == {"provider"}:
+        # `?provider=` narrows the broad forms: once, and not beside the header.
+        if len(request.query) > 1 or raw_provider is not None:
+            return error_response(
+                400, "parameter_invalid", "Name the provider once: `?provider=` or the header."
+            )
         raw_provider = request.query["provider"]
     elif report is None and request.rel_url.raw_query_string:
         report, one_entry = LEGACY_PURGE_REPORT, True
+    elif report is not None and not one_entry and request.rel_url.raw_query_string:
+        # Anything else would purge more than was asked (every provider's entries).
+        return error_response(
+            400,
+            "parameter_invalid",
+            "DELETE /admin/cache/<report or operation> takes only `?provider=<id>`; "
+            "one entry is DELETE /admin/cache/<report>/data?<query>.",
+        )
     provider = None
     if raw_provider is not None:
         if not PROVIDER_ID.fullmatch(raw_provider.strip(" \t")):
