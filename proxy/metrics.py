@@ -80,9 +80,9 @@ class Metrics:
         )
         self.rejections = Counter(
             "teamup_proxy_ratelimit_rejections_total",
-            "Requests refused or served stale by a limit, by client and kind "
-            "(client, upstream_share, budget, circuit)",
-            ["client", "kind"],
+            "Requests refused or served stale by a limit, by client, kind "
+            "(client, upstream_share, budget, circuit) and upstream (credential)",
+            ["client", "kind", "upstream"],
             registry=r,
         )
         self.budget_remaining = Gauge(

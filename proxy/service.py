@@ -229,7 +229,9 @@ class ReadService:
                     limiter.hit(limit_key, rate), self.store.get(key)
                 )
         if not decision.allowed:
-            self.metrics.rejections.labels(caller.name, "client").inc()
+            provider = parsed.provider if isinstance(parsed, CanonicalQuery) else None
+            upstream = self.lane(provider)[0].name
+            self.metrics.rejections.labels(caller.name, "client", upstream).inc()
             rejected = self._error(
                 429,
                 "rate_limited",
@@ -405,7 +407,8 @@ class ReadService:
         if share is not None and key not in self._flight:  # joining a running fetch is free
             decision = await self.limiter.hit(f"share:{caller.name}", share)
             if not decision.allowed:
-                self.metrics.rejections.labels(caller.name, "upstream_share").inc()
+                upstream = self.lane(query.provider)[0].name
+                self.metrics.rejections.labels(caller.name, "upstream_share", upstream).inc()
                 if on_failure(fallback, FailureKind.BUDGET)[0] is Action.STALE_ON_ERROR:
                     assert fallback is not None
                     return self._stale(fallback, now, "detail=upstream-share")
@@ -430,7 +433,8 @@ class ReadService:
             )
         except UpstreamFailure as failure:
             if failure.kind in (FailureKind.BUDGET, FailureKind.CIRCUIT):
-                self.metrics.rejections.labels(caller.name, failure.kind).inc()
+                upstream = self.lane(query.provider)[0].name
+                self.metrics.rejections.labels(caller.name, failure.kind, upstream).inc()
             then, refresh = on_failure(fallback, failure.kind)
             if then is Action.STALE_ON_ERROR:
                 assert fallback is not None

@@ -727,6 +727,12 @@ async def test_a_429_opens_that_upstreams_circuit_only(
     assert ready["status"] == "degraded"
     assert ready["upstreams"] == {"north": "circuit-open", "south": "ok"}
     assert (await proxy.get("/admin/circuit?upstream=east", headers=admin)).status == 404
+    metrics = await (await proxy.get("/metrics")).text()
+    assert (
+        'teamup_proxy_ratelimit_rejections_total{client="billing",kind="circuit",'
+        'upstream="north"} 1.0'
+    ) in metrics
+    assert 'kind="circuit",upstream="south"' not in metrics
     # The operator closes north's (only north's) circuit.
     upstream.limited.clear()
     closed = await (await proxy.delete("/admin/circuit?upstream=north", headers=admin)).json()

@@ -222,7 +222,7 @@ async def _write(
     rate = caller.config.rate or settings.rate_limit
     decision = await service.client_limiter.hit(f"client:{caller.name}", rate)
     if not decision.allowed:
-        service.metrics.rejections.labels(caller.name, "client").inc()
+        service.metrics.rejections.labels(caller.name, "client", tenant.upstream.name).inc()
         refused = error_response(
             429,
             "rate_limited",
