@@ -39,6 +39,19 @@ CATALOG = Catalog(mock_operations(), 7)  # the mock's twin (seed 7): names objec
 ROUTER = Router(DOCUMENT.routed(reports=None, auth=True))
 
 
+@pytest.fixture
+def make_proxy(make_proxy: MakeProxy) -> MakeProxy:
+    """The suite's proxy, waiting up to 10 s for TeamUp: the mock builds a list page when it is
+    first asked (an 80 KB events page takes ~0.3 s on a quiet machine, several times that on
+    a busy one), and nothing here is about timeouts: a miss must be stored, not a 504."""
+
+    async def build(**overrides: Any) -> Any:
+        overrides.setdefault("upstream_timeout", 10)
+        return await make_proxy(**overrides)
+
+    return build
+
+
 def required_query(op: MockOperation) -> dict[str, str]:
     return {p.name: (p.enum[0] if p.enum else "1") for p in op.params.values() if p.required}
 
@@ -239,15 +252,15 @@ async def test_ttl_classes_and_their_overrides(
         status = headers["Cache-Status"]
         return int(status.split("ttl=")[1].split(";")[0])
 
-    await read(proxy, "/api/v2/venues")
+    assert (await read(proxy, "/api/v2/venues"))[0] == 200  # a miss, stored
     assert ttl((await read(proxy, "/api/v2/venues"))[1]) == 3600  # reference: an hour
-    await read(proxy, "/api/v2/customers")
+    assert (await read(proxy, "/api/v2/customers"))[0] == 200  # a miss, stored
     assert ttl((await read(proxy, "/api/v2/customers"))[1]) == 60  # standard: a minute
-    await read(proxy, "/api/v2/events")
+    assert (await read(proxy, "/api/v2/events"))[0] == 200  # a miss, stored
     assert ttl((await read(proxy, "/api/v2/events"))[1]) == 30  # the segment's override
     events = await (await proxy.get("/api/v2/events", headers=auth())).json()
     one = f"/api/v2/events/{events['results'][0]['id']}"
-    await read(proxy, one)
+    assert (await read(proxy, one))[0] == 200
     assert ttl((await read(proxy, one))[1]) == 7  # the operation's own, more specific
     policies = proxy.app[STATE].service.policies
     assert (policies["venues_list"].fresh, policies["venues_list"].stale) == (3600, 5)
