@@ -21,7 +21,7 @@ COMPILE = $(BIN)/uv pip compile --quiet --universal --python-version 3.11 --gene
 help:
 	@echo "make install          .venv from requirements-dev.lock (hash-checked; once, ~20-45 s)"
 	@echo "make demo [PORT=8080] mock TeamUp + proxy + embedded store; prints keys and curl lines"
-	@echo "make test             the whole suite (~6-7 min on 2 cores; needs redis-server)"
+	@echo "make test             the whole suite (~7 min on 2 cores; needs redis-server)"
 	@echo "make chaos            Redis killed, restarted, paused, filled under load (~1 min)"
 	@echo "make lint             ruff check, ruff format --check, mypy --strict"
 	@echo "make deploy-lint      hadolint, yamllint, shellcheck, kubernetes-validate, kustomize"
@@ -59,7 +59,7 @@ demo: $(STAMP)
 # rewrites for its asserts (the tests and every module of hypothesis and schemathesis, ~500):
 # every run would parse them again, ~7 s of silent collection instead of ~3 s. Unset for pytest.
 test: $(STAMP)
-	@echo "make: running the suite (~6-7 min on 2 cores); collecting ~4,600 tests first takes a few s"
+	@echo "make: running the suite (~7 min on 2 cores); collecting ~4,700 tests first takes a few s"
 	PYTHONDONTWRITEBYTECODE= $(BIN)/python -m pytest
 
 # Redis killed, restarted, paused and filled under a mixed load through real processes (~60 s;
