@@ -123,3 +123,43 @@ async def test_a_busy_event_loop_does_not_make_redis_down_before_its_timeout(
         assert link.status == "ok"
     finally:
         await client.aclose()
+
+
+class SwallowingLink(RedisLink):
+    """A health ping that swallows its task's cancel, as Python 3.11's `asyncio.timeout` can
+    when the cancel lands as its own deadline passes (it comes out as TimeoutError)."""
+
+    pinged = 0
+    thrice = asyncio.Event()
+
+    async def check(self) -> bool:
+        self.pinged += 1
+        if self.pinged == 3:
+            self.thrice.set()
+        try:
+            await asyncio.sleep(0.05)
+        except asyncio.CancelledError:
+            return False  # what the 3.11 race looks like from inside check()
+        return True
+
+
+async def test_stopping_the_health_task_ends_even_if_a_ping_swallowed_the_cancel(
+    own_redis: RedisServer,
+) -> None:
+    """A process (or a test's teardown) that stops its link always gets past it: seen once as
+    a whole CI run hung in a fixture's teardown, the health loop going on for ever."""
+    client = aioredis.Redis.from_url(own_redis.url, socket_timeout=1, socket_connect_timeout=1)
+    link = SwallowingLink(client, retry_interval=0.01)
+    try:
+        link.thrice = asyncio.Event()
+        link.start()
+        await asyncio.wait_for(link.thrice.wait(), 10)
+        # Not wait_for(stop()): cancelling a stop that waits for ever would wait for ever too.
+        done, _ = await asyncio.wait({asyncio.ensure_future(link.stop())}, timeout=10)
+        assert done, "stop() did not end: the health loop outlived its cancel"
+        pinged = link.pinged
+        link.start()  # after stop, nothing starts it again (a late failure would)
+        await asyncio.sleep(0.1)
+        assert link.pinged == pinged
+    finally:
+        await client.aclose()

@@ -119,6 +119,18 @@ def connect_bus(client: AnyRedis, url: str | None, *, timeout: float) -> aioredi
     return aioredis.Redis(host=node.host, port=int(node.port), **options)
 
 
+def _never_outlive_a_cancel() -> None:
+    """Raise CancelledError if this task was asked to stop.
+
+    On Python 3.11 a cancel that lands just as an `asyncio.timeout` deadline passes can come
+    out of the `async with` as TimeoutError, which a ping takes for "Redis did not answer":
+    a health loop would then go on for ever and `stop()` would wait for it for ever (seen as
+    a test suite hung in a fixture's teardown)."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 class RedisLink:
     """Whether Redis is usable now, known by every process whether it has traffic or not.
 
@@ -155,6 +167,7 @@ class RedisLink:
         self._on_writes = on_writes
         self.writes_refused: str | None = None  # why, while Redis refuses writes
         self._write_probe: asyncio.Task[None] | None = None
+        self._stopped = False  # after `stop`: no health task runs or starts again
         # When (time.monotonic) the process last went off Redis (or Redis refused writes): the
         # limiters' shares start full then (see `limiters.FallbackLimiter`).
         self.down_since = -math.inf
@@ -188,7 +201,7 @@ class RedisLink:
 
     def start(self) -> None:
         """Start the health task (once; needs a running event loop)."""
-        if self.client is not None and self._health is None:
+        if self.client is not None and self._health is None and not self._stopped:
             self._health = asyncio.get_running_loop().create_task(self._watch())
 
     def failed(self, exc: BaseException, op: str) -> None:
@@ -260,12 +273,14 @@ class RedisLink:
         self.start()  # a link that was never started still finds its way back
 
     async def _watch(self) -> None:
-        while True:
+        while not self._stopped:
             await asyncio.sleep(self.retry_interval)
             await self.check()
+            _never_outlive_a_cancel()
 
     async def stop(self) -> None:
         """Stop the health task (and the write probe)."""
+        self._stopped = True
         for task in (self._health, self._write_probe):
             if task is not None:
                 task.cancel()
@@ -298,13 +313,14 @@ class RedisLink:
 
     async def _wait_for_writes(self) -> None:
         assert self.client is not None
-        while True:
+        while not self._stopped:
             await asyncio.sleep(self.retry_interval)
             try:
                 await self.client.set(keys.probe(keys.PREFIX), b"1", px=1000)
                 if self.before_up is not None:
                     await self.before_up()
             except REDIS_ERRORS:
+                _never_outlive_a_cancel()
                 continue
             self.writes_refused = None
             log.warning("redis takes writes again", extra={"event": "redis_writes_ok"})
