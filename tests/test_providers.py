@@ -33,6 +33,9 @@ from proxy.testing.mock import MOCK_STATE, create_mock_app
 from proxy.testing.procs import ProxyProcess
 from proxy.web.app import KEY_PREFIX, create_app
 from proxy.web.auth import hash_key
+from tests.test_replicas import http
+
+__all__ = ["http"]  # the client session fixture, shared with test_replicas
 
 NORTH = "north-SECRET-token-1a"
 SOUTH = "south-SECRET-token-2b"
@@ -838,19 +841,23 @@ async def test_the_served_document_takes_the_provider_header(make_proxy: MakePro
 StartReplica = Callable[..., Awaitable[ProxyProcess]]
 
 
+def replica_settings(redis_url: str) -> dict[str, Any]:
+    """A `serve` replica's settings: north and south, the clients, the shared Redis."""
+    return {
+        "upstreams": json.dumps(UPSTREAMS),
+        "clients": json.dumps(CLIENTS),
+        "redis_url": redis_url,
+        "rate_limit": "100000/second",
+        "log_level": "WARNING",
+    }
+
+
 @pytest.fixture
 async def start_replica(upstream_server: TestServer, redis_url: str) -> AsyncIterator[StartReplica]:
     started: list[ProxyProcess] = []
 
     async def start(**extra: Any) -> ProxyProcess:
-        values: dict[str, Any] = {
-            "upstreams": json.dumps(UPSTREAMS),
-            "clients": json.dumps(CLIENTS),
-            "redis_url": redis_url,
-            "rate_limit": "100000/second",
-            "log_level": "WARNING",
-        }
-        values.update(extra)
+        values = {**replica_settings(redis_url), **extra}
         replica = ProxyProcess(str(upstream_server.make_url("")).rstrip("/"), **values)
         started.append(replica)
         return await replica.start()
@@ -859,12 +866,6 @@ async def start_replica(upstream_server: TestServer, redis_url: str) -> AsyncIte
     for replica in started:
         if replica.process is not None and replica.process.returncode is None:
             await replica.stop()
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
-        yield session
 
 
 async def get(
@@ -1011,13 +1012,7 @@ async def test_mock_teamup_two_replicas_each_provider_its_credential_and_data(
 ) -> None:
     state = tenant_mock.app[MOCK_STATE]
     url = str(tenant_mock.make_url("")).rstrip("/")
-    values: dict[str, Any] = {
-        "upstreams": json.dumps(UPSTREAMS),
-        "clients": json.dumps(CLIENTS),
-        "redis_url": redis_url,
-        "rate_limit": "100000/second",
-        "log_level": "WARNING",
-    }
+    values = replica_settings(redis_url)
     async with ProxyProcess(url, **values) as a, ProxyProcess(url, **values) as b:
         state.faults.latency = 0.2
         query = REPORT + "?format=json&limit=5"

@@ -234,6 +234,7 @@ class RedisLink:
             if self._down and self.before_up is not None:
                 await self.before_up()
         except REDIS_ERRORS as exc:
+            _never_outlive_a_cancel()  # a cancel that came out of the timeout as TimeoutError
             # Even a command error counts here (NOAUTH, LOADING): Redis cannot serve us.
             if not self._down:
                 if self._on_error is not None:
@@ -259,7 +260,8 @@ class RedisLink:
         except WRITE_REFUSALS as exc:
             self._refuse_writes(exc, "health")
         except REDIS_ERRORS:
-            pass  # the next ping decides whether Redis is down
+            _never_outlive_a_cancel()
+            # the next ping decides whether Redis is down
 
     def _mark_down(self, exc: BaseException, op: str) -> None:
         self._down = True
@@ -276,7 +278,6 @@ class RedisLink:
         while not self._stopped:
             await asyncio.sleep(self.retry_interval)
             await self.check()
-            _never_outlive_a_cancel()
 
     async def stop(self) -> None:
         """Stop the health task (and the write probe)."""

@@ -219,6 +219,7 @@ class HotHits:
         if tenant.key is not None:
             parsed = dataclasses.replace(parsed, provider=tenant.key)
         rate = config.rate or self.settings.rate_limit
+        collection = self.service.collection(parsed)
         if len(self._questions) >= _MAX_QUESTIONS:
             self._questions.clear()
         question = _Question(
@@ -228,8 +229,8 @@ class HotHits:
             rate=rate,
             limit_key=f"client:{name}",
             cache_key=self.service.key(parsed),
-            collection=self.service.collection(parsed),
-            generation=self.service.generations.last(self.service.collection(parsed)),
+            collection=collection,
+            generation=self.service.generations.last(collection),
             canonical_query=parsed,
             report=operation.label,
             route="report" if operation.report is not None else "read",
